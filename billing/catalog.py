@@ -1,0 +1,270 @@
+"""The price catalog: versions of prices, loaded from files, never rewritten.
+
+A *price version* is the complete price sheet of one (model, provider) from its
+``effective_from`` onward: one ``PriceComponent`` per billable class it charges for. An event is
+priced at the version in force at its ``occurred_at`` (the latest ``effective_from`` not after
+it), whenever it is processed.
+
+Loading appends. A version already loaded with the same prices is skipped; the same key with
+different prices is refused (history is never rewritten). A new version for a (model, provider)
+that already had versions before this load must take effect after the latest one and not in the
+past, so events already debited can never be re-priced under them (a first import may carry a
+model's whole price history); ``allow_backdate`` lifts the second rule for an
+operator who knows no events exist in between.
+"""
+
+from __future__ import annotations
+
+import bisect
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from billing.db import Queries
+from billing.errors import CatalogError
+from billing.money import EXACT, SCALE, exact, is_exact_at_scale
+
+
+class BillableClass(StrEnum):
+    """What a request is charged for. Token classes are disjoint (see ``events.Usage``)."""
+
+    INPUT = "input_tokens"
+    CACHED_INPUT = "cached_input_tokens"
+    CACHE_WRITE = "cache_write_tokens"
+    OUTPUT = "output_tokens"
+    IMAGE = "image_count"
+    WEB_SEARCH = "web_search_count"
+    REQUEST = "request"
+
+
+ALLOWED_PER = (1, 1_000, 1_000_000)
+DEFAULT_CATALOG = Path(__file__).resolve().parent / "data" / "catalog.toml"
+
+
+@dataclass(frozen=True)
+class PriceComponent:
+    """``unit_price`` USD per ``per`` units (per 1M tokens, per 1K images, per 1 request)."""
+
+    unit_price: Decimal
+    per: int
+
+    def __post_init__(self) -> None:
+        if self.per not in ALLOWED_PER:
+            raise CatalogError(f"per must be one of {ALLOWED_PER}, got {self.per}")
+        if self.unit_price < 0:
+            raise CatalogError(f"price must not be negative, got {self.unit_price}")
+        if not is_exact_at_scale(self.per_unit):
+            raise CatalogError(
+                f"{self.unit_price} per {self.per} is not exact at {SCALE} decimals per unit"
+            )
+
+    @property
+    def per_unit(self) -> Decimal:
+        return EXACT.divide(self.unit_price, Decimal(self.per))
+
+
+@dataclass(frozen=True)
+class PriceVersion:
+    model: str
+    provider: str
+    effective_from: datetime
+    prices: Mapping[BillableClass, PriceComponent]
+    source: str = ""
+
+    @property
+    def key(self) -> tuple[str, str, datetime]:
+        return (self.model, self.provider, self.effective_from)
+
+    def label(self) -> str:
+        return f"{self.model}@{self.provider} from {self.effective_from.isoformat()}"
+
+
+@dataclass
+class Catalog:
+    """An in-memory snapshot: versions per (model, provider), sorted by ``effective_from``."""
+
+    versions: dict[tuple[str, str], list[PriceVersion]] = field(default_factory=dict)
+    revision: tuple[int, datetime | None] = (0, None)
+
+    @classmethod
+    def of(cls, versions: Iterable[PriceVersion]) -> Catalog:
+        catalog = cls()
+        for version in versions:
+            catalog.versions.setdefault((version.model, version.provider), []).append(version)
+        for history in catalog.versions.values():
+            history.sort(key=lambda v: v.effective_from)
+        return catalog
+
+    def in_force(self, model: str, provider: str, at: datetime) -> PriceVersion | None:
+        history = self.versions.get((model, provider))
+        if not history:
+            return None
+        index = bisect.bisect_right([v.effective_from for v in history], at)
+        return history[index - 1] if index else None
+
+    def all_versions(self) -> list[PriceVersion]:
+        return [v for key in sorted(self.versions) for v in self.versions[key]]
+
+
+def parse_catalog(text: str, origin: str = "<catalog>") -> list[PriceVersion]:
+    """Parse the TOML catalog format (floats are read as exact Decimals, never as float)."""
+    try:
+        doc = tomllib.loads(text, parse_float=Decimal)
+    except tomllib.TOMLDecodeError as exc:
+        raise CatalogError(f"{origin}: {exc}") from None
+    entries = doc.get("version")
+    if not isinstance(entries, list) or not entries:
+        raise CatalogError(f"{origin}: expected one or more [[version]] tables")
+    versions = []
+    for index, entry in enumerate(entries):
+        where = f"{origin}: version[{index}]"
+        versions.append(_parse_version(entry, where))
+    keys = [v.key for v in versions]
+    if len(set(keys)) != len(keys):
+        raise CatalogError(f"{origin}: the same (model, provider, effective_from) appears twice")
+    return versions
+
+
+def _parse_version(entry: Any, where: str) -> PriceVersion:
+    if not isinstance(entry, dict):
+        raise CatalogError(f"{where}: must be a table")
+    for name in ("model", "provider", "source"):
+        if not isinstance(entry.get(name), str) or not entry[name]:
+            raise CatalogError(f"{where}.{name}: required text")
+    effective_from = entry.get("effective_from")
+    if not isinstance(effective_from, datetime) or effective_from.utcoffset() is None:
+        raise CatalogError(f"{where}.effective_from: required date-time with a UTC offset")
+    raw_prices = entry.get("prices")
+    if not isinstance(raw_prices, dict) or not raw_prices:
+        raise CatalogError(f"{where}.prices: required, with at least one billable class")
+    prices: dict[BillableClass, PriceComponent] = {}
+    for name, spec in raw_prices.items():
+        try:
+            billable = BillableClass(name)
+        except ValueError:
+            allowed = ", ".join(c.value for c in BillableClass)
+            raise CatalogError(f"{where}.prices.{name}: unknown class (one of {allowed})") from None
+        if not isinstance(spec, dict) or set(spec) != {"usd", "per"}:
+            raise CatalogError(f"{where}.prices.{name}: expected {{ usd = ..., per = ... }}")
+        usd, per = spec["usd"], spec["per"]
+        if isinstance(usd, bool) or not isinstance(usd, (Decimal, int)):
+            raise CatalogError(f"{where}.prices.{name}.usd: must be a number")
+        if isinstance(per, bool) or not isinstance(per, int):
+            raise CatalogError(f"{where}.prices.{name}.per: must be an integer")
+        try:
+            prices[billable] = PriceComponent(exact(usd), per)
+        except (CatalogError, ValueError) as exc:
+            raise CatalogError(f"{where}.prices.{name}: {exc}") from None
+    return PriceVersion(
+        model=entry["model"],
+        provider=entry["provider"],
+        effective_from=effective_from,
+        prices=prices,
+        source=entry["source"],
+    )
+
+
+def read_catalog_file(path: Path) -> list[PriceVersion]:
+    return parse_catalog(path.read_text(), str(path))
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    added: list[PriceVersion]
+    unchanged: list[PriceVersion]
+
+
+def load_versions(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    versions: list[PriceVersion],
+    *,
+    now: datetime,
+    loaded_by: str,
+    allow_backdate: bool = False,
+) -> LoadResult:
+    """Append the new versions in one transaction; refuse anything that rewrites history."""
+    added: list[PriceVersion] = []
+    unchanged: list[PriceVersion] = []
+    with conn.transaction():
+        conn.execute(q["lock_catalog"])
+        existing = snapshot(conn, q)
+        for version in sorted(versions, key=lambda v: v.key):
+            history = existing.versions.get((version.model, version.provider), [])
+            same = next((v for v in history if v.effective_from == version.effective_from), None)
+            if same is not None:
+                if dict(same.prices) != dict(version.prices):
+                    raise CatalogError(
+                        f"{version.label()} is already loaded with different prices; "
+                        "history is never rewritten: load a new version with a later effective_from"
+                    )
+                unchanged.append(version)
+                continue
+            if history and not allow_backdate:
+                latest = history[-1].effective_from
+                if version.effective_from <= latest or version.effective_from < now:
+                    raise CatalogError(
+                        f"{version.label()} would take effect before the latest version "
+                        f"({latest.isoformat()}) or in the past; events may already be priced "
+                        "in that period (use allow_backdate / --allow-backdate if none are)"
+                    )
+            with conn.cursor() as cur:
+                cur.executemany(
+                    q["insert_price"],
+                    [
+                        {
+                            "model": version.model,
+                            "provider": version.provider,
+                            "effective_from": version.effective_from,
+                            "billable_class": billable.value,
+                            "unit_price": component.unit_price,
+                            "per": component.per,
+                            "source": version.source,
+                            "loaded_by": loaded_by,
+                        }
+                        for billable, component in sorted(version.prices.items())
+                    ],
+                )
+            added.append(version)
+    return LoadResult(added, unchanged)
+
+
+def revision(conn: psycopg.Connection[Any], q: Queries) -> tuple[int, datetime | None]:
+    row = conn.execute(q["catalog_revision"]).fetchone()
+    assert row is not None
+    return (int(row[0]), row[1])
+
+
+def snapshot(conn: psycopg.Connection[Any], q: Queries) -> Catalog:
+    """The whole catalog in memory (it is small: a row per model, provider, version and class)."""
+    grouped: dict[tuple[str, str, datetime], tuple[str, dict[BillableClass, PriceComponent]]] = {}
+    for model, provider, effective_from, billable, unit_price, per, source in conn.execute(
+        q["select_prices"]
+    ):
+        _, prices = grouped.setdefault((model, provider, effective_from), (source, {}))
+        prices[BillableClass(billable)] = PriceComponent(exact(unit_price), int(per))
+    catalog = Catalog.of(
+        PriceVersion(m, p, t, prices, source) for (m, p, t), (source, prices) in grouped.items()
+    )
+    catalog.revision = revision(conn, q)
+    return catalog
+
+
+class CatalogCache:
+    """Keeps a snapshot and rebuilds it only when the catalog's revision changes."""
+
+    def __init__(self, q: Queries) -> None:
+        self._q = q
+        self._catalog: Catalog | None = None
+
+    def current(self, conn: psycopg.Connection[Any]) -> Catalog:
+        if self._catalog is None or revision(conn, self._q) != self._catalog.revision:
+            self._catalog = snapshot(conn, self._q)
+        return self._catalog

@@ -1,0 +1,189 @@
+"""``billing demo``: realistic gateway traffic through the queue into priced, debited wallets.
+
+The demo process is the producer (the gateway's side); the workers are separate ``billing worker``
+processes, as in production. With no configuration everything is embedded (pgserver PostgreSQL and
+the filesystem queue in ``.billing/``); with ``BILLING_DATABASE_URL``/``BILLING_BROKER_URL`` set it
+runs against real servers.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from billing import broker, catalog, db, wallets
+from billing.audit import run_audit
+from billing.errors import AccountExists
+from billing.money import format_usd
+from billing.settings import Settings
+from billing.synthetic import TrafficShape, generate
+
+POISON = [
+    b'{"schema": "usage.v1", "event_id": ',  # truncated JSON
+    b'{"schema": "usage.v2", "event_id": "demo-poison-schema"}',
+]
+
+
+def run_demo(
+    settings: Settings,
+    *,
+    count: int,
+    worker_count: int,
+    envelope: int,
+    account_count: int,
+    seed: int,
+    console: Console,
+) -> bool:
+    q = db.queries(settings)
+    url = db.database_url(settings)
+    where = "embedded (pgserver + filesystem queue in " + str(settings.data_dir) + ")" if (
+        settings.embedded_database and settings.embedded_broker) else "configured servers"
+    console.print(f"[bold]gateway-billing demo[/bold]: {count:,} events, {worker_count} workers, "
+                  f"envelopes of {envelope}, {where}")
+    with db.connect(settings) as conn:
+        db.migrate(conn, settings.sql_dir)
+        loaded = catalog.load_versions(
+            conn, q, catalog.read_catalog_file(catalog.DEFAULT_CATALOG), now=datetime.now(UTC),
+            loaded_by="demo",
+        )
+        snap = catalog.snapshot(conn, q)
+        accounts = [f"demo-{i:03d}" for i in range(1, account_count + 1)]
+        for i, account in enumerate(accounts):
+            try:
+                wallets.create_account(conn, q, account, f"Demo customer {i + 1}")
+            except AccountExists:
+                pass
+            credit = Decimal(5) if i % 10 == 9 else Decimal(25 + 5 * (i % 7))
+            wallets.adjust(conn, q, account, credit, reason="demo starting credit",
+                           actor="demo", reference=f"demo-credit:{account}")
+    console.print(f"catalog: {len(loaded.added)} versions added, {len(loaded.unchanged)} present; "
+                  f"{account_count} accounts with starting credit")
+
+    env = {**os.environ, "BILLING_DATABASE_URL": url, "BILLING_DATA_DIR": str(settings.data_dir)}
+    if not settings.embedded_broker:
+        env["BILLING_BROKER_URL"] = settings.broker_url
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "billing.cli", "worker", "--loglevel=WARNING", "--no-migrate"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        for _ in range(worker_count)
+    ]
+    run = uuid.uuid4().hex[:8]
+    started = datetime.now(UTC)
+    try:
+        shape = TrafficShape(accounts=accounts)
+        events = list(generate(snap, shape, count, seed=seed, now=started, prefix=f"demo-{run}"))
+        unique = len({e.event_id for e in events})
+        t0 = time.monotonic()
+        with broker.UsagePublisher(settings) as publisher:
+            publisher.publish_many(events, envelope_size=envelope)
+            for body in POISON:
+                publisher.publish_raw(body)
+        publish_s = time.monotonic() - t0
+        expected = unique + len(POISON)
+        done, last_change = 0, time.monotonic()
+        with Progress(TextColumn("billing"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("events"), TimeElapsedColumn(), console=console) as progress:
+            task = progress.add_task("billing", total=expected)
+            with db.connect(settings) as conn:
+                while done < expected:
+                    now_done = _processed(conn, started)
+                    if now_done != done:
+                        done, last_change = now_done, time.monotonic()
+                    progress.update(task, completed=done)
+                    if any(p.poll() is not None for p in procs):
+                        console.print("[red]a worker exited early[/red]")
+                        break
+                    if time.monotonic() - last_change > 60:
+                        console.print("[red]no progress for 60 s[/red]")
+                        break
+                    time.sleep(0.2)
+        elapsed = time.monotonic() - t0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+    with db.connect(settings) as conn:
+        _summary(conn, console, started, len(events), unique, publish_s, elapsed)
+        report = run_audit(conn, q)
+    console.print("audit: " + ("[green]clean[/green]" if report.ok else "[red]FAILED[/red]")
+                  + " (`billing audit` for details)")
+    return report.ok and done >= expected
+
+
+def _processed(conn: Any, since: datetime) -> int:
+    row = conn.execute(
+        "SELECT (SELECT count(*) FROM usage_events WHERE recorded_at >= %(t)s)"
+        " + (SELECT count(*) FROM dead_letters WHERE first_seen_at >= %(t)s)", {"t": since}
+    ).fetchone()
+    return int(row[0])
+
+
+def _summary(conn: Any, console: Console, since: datetime, published: int, unique: int,
+             publish_s: float, elapsed: float) -> None:
+    params = {"t": since}
+    rec, byok, debited, notional = conn.execute(
+        "SELECT count(*), count(*) FILTER (WHERE byok), coalesce(sum(debited), 0),"
+        " coalesce(sum(amount) FILTER (WHERE byok), 0) FROM usage_events WHERE recorded_at >= %(t)s",
+        params).fetchone()
+    parked = conn.execute(
+        "SELECT reason_code, count(*) FROM dead_letters WHERE first_seen_at >= %(t)s"
+        " GROUP BY 1 ORDER BY 1", params).fetchall()
+    totals = Table(title="events", show_header=False)
+    totals.add_row("published (incl. gateway retries)", f"{published:,}")
+    totals.add_row("duplicates ignored", f"{published - unique:,}")
+    totals.add_row("recorded (debited)", f"{rec - byok:,}")
+    totals.add_row("recorded (BYOK, debited 0)", f"{byok:,}")
+    for code, n in parked:
+        totals.add_row(f"parked: {code}", f"{n:,}")
+    totals.add_row("publish rate", f"{unique / publish_s:,.0f} events/s")
+    totals.add_row("end-to-end rate (publish to last commit)", f"{rec / elapsed:,.0f} events/s")
+    console.print(totals)
+
+    revenue = Table(title="revenue by model and class (exact USD)")
+    for col in ("model", "provider", "events", "input", "cached", "cache write", "output",
+                "images", "search", "request", "total"):
+        revenue.add_column(col, justify="right" if col not in ("model", "provider") else "left")
+    for row in conn.execute(
+        "SELECT model, provider, count(*), sum(input_amount), sum(cached_input_amount),"
+        " sum(cache_write_amount), sum(output_amount), sum(image_amount), sum(web_search_amount),"
+        " sum(request_amount), sum(amount) FROM usage_events"
+        " WHERE recorded_at >= %(t)s AND NOT byok GROUP BY 1, 2 ORDER BY sum(amount) DESC",
+        params,
+    ):
+        revenue.add_row(row[0], row[1], f"{row[2]:,}", *(format_usd(v) for v in row[3:]))
+    revenue.add_row("[bold]all[/bold]", "", f"{rec - byok:,}", "", "", "", "", "", "", "",
+                    f"[bold]{format_usd(debited)}[/bold]")
+    console.print(revenue)
+    console.print(f"BYOK notional provider cost (not debited, no fee): {format_usd(notional)} USD")
+
+    balances = Table(title="balances (10 busiest wallets)")
+    for col in ("account", "balance", "state", "events"):
+        balances.add_column(col, justify="left" if col == "account" else "right")
+    for account, balance, state, n in conn.execute(
+        "SELECT w.account_id, w.balance, w.state, count(u.event_id) FROM wallets w"
+        " JOIN usage_events u ON u.account_id = w.account_id AND u.recorded_at >= %(t)s"
+        " GROUP BY 1, 2, 3 ORDER BY 4 DESC LIMIT 10", params,
+    ):
+        style = "red" if state == "exhausted" else ""
+        balances.add_row(account, f"[{style}]{format_usd(balance)}[/{style}]" if style else
+                         format_usd(balance), state, f"{n:,}")
+    console.print(balances)

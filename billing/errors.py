@@ -1,0 +1,57 @@
+"""The small error hierarchy every edge maps into.
+
+psycopg and (later) Stripe errors are translated here, so callers handle *billing* failures and
+never driver classes. ``Transient`` errors are worth retrying as they are; the others are not.
+"""
+
+from __future__ import annotations
+
+
+class BillingError(Exception):
+    """Base of every error this package raises on purpose."""
+
+
+class ConfigError(BillingError):
+    """A setting is missing or malformed."""
+
+
+class InvalidEvent(BillingError):
+    """A usage event failed validation. ``field`` names the offending field (JSON path)."""
+
+    def __init__(self, reason: str, field: str = "$", code: str = "invalid") -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+        self.code = code
+
+
+class Unpriced(BillingError):
+    """No price is in force for a (model, provider, class) at the event's time."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class CatalogError(BillingError):
+    """A price file is malformed or would rewrite history."""
+
+
+class UnknownAccount(BillingError):
+    """An operation named an account that does not exist."""
+
+
+class AccountExists(BillingError):
+    """An account with that id already exists."""
+
+
+class Transient(BillingError):
+    """The database or broker failed in a way that a retry may fix (connection, deadlock)."""
+
+
+class AuditFailed(BillingError):
+    """An invariant does not hold; the message lists the offending rows."""
+
+
+class DatabaseRejected(BillingError):
+    """The database refused the data itself (a constraint, a value out of range): not retryable."""

@@ -1,0 +1,257 @@
+"""Usage events, wire format ``usage.v1`` (see ``schemas/usage.v1.schema.json``).
+
+A message on the usage queue is UTF-8 JSON holding either one event (``"schema": "usage.v1"``) or
+an envelope (``"schema": "usage.batch.v1"``, ``"events": [...]``) so a busy gateway can amortise
+broker overhead. Each event in an envelope stands or falls on its own.
+
+``decode_message`` turns the raw bytes into accepted ``UsageEvent`` values and ``Rejected`` items
+(with a reason code, the JSON path of the offending field and a human reason). No prompt or
+response content is ever accepted: unknown fields are an error, and a rejected payload is stored
+with unknown fields redacted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+import msgspec
+import orjson
+
+SCHEMA_V1 = "usage.v1"
+SCHEMA_BATCH_V1 = "usage.batch.v1"
+MAX_ENVELOPE_EVENTS = 10_000
+MAX_COUNT = 10**12
+
+Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_COUNT)]
+Ident = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$")]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$")]
+
+
+class Reason(StrEnum):
+    """Why an accepted message was parked instead of debited."""
+
+    MALFORMED_JSON = "malformed_json"
+    INVALID_EVENT = "invalid_event"
+    UNKNOWN_SCHEMA = "unknown_schema"
+    FUTURE_TIMESTAMP = "future_timestamp"
+    TOO_LARGE = "too_large"
+    UNKNOWN_ACCOUNT = "unknown_account"
+    UNPRICED = "unpriced"
+    DATABASE_REJECTED = "database_rejected"
+
+
+class Usage(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Disjoint billable classes: no token is counted in two of them.
+
+    ``reasoning_tokens`` is a subset of ``output_tokens``, reported for analysis, never billed on
+    its own.
+    """
+
+    input_tokens: Count = 0
+    cached_input_tokens: Count = 0
+    cache_write_tokens: Count = 0
+    output_tokens: Count = 0
+    reasoning_tokens: Count = 0
+    image_count: Count = 0
+    web_search_count: Count = 0
+
+
+class UsageEvent(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    schema: Literal["usage.v1"]
+    event_id: Ident
+    occurred_at: datetime
+    account_id: Ident
+    api_key_id: Ident
+    model: Name
+    provider: Name
+    byok: bool
+    usage: Usage
+    latency_ms: Count | None = None
+    ttft_ms: Count | None = None
+
+
+class _Envelope(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    schema: Literal["usage.batch.v1"]
+    events: Annotated[list[msgspec.Raw], msgspec.Meta(min_length=1, max_length=MAX_ENVELOPE_EVENTS)]
+
+
+class _Probe(msgspec.Struct, frozen=True):
+    schema: str | None = None
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """An item that will be parked as a dead letter, with the field and the reason."""
+
+    reason_code: Reason
+    field: str
+    reason: str
+    payload: bytes
+    dedup_key: str
+    event_id: str | None = None
+    account_id: str | None = None
+    payload_bytes: int = 0
+
+
+def dedup_key_for(event_id: str | None, original_payload: bytes) -> str:
+    """One parked row per event_id; one per original payload when it carries none."""
+    if event_id is not None:
+        return event_id
+    return "sha256:" + hashlib.sha256(original_payload).hexdigest()
+
+
+_decode_event = msgspec.json.Decoder(UsageEvent).decode
+_decode_envelope = msgspec.json.Decoder(_Envelope).decode
+_decode_probe = msgspec.json.Decoder(_Probe).decode
+_PATH = re.compile(r" - at `(\$[^`]*)`$")
+_UNKNOWN_FIELD = re.compile(r"^Object contains unknown field `([^`]*)`")
+_KNOWN_EVENT_FIELDS = frozenset(UsageEvent.__struct_fields__)
+_KNOWN_USAGE_FIELDS = frozenset(Usage.__struct_fields__)
+_STORED_RAW_LIMIT = 4096
+
+
+def _field_of(error: msgspec.ValidationError) -> tuple[str, str]:
+    text = str(error)
+    match = _PATH.search(text)
+    path = match[1] if match else "$"
+    reason = text[: match.start()] if match else text
+    unknown = _UNKNOWN_FIELD.match(reason)
+    if unknown:
+        path = f"{path}.{unknown[1]}"
+        reason = "unknown field (no prompt or response content is accepted)"
+    return path, reason
+
+
+def redact(payload: bytes) -> bytes:
+    """What we store of a rejected payload: known fields only, unknown ones named, not kept.
+
+    A payload that is not a JSON object is kept as its first 4 KiB (it may be anything).
+    """
+    try:
+        obj = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return payload[:_STORED_RAW_LIMIT]
+    if not isinstance(obj, dict):
+        return payload[:_STORED_RAW_LIMIT]
+    kept: dict[str, Any] = {k: v for k, v in obj.items() if k in _KNOWN_EVENT_FIELDS}
+    dropped = sorted(k for k in obj if k not in _KNOWN_EVENT_FIELDS)
+    usage = obj.get("usage")
+    if isinstance(usage, dict):
+        kept["usage"] = {k: v for k, v in usage.items() if k in _KNOWN_USAGE_FIELDS}
+        dropped += sorted(f"usage.{k}" for k in usage if k not in _KNOWN_USAGE_FIELDS)
+    if dropped:
+        kept["_redacted_fields"] = dropped
+    return orjson.dumps(kept)
+
+
+def _ids_of(payload: bytes) -> tuple[str | None, str | None]:
+    """Best effort: the event_id and account_id of a payload that failed validation."""
+    try:
+        obj = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None, None
+    if not isinstance(obj, dict):
+        return None, None
+    event_id, account_id = obj.get("event_id"), obj.get("account_id")
+    return (
+        event_id if isinstance(event_id, str) and 0 < len(event_id) <= 200 else None,
+        account_id if isinstance(account_id, str) and 0 < len(account_id) <= 200 else None,
+    )
+
+
+def _reject(code: Reason, field: str, reason: str, payload: bytes) -> Rejected:
+    event_id, account_id = _ids_of(payload)
+    return Rejected(
+        code,
+        field,
+        reason,
+        redact(payload),
+        dedup_key_for(event_id, payload),
+        event_id,
+        account_id,
+        len(payload),
+    )
+
+
+def decode_event(payload: bytes, now: datetime, max_skew: timedelta) -> UsageEvent | Rejected:
+    """One ``usage.v1`` event from its JSON bytes, validated, or the reason it is rejected."""
+    try:
+        event = _decode_event(payload)
+    except msgspec.ValidationError as error:
+        field, reason = _field_of(error)
+        code = Reason.INVALID_EVENT
+        if field == "$.schema":
+            code, reason = Reason.UNKNOWN_SCHEMA, f"unknown schema version (expected {SCHEMA_V1!r})"
+        return _reject(code, field, reason, payload)
+    except msgspec.DecodeError as error:
+        return _reject(Reason.MALFORMED_JSON, "$", f"malformed JSON: {error}", payload)
+    if event.occurred_at.tzinfo is None or event.occurred_at.utcoffset() is None:
+        return _reject(
+            Reason.INVALID_EVENT, "$.occurred_at", "must be RFC 3339 with a UTC offset", payload
+        )
+    if event.occurred_at > now + max_skew:
+        return _reject(
+            Reason.FUTURE_TIMESTAMP,
+            "$.occurred_at",
+            f"is more than {int(max_skew.total_seconds())}s in the future",
+            payload,
+        )
+    if event.usage.reasoning_tokens > event.usage.output_tokens:
+        return _reject(
+            Reason.INVALID_EVENT,
+            "$.usage.reasoning_tokens",
+            "must not exceed usage.output_tokens (reasoning is a subset of output)",
+            payload,
+        )
+    return event
+
+
+def decode_message(
+    body: bytes, now: datetime, max_skew: timedelta, max_bytes: int
+) -> list[UsageEvent | Rejected]:
+    """All items of one queue message, in order: accepted events and rejected items."""
+    if len(body) > max_bytes:
+        return [
+            Rejected(
+                Reason.TOO_LARGE,
+                "$",
+                f"message of {len(body)} bytes exceeds the {max_bytes}-byte limit",
+                body[:_STORED_RAW_LIMIT],
+                dedup_key_for(None, body),
+                payload_bytes=len(body),
+            )
+        ]
+    try:
+        probe = _decode_probe(body)
+    except msgspec.ValidationError as error:  # valid JSON, but not an object with a str schema
+        field, reason = _field_of(error)
+        return [_reject(Reason.INVALID_EVENT, field, reason, body)]
+    except msgspec.DecodeError as error:  # (ValidationError is a DecodeError: keep this second)
+        return [_reject(Reason.MALFORMED_JSON, "$", f"malformed JSON: {error}", body)]
+    if probe.schema != SCHEMA_BATCH_V1:
+        return [decode_event(body, now, max_skew)]
+    try:
+        envelope = _decode_envelope(body)
+    except msgspec.ValidationError as error:
+        field, reason = _field_of(error)
+        return [_reject(Reason.INVALID_EVENT, field, f"envelope: {reason}", body)]
+    items: list[UsageEvent | Rejected] = []
+    for index, raw in enumerate(envelope.events):
+        item = decode_event(bytes(raw), now, max_skew)
+        if isinstance(item, Rejected) and item.field.startswith("$"):
+            item = replace(item, field=f"$.events[{index}]{item.field[1:]}")
+        items.append(item)
+    return items
+
+
+def encode_event(event: UsageEvent) -> bytes:
+    return msgspec.json.encode(event)
+
+
+def encode_envelope(events: list[UsageEvent]) -> bytes:
+    return msgspec.json.encode({"schema": SCHEMA_BATCH_V1, "events": events})

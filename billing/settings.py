@@ -1,0 +1,95 @@
+"""One settings object, read from the environment once and passed in explicitly.
+
+Every default serves the embedded mode: with nothing configured, PostgreSQL comes from the
+``pgserver`` package in ``BILLING_DATA_DIR/pg`` and the queue is kombu's filesystem transport in
+``BILLING_DATA_DIR/queue``. Setting ``BILLING_DATABASE_URL`` and ``BILLING_BROKER_URL`` points the
+same code at a real PostgreSQL and RabbitMQ.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
+from pathlib import Path
+
+from billing.errors import ConfigError
+
+EMBEDDED = "embedded"
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the code reads from the environment, in one place."""
+
+    data_dir: Path = Path(".billing")
+    database_url: str = EMBEDDED
+    broker_url: str = EMBEDDED
+    usage_exchange: str = "billing.usage"
+    usage_queue: str = "billing.usage"
+    wallet_events_exchange: str = "billing.wallet-events"
+    tasks_queue: str = "billing.tasks"
+    batch_size: int = 500
+    batch_timeout_ms: int = 200
+    prefetch: int = 2000
+    max_message_bytes: int = 1_048_576
+    max_clock_skew: timedelta = timedelta(minutes=5)
+    usage_consumer_enabled: bool = True
+    sql_dir: Path = field(default_factory=lambda: Path(__file__).resolve().parent.parent / "sql")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        data_dir = Path(env.get("BILLING_DATA_DIR", ".billing")).resolve()
+        base = cls()
+        return replace(
+            base,
+            data_dir=data_dir,
+            database_url=env.get("BILLING_DATABASE_URL", "") or EMBEDDED,
+            broker_url=env.get("BILLING_BROKER_URL", "") or EMBEDDED,
+            usage_exchange=env.get("BILLING_USAGE_EXCHANGE", base.usage_exchange),
+            usage_queue=env.get("BILLING_USAGE_QUEUE", base.usage_queue),
+            wallet_events_exchange=env.get(
+                "BILLING_WALLET_EVENTS_EXCHANGE", base.wallet_events_exchange
+            ),
+            tasks_queue=env.get("BILLING_TASKS_QUEUE", base.tasks_queue),
+            batch_size=_int(env, "BILLING_BATCH_SIZE", base.batch_size),
+            batch_timeout_ms=_int(env, "BILLING_BATCH_TIMEOUT_MS", base.batch_timeout_ms),
+            prefetch=_int(env, "BILLING_PREFETCH", base.prefetch),
+            max_message_bytes=_int(env, "BILLING_MAX_MESSAGE_BYTES", base.max_message_bytes),
+            max_clock_skew=timedelta(
+                seconds=_int(env, "BILLING_MAX_CLOCK_SKEW_S", 300, minimum=0)
+            ),
+            usage_consumer_enabled=env.get("BILLING_USAGE_CONSUMER", "1") not in ("0", "false"),
+            sql_dir=Path(env["BILLING_SQL_DIR"]) if env.get("BILLING_SQL_DIR") else base.sql_dir,
+        )
+
+    @property
+    def embedded_database(self) -> bool:
+        return self.database_url == EMBEDDED
+
+    @property
+    def embedded_broker(self) -> bool:
+        return self.broker_url == EMBEDDED
+
+    @property
+    def queue_dir(self) -> Path:
+        return self.data_dir / "queue"
+
+    @property
+    def pg_dir(self) -> Path:
+        return self.data_dir / "pg"

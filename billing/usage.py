@@ -1,0 +1,285 @@
+"""Turning queue messages into debited wallets: ONE transaction per batch.
+
+``process_batch`` decodes a batch of message bodies, prices each event at the version in force
+when it happened, and records everything in one transaction:
+
+1. COPY the priced events into a temporary staging table;
+2. ``INSERT .. ON CONFLICT (event_id) DO NOTHING RETURNING``: only events never seen before come
+   back, so redeliveries and gateway retries debit nothing (the exactly-once step);
+3. debit each wallet once by the sum of its new events, locking wallets in account order (no
+   deadlock between workers), and write the balanced ledger entries (wallets against usage
+   revenue) as one posting that every new event references;
+4. park rejected items (bad input, unknown account, no price) as dead letters, and resolve parked
+   ones whose event is now recorded;
+5. write outbox rows for wallets that crossed zero.
+
+The caller acknowledges the messages only after this returns (the transaction has committed). A
+batch that the database refuses for a data reason is split in halves until the bad item is
+isolated and parked; the rest go on. Transient failures raise ``Transient`` for the caller to retry.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+
+from billing.catalog import BillableClass, Catalog, PriceVersion
+from billing.db import Queries, map_error
+from billing.errors import DatabaseRejected, Transient, Unpriced
+from billing.events import Reason, Rejected, UsageEvent, decode_message, encode_event
+from billing.ledger import PostingKind, SystemAccount, next_posting_id, post_wallet_movement
+from billing.money import EXACT, ZERO
+from billing.pricing import Charge, price
+from billing.settings import Settings
+from billing.wallets import record_crossings
+
+
+@dataclass(frozen=True)
+class PricedEvent:
+    event: UsageEvent
+    version: PriceVersion
+    charge: Charge
+
+
+@dataclass
+class BatchResult:
+    """What one batch did. ``debited`` + ``byok`` + ``duplicates`` + ``parked`` = items."""
+
+    items: int = 0
+    debited: int = 0
+    byok: int = 0
+    duplicates: int = 0
+    parked: int = 0
+    amount_debited: Decimal = ZERO
+    crossings: int = 0
+    parked_reasons: dict[str, int] = field(default_factory=dict)
+
+    def merge(self, other: BatchResult) -> BatchResult:
+        reasons = dict(self.parked_reasons)
+        for code, n in other.parked_reasons.items():
+            reasons[code] = reasons.get(code, 0) + n
+        return BatchResult(
+            items=self.items + other.items,
+            debited=self.debited + other.debited,
+            byok=self.byok + other.byok,
+            duplicates=self.duplicates + other.duplicates,
+            parked=self.parked + other.parked,
+            amount_debited=EXACT.add(self.amount_debited, other.amount_debited),
+            crossings=self.crossings + other.crossings,
+            parked_reasons=reasons,
+        )
+
+
+def price_events(
+    events: Iterable[UsageEvent], catalog: Catalog
+) -> tuple[list[PricedEvent], list[Rejected]]:
+    """Pure: price each event at the version in force at its ``occurred_at``."""
+    priced: list[PricedEvent] = []
+    unpriced: list[Rejected] = []
+    for event in events:
+        version = catalog.in_force(event.model, event.provider, event.occurred_at)
+        try:
+            if version is None:
+                raise Unpriced(
+                    f"no price for {event.model} on {event.provider} at "
+                    f"{event.occurred_at.isoformat()}",
+                    field="$.model",
+                )
+            priced.append(PricedEvent(event, version, price(event.usage, version)))
+        except Unpriced as exc:
+            unpriced.append(rejection_of(event, Reason.UNPRICED, exc.field, str(exc)))
+    return priced, unpriced
+
+
+def rejection_of(event: UsageEvent, code: Reason, field_path: str, reason: str) -> Rejected:
+    payload = encode_event(event)
+    return Rejected(
+        code, field_path, reason, payload, event.event_id, event.event_id, event.account_id,
+        len(payload),
+    )
+
+
+def decode_and_price(
+    bodies: Sequence[bytes], catalog: Catalog, settings: Settings, now: datetime
+) -> tuple[list[PricedEvent], list[Rejected]]:
+    events: list[UsageEvent] = []
+    rejected: list[Rejected] = []
+    for body in bodies:
+        for item in decode_message(
+            body, now, settings.max_clock_skew, settings.max_message_bytes
+        ):
+            (rejected if isinstance(item, Rejected) else events).append(item)  # type: ignore[arg-type]
+    priced, unpriced = price_events(events, catalog)
+    return priced, rejected + unpriced
+
+
+def _staging_row(p: PricedEvent, posting_id: int) -> tuple[Any, ...]:
+    e, u, c = p.event, p.event.usage, p.charge
+    debited = ZERO if e.byok else c.total
+    return (
+        e.event_id, e.occurred_at, e.account_id, e.api_key_id, e.model, e.provider, e.byok,
+        p.version.effective_from,
+        u.input_tokens, u.cached_input_tokens, u.cache_write_tokens, u.output_tokens,
+        u.reasoning_tokens, u.image_count, u.web_search_count,
+        c.amount_of(BillableClass.INPUT), c.amount_of(BillableClass.CACHED_INPUT),
+        c.amount_of(BillableClass.CACHE_WRITE), c.amount_of(BillableClass.OUTPUT),
+        c.amount_of(BillableClass.IMAGE), c.amount_of(BillableClass.WEB_SEARCH),
+        c.amount_of(BillableClass.REQUEST), c.total, debited,
+        posting_id if debited > 0 else None, e.latency_ms, e.ttft_ms,
+    )  # fmt: skip
+
+
+def record_batch(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    priced: Sequence[PricedEvent],
+    rejected: Sequence[Rejected],
+    *,
+    resolution: str = "recorded",
+) -> BatchResult:
+    """Record one batch. Call inside a transaction; see the module docstring for the steps."""
+    result = BatchResult(items=len(priced) + len(rejected))
+    rejected = list(rejected)
+
+    # Unknown accounts are parked, not guessed.
+    accounts = sorted({p.event.account_id for p in priced})
+    known = {row[0] for row in conn.execute(q["known_accounts"], {"accounts": accounts})}
+    unique: dict[str, PricedEvent] = {}
+    for p in priced:
+        if p.event.account_id not in known:
+            rejected.append(
+                rejection_of(
+                    p.event, Reason.UNKNOWN_ACCOUNT, "$.account_id",
+                    f"no account {p.event.account_id!r}",
+                )
+            )
+        elif p.event.event_id in unique:
+            result.duplicates += 1  # the same event twice in one batch
+        else:
+            unique[p.event.event_id] = p
+
+    if unique:
+        posting_id = next_posting_id(conn, q)
+        conn.execute(q["create_usage_staging"])
+        with conn.cursor() as cur, cur.copy(q["copy_usage_staging"]) as copy:
+            for p in unique.values():
+                copy.write_row(_staging_row(p, posting_id))
+        inserted = conn.execute(q["insert_new_events"]).fetchall()
+        result.duplicates += len(unique) - len(inserted)
+
+        deltas: dict[str, Decimal] = defaultdict(lambda: ZERO)
+        for _event_id, account_id, byok, debited in inserted:
+            if byok:
+                result.byok += 1
+            else:
+                result.debited += 1
+                deltas[account_id] = EXACT.subtract(deltas[account_id], debited)
+        changes = post_wallet_movement(
+            conn,
+            q,
+            posting_id=posting_id,
+            kind=PostingKind.USAGE,
+            wallet_deltas=deltas,
+            counterparty=SystemAccount.USAGE_REVENUE,
+            reference=f"batch:{uuid.uuid4()}",
+        )
+        result.amount_debited = -sum(deltas.values(), ZERO)
+        result.crossings = record_crossings(conn, q, changes)
+        conn.execute(
+            q["resolve_recorded"], {"event_ids": sorted(unique), "resolution": resolution}
+        )
+
+    if rejected:
+        park(conn, q, rejected, result)
+    return result
+
+
+def park(
+    conn: psycopg.Connection[Any], q: Queries, rejected: Sequence[Rejected], result: BatchResult
+) -> None:
+    """Write dead letters, except for items whose event is already recorded (duplicates)."""
+    ids = sorted({r.event_id for r in rejected if r.event_id is not None})
+    recorded = (
+        {row[0] for row in conn.execute(q["recorded_event_ids"], {"event_ids": ids})}
+        if ids
+        else set()
+    )
+    by_key: dict[str, Rejected] = {}
+    for item in rejected:
+        if item.event_id in recorded:
+            result.duplicates += 1
+            continue
+        result.parked += 1
+        result.parked_reasons[item.reason_code] = result.parked_reasons.get(item.reason_code, 0) + 1
+        by_key.setdefault(item.dedup_key, item)
+    if not by_key:
+        return
+    with conn.cursor() as cur:
+        cur.executemany(
+            q["park"],
+            [
+                {
+                    "dedup_key": key,
+                    "event_id": r.event_id,
+                    "account_id": r.account_id,
+                    "reason_code": r.reason_code.value,
+                    "field": r.field,
+                    "reason": r.reason,
+                    "payload": r.payload,
+                    "payload_bytes": r.payload_bytes,
+                }
+                for key, r in sorted(by_key.items())
+            ],
+        )
+
+
+def record_isolating(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    priced: Sequence[PricedEvent],
+    rejected: Sequence[Rejected],
+    *,
+    resolution: str = "recorded",
+) -> BatchResult:
+    """``record_batch`` in its own transaction; isolate and park items the database refuses."""
+    try:
+        with conn.transaction():
+            return record_batch(conn, q, priced, rejected, resolution=resolution)
+    except psycopg.Error as exc:
+        mapped = map_error(exc)
+        if isinstance(mapped, Transient) or conn.closed or conn.broken:
+            raise mapped from exc
+        assert isinstance(mapped, DatabaseRejected)
+        if len(priced) <= 1:
+            if not priced:
+                raise mapped from exc  # dead letters themselves were refused: nothing to split
+            bad = rejection_of(priced[0].event, Reason.DATABASE_REJECTED, "$", str(mapped)[:1000])
+            return record_isolating(conn, q, [], [*rejected, bad], resolution=resolution)
+        half = len(priced) // 2
+        first = record_isolating(conn, q, priced[:half], rejected, resolution=resolution)
+        return first.merge(record_isolating(conn, q, priced[half:], [], resolution=resolution))
+
+
+def process_batch(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    catalog: Catalog,
+    bodies: Sequence[bytes],
+    settings: Settings,
+    now: datetime,
+) -> BatchResult:
+    """Decode, price and record one batch of queue message bodies (the worker's one call)."""
+    priced, rejected = decode_and_price(bodies, catalog, settings, now)
+    return record_isolating(conn, q, priced, rejected)
+
+
+def replay_rejections(rejected: Rejected, original_key: str) -> Rejected:
+    """A replayed dead letter keeps the key it was parked under."""
+    return replace(rejected, dedup_key=original_key)

@@ -1,0 +1,1 @@
+"""The Celery worker fleet: app configuration, the batched usage consumer, thin tasks."""

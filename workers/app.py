@@ -1,0 +1,90 @@
+"""The Celery app: all Celery configuration lives here.
+
+* JSON only (``task_serializer``/``accept_content``), explicit queues (``billing.tasks`` for general
+  tasks; ``billing.usage`` is consumed by the batched usage consumer, never by Celery tasks), late
+  acks (``task_acks_late``: a task's message is acked after the task returns, i.e. after its
+  transaction committed; ``task_reject_on_worker_lost`` requeues it if the worker dies).
+* The usage consumer runs as a worker bootstep (``UsageConsumerStep``) on its own thread with its
+  own broker connection, so a long general task never stalls usage. Disable it with
+  ``BILLING_USAGE_CONSUMER=0`` to run general-only nodes; run usage nodes with the solo pool.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from celery import Celery, bootsteps
+from kombu import Queue
+
+from billing import broker
+from billing.db import make_pool
+from billing.settings import Settings
+from workers.usage_consumer import UsageConsumer
+
+log = logging.getLogger("billing.worker")
+
+settings = Settings.from_env()
+_url, _transport_options = broker.connection_params(settings)
+
+app = Celery("billing", include=["workers.tasks"])
+app.conf.update(
+    broker_url=_url,
+    broker_transport_options=_transport_options,
+    broker_connection_retry_on_startup=True,
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    task_ignore_result=True,
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    task_default_queue=settings.tasks_queue,
+    task_queues=[Queue(settings.tasks_queue, durable=True)],
+    task_create_missing_queues=False,
+    worker_hijack_root_logger=False,
+    worker_enable_remote_control=not settings.embedded_broker,
+    beat_schedule={
+        "relay-outbox": {"task": "billing.relay_outbox", "schedule": 10.0},
+    },
+)
+
+
+class UsageConsumerStep(bootsteps.StartStopStep):
+    """Runs the batched usage consumer inside the worker, stopped gracefully with it."""
+
+    requires = {"celery.worker.components:Pool"}
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.consumer: UsageConsumer | None = None
+        self.thread: threading.Thread | None = None
+
+    def start(self, parent: Any) -> None:
+        if not settings.usage_consumer_enabled:
+            return
+        pool = make_pool(settings, min_size=1, max_size=2)
+        self.consumer = UsageConsumer(settings, pool, broker.connect(settings))
+        self.thread = threading.Thread(target=self._run, name="usage-consumer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        assert self.consumer is not None
+        try:
+            self.consumer.run()
+        except Exception:
+            log.exception("usage consumer stopped")
+            raise
+
+    def stop(self, parent: Any) -> None:
+        if self.consumer is None or self.thread is None:
+            return
+        self.consumer.should_stop = True
+        self.thread.join(timeout=60)
+        log.info("usage consumer stopped after %d batches: %s", self.consumer.batches,
+                 self.consumer.totals)
+        self.consumer.pool.close()
+
+
+app.steps["worker"].add(UsageConsumerStep)
