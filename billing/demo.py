@@ -155,24 +155,42 @@ def _summary(conn: Any, console: Console, since: datetime, published: int, uniqu
     for code, n in parked:
         totals.add_row(f"parked: {code}", f"{n:,}")
     totals.add_row("publish rate", f"{unique / publish_s:,.0f} events/s")
-    totals.add_row("end-to-end rate (publish to last commit)", f"{rec / elapsed:,.0f} events/s")
+    totals.add_row("end-to-end (publish start to last commit)", f"{elapsed:.1f} s")
+    first, last = conn.execute(
+        "SELECT min(recorded_at), max(recorded_at) FROM usage_events WHERE recorded_at >= %(t)s",
+        params).fetchone()
+    if first is not None and last > first:
+        rate = rec / (last - first).total_seconds()
+        totals.add_row("worker throughput (first to last commit)", f"{rate:,.0f} events/s")
     console.print(totals)
 
-    revenue = Table(title="revenue by model and class (exact USD)")
-    for col in ("model", "provider", "events", "input", "cached", "cache write", "output",
-                "images", "search", "request", "total"):
-        revenue.add_column(col, justify="right" if col not in ("model", "provider") else "left")
-    for row in conn.execute(
-        "SELECT model, provider, count(*), sum(input_amount), sum(cached_input_amount),"
-        " sum(cache_write_amount), sum(output_amount), sum(image_amount), sum(web_search_amount),"
-        " sum(request_amount), sum(amount) FROM usage_events"
-        " WHERE recorded_at >= %(t)s AND NOT byok GROUP BY 1, 2 ORDER BY sum(amount) DESC",
-        params,
+    by_model = Table(title="revenue by model (exact USD)")
+    for col in ("model", "provider", "events", "debited"):
+        by_model.add_column(col, justify="left" if col in ("model", "provider") else "right")
+    for model, provider, n, total in conn.execute(
+        "SELECT model, provider, count(*), sum(amount) FROM usage_events"
+        " WHERE recorded_at >= %(t)s AND NOT byok GROUP BY 1, 2 ORDER BY 4 DESC", params,
     ):
-        revenue.add_row(row[0], row[1], f"{row[2]:,}", *(format_usd(v) for v in row[3:]))
-    revenue.add_row("[bold]all[/bold]", "", f"{rec - byok:,}", "", "", "", "", "", "", "",
-                    f"[bold]{format_usd(debited)}[/bold]")
-    console.print(revenue)
+        by_model.add_row(model, provider, f"{n:,}", format_usd(total))
+    by_model.add_row("[bold]all[/bold]", "", f"{rec - byok:,}", f"[bold]{format_usd(debited)}[/bold]")
+    console.print(by_model)
+
+    by_class = Table(title="revenue by billable class (exact USD)")
+    for col in ("class", "quantity", "debited"):
+        by_class.add_column(col, justify="left" if col == "class" else "right")
+    row = conn.execute(
+        "SELECT sum(input_tokens), sum(input_amount), sum(cached_input_tokens),"
+        " sum(cached_input_amount), sum(cache_write_tokens), sum(cache_write_amount),"
+        " sum(output_tokens), sum(output_amount), sum(image_count), sum(image_amount),"
+        " sum(web_search_count), sum(web_search_amount), count(*), sum(request_amount)"
+        " FROM usage_events WHERE recorded_at >= %(t)s AND NOT byok", params,
+    ).fetchone()
+    names = ("input tokens", "cached input tokens", "cache write tokens",
+             "output tokens (incl. reasoning)", "images", "web searches", "requests")
+    for i, name in enumerate(names):
+        quantity, amount = row[2 * i], row[2 * i + 1]
+        by_class.add_row(name, f"{quantity or 0:,}", format_usd(amount or Decimal(0)))
+    console.print(by_class)
     console.print(f"BYOK notional provider cost (not debited, no fee): {format_usd(notional)} USD")
 
     balances = Table(title="balances (10 busiest wallets)")

@@ -11,6 +11,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from decimal import Decimal
 
 from billing.catalog import BillableClass, Catalog, PriceVersion
 from billing.events import Usage, UsageEvent
@@ -43,7 +44,8 @@ def generate(
             offers.append(current[-1])
     if not offers:
         raise ValueError("the catalog has no version in force for the traffic window")
-    offers.sort(key=lambda v: (v.prices.get(BillableClass.INPUT) is None, v.model, v.provider))
+    # Cheaper models get more traffic, as on a real gateway.
+    offers.sort(key=lambda v: (_input_price(v), v.model, v.provider))
     offer_weights = _weights(len(offers), 0.6)
     account_weights = _weights(len(shape.accounts))
     emitted: list[UsageEvent] = []
@@ -98,3 +100,8 @@ def _usage(rng: random.Random, version: PriceVersion) -> Usage:
         image_count=images,
         web_search_count=searches,
     )
+
+
+def _input_price(version: PriceVersion) -> Decimal:
+    component = version.prices.get(BillableClass.INPUT)
+    return component.unit_price if component else Decimal(0)

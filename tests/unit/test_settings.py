@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+import pytest
+
+from billing.errors import ConfigError
+from billing.settings import Settings
+
+
+def test_defaults_are_embedded() -> None:
+    settings = Settings.from_env({})
+    assert settings.embedded_database and settings.embedded_broker
+    assert settings.usage_queue == "billing.usage"
+
+
+def test_environment_overrides() -> None:
+    settings = Settings.from_env({
+        "BILLING_DATABASE_URL": "postgresql://db/x", "BILLING_BROKER_URL": "amqp://b//",
+        "BILLING_BATCH_SIZE": "100", "BILLING_USAGE_QUEUE": "q",
+    })
+    assert not settings.embedded_database and settings.batch_size == 100
+    assert settings.usage_queue == "q"
+
+
+def test_bad_numbers_name_the_variable() -> None:
+    with pytest.raises(ConfigError, match="BILLING_BATCH_SIZE"):
+        Settings.from_env({"BILLING_BATCH_SIZE": "many"})
+    with pytest.raises(ConfigError, match="BILLING_PREFETCH"):
+        Settings.from_env({"BILLING_PREFETCH": "0"})
