@@ -1,0 +1,379 @@
+"""Usage events through real RabbitMQ and PostgreSQL: priced exactly, debited exactly once."""
+
+from __future__ import annotations
+
+import json
+import threading
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+import pytest
+from kombu import Queue
+
+from billing import broker, catalog, db, deadletters, wallets
+from billing.audit import run_audit
+from billing.db import Queries
+from billing.events import Reason, decode_event, encode_event
+from billing.settings import Settings
+from billing.usage import decode_and_price, record_batch, record_isolating
+
+from .helpers import balances, drain, expected_debits, make_event, open_account
+
+
+def publish(settings: Settings, *items: Any, envelope: int = 1) -> None:
+    with broker.UsagePublisher(settings) as publisher:
+        events = [i for i in items if not isinstance(i, bytes)]
+        publisher.publish_many(events, envelope_size=envelope)
+        for raw in (i for i in items if isinstance(i, bytes)):
+            publisher.publish_raw(raw)
+
+
+def event_row(conn: psycopg.Connection[Any], event_id: str) -> dict[str, Any]:
+    return db.fetch_dicts(conn, "SELECT * FROM usage_events WHERE event_id = %s",  # type: ignore[arg-type]
+                          (event_id,))[0]
+
+
+def assert_audit_clean(conn: psycopg.Connection[Any], q: Queries) -> None:
+    report = run_audit(conn, q)
+    assert report.ok, [c for c in report.checks if not c.ok]
+
+
+def test_o4_mini_request_is_priced_to_the_exact_decimal(
+    settings: Settings, conn: psycopg.Connection[Any], q: Queries
+) -> None:
+    open_account(conn, q, "acme", "10")
+    publish(settings, make_event("req-o4", input_tokens=12_345, cached_input_tokens=4_096,
+                                 output_tokens=2_048, reasoning_tokens=1_536, image_count=1))
+    drain(settings)
+    row = event_row(conn, "req-o4")
+    assert row["input_amount"] == Decimal("0.0135795")
+    assert row["cached_input_amount"] == Decimal("0.0011264")
+    assert row["output_amount"] == Decimal("0.0090112")
+    assert row["image_amount"] == Decimal("0.000842")
+    assert row["amount"] == row["debited"] == Decimal("0.0245591")
+    assert balances(conn)["acme"] == Decimal("9.9754409")
+    assert_audit_clean(conn, q)
+
+
+def test_each_billable_class_on_each_provider(
+    settings: Settings, conn: psycopg.Connection[Any], q: Queries
+) -> None:
+    open_account(conn, q, "acme", "10")
+    cases = [
+        # (model, provider, usage, class column, expected amount)
+        ("openai/o4-mini", "azure", {"input_tokens": 1_000_000}, "input_amount", "1.10"),
+        ("openai/o4-mini", "azure", {"cached_input_tokens": 1_000_000}, "cached_input_amount",
+         "0.275"),
+        ("openai/o4-mini", "openai", {"output_tokens": 1_000_000, "reasoning_tokens": 999_999},
+         "output_amount", "4.40"),
+        ("openai/o4-mini", "openai", {"image_count": 1_000}, "image_amount", "0.842"),
+        ("anthropic/claude-sonnet-4-5", "anthropic", {"cache_write_tokens": 1_000_000},
+         "cache_write_amount", "3.75"),
+        ("anthropic/claude-sonnet-4-5", "anthropic", {"web_search_count": 1_000},
+         "web_search_amount", "10"),
+        ("perplexity/sonar", "perplexity", {"input_tokens": 1}, "request_amount", "0.005"),
+    ]
+    events = [make_event(f"cls-{i}", model=m, provider=p, **u)
+              for i, (m, p, u, _, _) in enumerate(cases)]
+    publish(settings, *events)
+    drain(settings)
+    for i, (_, _, _, column, amount) in enumerate(cases):
+        assert event_row(conn, f"cls-{i}")[column] == Decimal(amount), cases[i]
+    assert_audit_clean(conn, q)
+
+
+def test_same_event_published_three_times_debits_once(
+    settings: Settings, conn: psycopg.Connection[Any], q: Queries
+) -> None:
+    open_account(conn, q, "acme", "10")
+    event = make_event("req-dup", input_tokens=1000, output_tokens=1000)
+    publish(settings, event, event, event)
+    drain(settings)
+    publish(settings, event)  # and once more, in a later batch
+    consumer = drain(settings)
+    assert consumer.totals.duplicates == 1
+    assert conn.execute("SELECT count(*) FROM usage_events").fetchone() == (1,)
+    assert balances(conn)["acme"] == Decimal("10") - Decimal("0.0055")
+    assert conn.execute(
+        "SELECT count(*) FROM ledger_entries e JOIN wallets w USING (ledger_account_id) "
+        "WHERE w.account_id = 'acme' AND e.amount < 0").fetchone() == (1,)
+    assert_audit_clean(conn, q)
+
+
+def test_price_change_mid_stream_prices_late_events_at_the_old_version(
+    settings: Settings, conn: psycopg.Connection[Any], q: Queries
+) -> None:
+    open_account(conn, q, "acme", "10")
+    now = datetime.now(UTC)
+    change_at = (now + timedelta(seconds=60)).replace(microsecond=0)
+    new_price = f"""
+[[version]]
+model = "openai/o4-mini"
+provider = "openai"
+effective_from = {change_at.isoformat().replace("+00:00", "Z")}
+source = "test: price cut"
+[version.prices]
+input_tokens = {{ usd = 0.55, per = 1_000_000 }}
+output_tokens = {{ usd = 2.20, per = 1_000_000 }}
+"""
+    before = make_event("before", occurred_at=now - timedelta(seconds=1), input_tokens=1_000_000)
+    publish(settings, before)
+    drain(settings)
+    catalog.load_versions(conn, q, catalog.parse_catalog(new_price), now=now, loaded_by="tests")
+    after = make_event("after", occurred_at=change_at + timedelta(seconds=1),
+                       input_tokens=1_000_000)
+    late = make_event("late", occurred_at=change_at - timedelta(seconds=1), input_tokens=1_000_000)
+    publish(settings, after, late)  # the late event arrives after the new price is loaded
+    drain(settings)
+    assert event_row(conn, "before")["input_amount"] == Decimal("1.10")
+    assert event_row(conn, "late")["input_amount"] == Decimal("1.10")
+    assert event_row(conn, "late")["price_effective_from"] < change_at
+    assert event_row(conn, "after")["input_amount"] == Decimal("0.55")
+    assert event_row(conn, "after")["price_effective_from"] == change_at
+
+
+def test_history_is_never_rewritten(conn: psycopg.Connection[Any], q: Queries) -> None:
+    from billing.errors import CatalogError
+
+    versions = catalog.read_catalog_file(catalog.DEFAULT_CATALOG)
+    o4 = next(v for v in versions if v.model == "openai/o4-mini")
+    changed = catalog.PriceVersion(o4.model, o4.provider, o4.effective_from,
+                                   {**o4.prices, catalog.BillableClass.INPUT:
+                                    catalog.PriceComponent(Decimal("9"), 1_000_000)}, "x")
+    with pytest.raises(CatalogError, match="never rewritten"):
+        catalog.load_versions(conn, q, [changed], now=datetime.now(UTC), loaded_by="t")
+    backdated = catalog.PriceVersion(o4.model, o4.provider, datetime(2026, 1, 1, tzinfo=UTC),
+                                     o4.prices, "x")
+    with pytest.raises(CatalogError, match="in the past"):
+        catalog.load_versions(conn, q, [backdated], now=datetime.now(UTC), loaded_by="t")
+
+
+def test_byok_is_priced_and_recorded_but_debits_nothing(
+    settings: Settings, conn: psycopg.Connection[Any], q: Queries
+) -> None:
+    open_account(conn, q, "acme", "10")
+    publish(settings, make_event("byok-1", byok=True, input_tokens=1_000_000))
+    drain(settings)
+    row = event_row(conn, "byok-1")
+    assert row["amount"] == Decimal("1.10") and row["debited"] == 0 and row["posting_id"] is None
+    assert balances(conn)["acme"] == Decimal("10")
+    view = wallets.show(conn, q, "acme")
+    assert view.byok_notional == Decimal("1.10") and view.debited == 0
+    assert_audit_clean(conn, q)
+
+
+def test_envelope_with_a_bad_event_bills_the_others(
+    settings: Settings, conn: psycopg.Connection[Any], q: Queries
+) -> None:
+    open_account(conn, q, "acme", "10")
+    good = [make_event(f"env-{i}") for i in range(5)]
+    body = json.dumps({"schema": "usage.batch.v1", "events": [
+        json.loads(encode_event(good[0])), json.loads(encode_event(good[1])),
+        {**json.loads(encode_event(make_event("env-bad"))), "usage": {"output_tokens": -1}},
+        *[json.loads(encode_event(e)) for e in good[2:]],
+    ]}).encode()
+    publish(settings, body)
+    drain(settings)
+    assert conn.execute("SELECT count(*) FROM usage_events").fetchone() == (5,)
+    [parked] = deadletters.list_dead_letters(conn, q)
+    assert (parked["event_id"], parked["field"]) == ("env-bad", "$.events[2].usage.output_tokens")
+
+
+BAD = {
+    "malformed": (b'{"schema": "usage.v1", "event_id": "x", ', Reason.MALFORMED_JSON, "$"),
+    "negative": ({"usage": {"input_tokens": -3}}, Reason.INVALID_EVENT, "$.usage.input_tokens"),
+    "reasoning": ({"usage": {"output_tokens": 1, "reasoning_tokens": 2}}, Reason.INVALID_EVENT,
+                  "$.usage.reasoning_tokens"),
+    "schema": ({"schema": "usage.v7"}, Reason.UNKNOWN_SCHEMA, "$.schema"),
+    "future": ({"occurred_at": "2099-01-01T00:00:00Z"}, Reason.FUTURE_TIMESTAMP, "$.occurred_at"),
+    "content": ({"messages": [{"role": "user", "content": "hi"}]}, Reason.INVALID_EVENT,
+                "$.messages"),
+    "account": ({"account_id": "ghost"}, Reason.UNKNOWN_ACCOUNT, "$.account_id"),
+    "model": ({"model": "acme/new-model"}, Reason.UNPRICED, "$.model"),
+    "provider": ({"provider": "bedrock"}, Reason.UNPRICED, "$.model"),
+    "class": ({"usage": {"web_search_count": 1}}, Reason.UNPRICED, "$.usage.web_search_count"),
+}
+
+
+def test_each_bad_input_is_parked_with_its_reason_then_replayed_after_a_fix(
+    settings: Settings, conn: psycopg.Connection[Any], q: Queries
+) -> None:
+    open_account(conn, q, "acme", "10")
+    messages: list[Any] = []
+    for name, (change, _, _) in BAD.items():
+        if isinstance(change, bytes):
+            messages.append(change)
+        else:
+            base = json.loads(encode_event(make_event(f"bad-{name}")))
+            messages.append(json.dumps({**base, **change}).encode())
+    publish(settings, make_event("good"), *messages)
+    consumer = drain(settings)
+    assert consumer.totals.debited == 1 and consumer.totals.parked == len(BAD)
+    parked = {r["event_id"] or "bad-malformed": r for r in deadletters.list_dead_letters(conn, q)}
+    for name, (_, code, field) in BAD.items():
+        row = parked[f"bad-{name}"] if name != "malformed" else parked["bad-malformed"]
+        assert (row["reason_code"], row["field"]) == (code.value, field), name
+    stored = conn.execute("SELECT payload FROM dead_letters WHERE event_id = 'bad-content'")
+    assert b"hi" not in bytes(stored.fetchone()[0])  # type: ignore[index]
+
+    # Redelivery of a parked message does not pile up rows.
+    publish(settings, messages[list(BAD).index("account")])
+    drain(settings)
+    assert conn.execute("SELECT attempts FROM dead_letters WHERE event_id = 'bad-account'"
+                        ).fetchone() == (2,)
+
+    # Fix: create the account, load the missing prices; replay.
+    open_account(conn, q, "ghost", "5")
+    catalog.load_versions(conn, q, catalog.parse_catalog("""
+[[version]]
+model = "acme/new-model"
+provider = "openai"
+effective_from = 2020-01-01T00:00:00Z
+source = "test"
+[version.prices]
+input_tokens = { usd = 1, per = 1_000_000 }
+output_tokens = { usd = 2, per = 1_000_000 }
+"""), now=datetime.now(UTC), loaded_by="tests")
+    cache = catalog.CatalogCache(q)
+    result = deadletters.replay(conn, q, cache, settings, datetime.now(UTC))
+    assert result.debited == 2  # unknown account and unknown model are now billable
+    remaining = {r["event_id"] for r in deadletters.list_dead_letters(conn, q)}
+    assert remaining == {None, "bad-negative", "bad-reasoning", "bad-schema", "bad-future",
+                         "bad-content", "bad-provider", "bad-class"}
+    # Replaying again is exactly-once: nothing more is debited.
+    again = deadletters.replay(conn, q, cache, settings, datetime.now(UTC))
+    assert again.debited == 0
+    assert conn.execute("SELECT count(*) FROM usage_events").fetchone() == (3,)
+    # The same event redelivered from the queue later is a duplicate too.
+    publish(settings, messages[list(BAD).index("account")])
+    assert drain(settings).totals.duplicates == 1
+    resolved = deadletters.list_dead_letters(conn, q, status="resolved")
+    assert {r["event_id"] for r in resolved} == {"bad-account", "bad-model"}
+    # What cannot be fixed is discarded with a reason.
+    ids = [r["dead_letter_id"] for r in deadletters.list_dead_letters(conn, q)]
+    assert len(deadletters.discard(conn, q, ids, reason="sender fixed", actor="tests")) == len(ids)
+    assert deadletters.list_dead_letters(conn, q) == []
+    assert_audit_clean(conn, q)
+
+
+def _wallet_events(settings: Settings) -> tuple[Any, Queue]:
+    conn = broker.connect(settings)
+    queue = Queue(f"{settings.wallet_events_exchange}.probe",
+                  exchange=broker.wallet_events_exchange(settings), routing_key="wallet.#",
+                  auto_delete=False, durable=False)
+    queue(conn.channel()).declare()
+    return conn, queue
+
+
+def _received(conn: Any, queue: Queue) -> list[dict[str, Any]]:
+    out = []
+    bound = queue(conn.channel())
+    while (message := bound.get(no_ack=True)) is not None:
+        out.append(json.loads(message.body))
+    return out
+
+
+def test_wallet_exhausted_is_published_once_per_crossing(
+    settings: Settings, conn: psycopg.Connection[Any], q: Queries
+) -> None:
+    bconn, probe = _wallet_events(settings)
+    try:
+        open_account(conn, q, "acme", "0.01")  # replenished (0 -> 0.01)
+        wallets.relay_outbox(conn, q, broker.WalletEventPublisher(settings, bconn))
+        # each event costs 0.0055: the second crosses zero, the rest stay below
+        for i in range(6):
+            publish(settings, make_event(f"x-{i}", input_tokens=1000, output_tokens=1000))
+            drain(settings, idle=0.3)
+        wallets.adjust(conn, q, "acme", Decimal("1"), reason="top-up", actor="tests")
+        wallets.relay_outbox(conn, q, broker.WalletEventPublisher(settings, bconn))
+        publish(settings, *[make_event(f"y-{i}", input_tokens=100_000, output_tokens=200_000)
+                            for i in range(3)])
+        drain(settings)
+        received = _received(bconn, probe)
+    finally:
+        probe(bconn.channel()).delete()
+        bconn.release()
+    assert [(m["type"], m["account_id"]) for m in received] == [
+        ("wallet.replenished", "acme"),
+        ("wallet.exhausted", "acme"),
+        ("wallet.replenished", "acme"),
+        ("wallet.exhausted", "acme"),
+    ]
+    assert Decimal(received[1]["balance"]) < 0
+    assert len({m["outbox_id"] for m in received}) == 4
+    assert conn.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL").fetchone() == (0,)
+
+
+def test_a_row_the_database_refuses_is_parked_and_the_rest_of_the_batch_goes_on(
+    settings: Settings, conn: psycopg.Connection[Any], q: Queries
+) -> None:
+    open_account(conn, q, "acme", "10")
+    conn.execute("""
+        CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN IF NEW.event_id = 'poison' THEN RAISE EXCEPTION 'poison' USING ERRCODE = '22000';
+              END IF; RETURN NEW; END $$;
+        CREATE TRIGGER refuse_poison BEFORE INSERT ON usage_events
+            FOR EACH ROW EXECUTE FUNCTION refuse_poison();""")
+    events = [make_event(f"ok-{i}") for i in range(7)]
+    events.insert(3, make_event("poison"))
+    bodies = [encode_event(e) for e in events]
+    priced, rejected = decode_and_price(bodies, catalog.snapshot(conn, q), settings,
+                                        datetime.now(UTC))
+    result = record_isolating(conn, q, priced, rejected)
+    assert (result.debited, result.parked) == (7, 1)
+    [row] = deadletters.list_dead_letters(conn, q)
+    assert (row["event_id"], row["reason_code"]) == ("poison", "database_rejected")
+    assert_audit_clean(conn, q)
+
+
+def test_parallel_batches_with_overlapping_events_never_deadlock_or_double_debit(
+    settings: Settings, conn: psycopg.Connection[Any], q: Queries
+) -> None:
+    accounts = [f"acct-{i}" for i in range(8)]
+    for a in accounts:
+        open_account(conn, q, a, "100")
+    events = [make_event(f"ov-{i}", accounts[i % 8]) for i in range(400)]
+    snap = catalog.snapshot(conn, q)
+    now = datetime.now(UTC)
+    errors: list[BaseException] = []
+
+    def worker(order: list[Any]) -> None:
+        try:
+            with db.connect(settings) as c:
+                for start in range(0, len(order), 50):
+                    chunk = [encode_event(e) for e in order[start:start + 50]]
+                    priced, rejected = decode_and_price(chunk, snap, settings, now)
+                    with c.transaction():
+                        record_batch(c, q, priced, rejected)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(list(events),)),
+               threading.Thread(target=worker, args=(list(reversed(events)),)),
+               threading.Thread(target=worker, args=(events[::2] + events[1::2],))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert conn.execute("SELECT count(*) FROM usage_events").fetchone() == (400,)
+    expected = expected_debits(conn, q, events)
+    assert {a: Decimal(100) - b for a, b in balances(conn).items()} == expected
+    assert_audit_clean(conn, q)
+
+
+def test_audit_catches_a_tampered_balance(conn: psycopg.Connection[Any], q: Queries) -> None:
+    open_account(conn, q, "acme", "10")
+    conn.execute("UPDATE wallets SET balance = 11 WHERE account_id = 'acme'")
+    report = run_audit(conn, q)
+    assert not report.ok
+    [failed] = [c for c in report.checks if not c.ok]
+    assert failed.name == "wallet balance equals its ledger sum"
+    assert failed.violations[0]["account_id"] == "acme"
+
+
+def test_decoded_event_round_trips(settings: Settings) -> None:
+    event = make_event("rt", input_tokens=5, output_tokens=3, reasoning_tokens=2)
+    assert decode_event(encode_event(event), datetime.now(UTC), timedelta(minutes=5)) == event

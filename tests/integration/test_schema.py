@@ -1,0 +1,122 @@
+"""The migrations build the schema the code expects, and the database enforces the ledger rules."""
+
+from __future__ import annotations
+
+import re
+import threading
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+import pytest
+
+from billing import catalog, db
+from billing.events import encode_event
+from billing.usage import decode_and_price, record_isolating
+from billing.db import Queries
+from billing.errors import BillingError
+from billing.settings import Settings
+
+from .helpers import make_event, open_account
+
+NOT_PREPARABLE = {"copy_usage_staging", "create_usage_staging", "insert_new_events"}
+
+
+def test_every_named_query_prepares_against_the_migrated_schema(
+    conn: psycopg.Connection[Any], q: Queries
+) -> None:
+    """Each statement in sql/queries is parsed, planned and type-checked by PostgreSQL."""
+    conn.execute(q["create_usage_staging"])  # the staging table the insert reads from
+    for name in q.names():
+        if name in {"copy_usage_staging", "create_usage_staging"}:
+            continue
+        params: dict[str, str] = {}
+        text = re.sub(
+            r"%\((\w+)\)s",
+            lambda m: params.setdefault(m[1], f"${len(params) + 1}"),
+            q[name],
+        )
+        conn.execute(f"PREPARE check_{name} AS {text}")  # type: ignore[arg-type]
+        conn.execute(f"DEALLOCATE check_{name}")  # type: ignore[arg-type]
+
+
+def test_migrations_are_recorded_and_rerunning_applies_nothing(
+    conn: psycopg.Connection[Any], settings: Settings
+) -> None:
+    assert db.migrate(conn, settings.sql_dir) == []
+    versions = [r[0] for r in conn.execute("SELECT version FROM schema_migrations ORDER BY 1")]
+    assert versions == [m.version for m in db.load_migrations(settings.sql_dir)]
+
+
+def test_an_edited_migration_is_refused(conn: psycopg.Connection[Any], settings: Settings,
+                                        tmp_path: Any) -> None:
+    sql_dir = tmp_path / "sql"
+    (sql_dir / "migrations").mkdir(parents=True)
+    (sql_dir / "queries").mkdir()
+    for m in db.load_migrations(settings.sql_dir):
+        (sql_dir / "migrations" / f"{m.version:04d}_{m.name}.sql").write_text(m.sql + "\n-- x")
+    with pytest.raises(BillingError, match="edited after it was applied"):
+        db.migrate(conn, sql_dir)
+
+
+def test_concurrent_migrations_apply_each_file_once(settings: Settings, tmp_path: Any) -> None:
+    with db.connect(settings) as conn:
+        conn.execute("DROP SCHEMA public CASCADE")
+        conn.execute("CREATE SCHEMA public")
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with db.connect(settings) as c:
+                db.migrate(c, settings.sql_dir)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    with db.connect(settings) as conn:
+        assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone() == (1,)
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE ledger_entries SET amount = amount + 1",
+        "DELETE FROM ledger_entries",
+        "TRUNCATE ledger_entries CASCADE",
+        "UPDATE postings SET memo = 'x'",
+        "DELETE FROM postings",
+        "UPDATE prices SET unit_price = 0",
+        "DELETE FROM prices",
+        "UPDATE usage_events SET amount = 0",
+    ],
+)
+def test_the_ledger_is_append_only(conn: psycopg.Connection[Any], q: Queries,
+                                   settings: Settings, statement: str) -> None:
+    open_account(conn, q, "acme")
+    priced, rejected = decode_and_price([encode_event(make_event("e1"))],
+                                        catalog.snapshot(conn, q), settings, datetime.now(UTC))
+    assert record_isolating(conn, q, priced, rejected).debited == 1
+    with pytest.raises(psycopg.errors.RestrictViolation, match="append-only"):
+        conn.execute(statement)  # type: ignore[arg-type]
+
+
+def test_an_unbalanced_posting_is_refused(conn: psycopg.Connection[Any], q: Queries) -> None:
+    open_account(conn, q, "acme")
+    with pytest.raises(psycopg.errors.CheckViolation, match="does not balance"):
+        with conn.transaction():
+            conn.execute("INSERT INTO postings (posting_id, kind) VALUES (999, 'adjustment')")
+            conn.execute(
+                "INSERT INTO ledger_entries (posting_id, ledger_account_id, amount) "
+                "SELECT 999, ledger_account_id, 5 FROM wallets WHERE account_id = 'acme'"
+            )
+
+
+def test_wallet_state_must_match_its_balance(conn: psycopg.Connection[Any], q: Queries) -> None:
+    open_account(conn, q, "acme")
+    with pytest.raises(psycopg.errors.CheckViolation):
+        conn.execute("UPDATE wallets SET state = 'exhausted' WHERE account_id = 'acme'")
