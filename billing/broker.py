@@ -102,7 +102,9 @@ class UsagePublisher:
         """Publish events, ``envelope_size`` per message (1 = one event per message)."""
         sent = 0
         for chunk in _chunks(events, envelope_size):
-            self.publish_raw(encode_event(chunk[0]) if envelope_size == 1 else encode_envelope(chunk))
+            self.publish_raw(
+                encode_event(chunk[0]) if envelope_size == 1 else encode_envelope(chunk)
+            )
             sent += len(chunk)
         return sent
 
@@ -151,10 +153,11 @@ def _chunks(events: Iterable[UsageEvent], size: int) -> Iterator[list[UsageEvent
 def queue_depth(conn: Connection, settings: Settings) -> int:
     """Messages ready in the usage queue (0 if it does not exist yet)."""
     try:
-        _, count, _ = usage_queue(settings)(conn.channel()).queue_declare(passive=True)
+        channel: Any = conn.channel()  # py-amqp and virtual channels both answer queue_declare
+        declared = channel.queue_declare(queue=settings.usage_queue, passive=True)
     except conn.channel_errors:
         return 0
-    return int(count)
+    return int(declared.message_count)
 
 
 def wait_for_broker(settings: Settings, timeout: float = 30) -> None:

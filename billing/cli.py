@@ -83,9 +83,14 @@ def prices() -> None:
 
 
 @prices.command("load")
-@click.argument("file", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--allow-backdate", is_flag=True,
-              help="Allow a new version to take effect in the past (only if no events exist then).")
+@click.argument(
+    "file", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
+@click.option(
+    "--allow-backdate",
+    is_flag=True,
+    help="Allow a new version to take effect in the past (only if no events exist then).",
+)
 @click.pass_context
 @handles_errors
 def prices_load(ctx: click.Context, file: Path | None, allow_backdate: bool) -> None:
@@ -95,13 +100,18 @@ def prices_load(ctx: click.Context, file: Path | None, allow_backdate: bool) -> 
     versions = catalog.read_catalog_file(path)
     with db.connect(settings) as conn:
         result = catalog.load_versions(
-            conn, db.queries(settings), versions, now=datetime.now(UTC), loaded_by=_actor(),
+            conn,
+            db.queries(settings),
+            versions,
+            now=datetime.now(UTC),
+            loaded_by=_actor(),
             allow_backdate=allow_backdate,
         )
     for version in result.added:
         click.echo(f"added {version.label()}")
-    click.echo(f"{len(result.added)} versions added, {len(result.unchanged)} already loaded "
-               f"({path})")
+    click.echo(
+        f"{len(result.added)} versions added, {len(result.unchanged)} already loaded ({path})"
+    )
 
 
 @prices.command("list")
@@ -124,14 +134,14 @@ def prices_list(ctx: click.Context, model: str | None, at: str | None, as_json: 
         versions = [v for v in versions if v in in_force]
     if model:
         versions = [v for v in versions if v.model == model]
-    rows = [
+    rows: list[dict[str, str]] = [
         {
             "model": v.model,
             "provider": v.provider,
             "effective_from": v.effective_from.isoformat(),
             "class": c.value,
             "usd": format_usd(p.unit_price),
-            "per": p.per,
+            "per": f"{p.per:,}",
         }
         for v in versions
         for c, p in sorted(v.prices.items())
@@ -141,8 +151,9 @@ def prices_list(ctx: click.Context, model: str | None, at: str | None, as_json: 
         return
     table = Table("model", "provider", "effective from", "class", "USD", "per")
     for r in rows:
-        table.add_row(r["model"], r["provider"], r["effective_from"], r["class"], r["usd"],
-                      f"{r['per']:,}")
+        table.add_row(
+            r["model"], r["provider"], r["effective_from"], r["class"], r["usd"], r["per"]
+        )
     console.print(table)
 
 
@@ -203,14 +214,27 @@ def _amount(value: str) -> Decimal:
 @click.option("--reference", default=None, help="Idempotency key: a repeat does nothing.")
 @click.pass_context
 @handles_errors
-def wallet_adjust(ctx: click.Context, account_id: str, amount: str, reason: str,
-                  actor: str | None, reference: str | None) -> None:
+def wallet_adjust(
+    ctx: click.Context,
+    account_id: str,
+    amount: str,
+    reason: str,
+    actor: str | None,
+    reference: str | None,
+) -> None:
     """Credit (positive AMOUNT) or debit (negative) a wallet, with a reason."""
     settings = _settings(ctx)
     q = db.queries(settings)
     with db.connect(settings) as conn:
-        posting = wallets.adjust(conn, q, account_id, _amount(amount), reason=reason,
-                                 actor=actor or _actor(), reference=reference)
+        posting = wallets.adjust(
+            conn,
+            q,
+            account_id,
+            _amount(amount),
+            reason=reason,
+            actor=actor or _actor(),
+            reference=reference,
+        )
         view = wallets.show(conn, q, account_id)
     click.echo(f"posting {posting}: balance of {account_id} is {format_usd(view.balance)} USD")
 
@@ -237,11 +261,15 @@ def usage() -> None:
 @click.option("--searches", "web_search_count", type=int, default=0)
 @click.option("--byok", is_flag=True)
 @click.option("--repeat", type=int, default=1, help="Publish the same message N times.")
-@click.option("--file", "file", type=click.File("rb"),
-              help="Publish each line of a JSON-lines file as-is (use - for stdin).")
+@click.option(
+    "--file",
+    "file",
+    type=click.File("rb"),
+    help="Publish each line of a JSON-lines file as-is (use - for stdin).",
+)
 @click.pass_context
 @handles_errors
-def usage_emit(ctx: click.Context, file: Any, repeat: int, **fields: Any) -> None:
+def usage_emit(ctx: click.Context, /, file: Any, repeat: int, **fields: Any) -> None:
     """Publish a usage.v1 event (validated first) or raw JSON lines to the usage queue."""
     settings = _settings(ctx)
     with broker.UsagePublisher(settings) as publisher:
@@ -259,8 +287,15 @@ def usage_emit(ctx: click.Context, file: Any, repeat: int, **fields: Any) -> Non
         occurred = fields.pop("occurred_at") or datetime.now(UTC).isoformat()
         event_id = fields.pop("event_id") or str(uuid.uuid4())
         usage_fields = {k: fields.pop(k) for k in Usage.__struct_fields__}
-        body = json.dumps({"schema": SCHEMA_V1, "event_id": event_id, "occurred_at": occurred,
-                           **fields, "usage": usage_fields}).encode()
+        body = json.dumps(
+            {
+                "schema": SCHEMA_V1,
+                "event_id": event_id,
+                "occurred_at": occurred,
+                **fields,
+                "usage": usage_fields,
+            }
+        ).encode()
         checked = decode_event(body, datetime.now(UTC), settings.max_clock_skew)
         if not isinstance(checked, UsageEvent):
             raise BillingError(f"{checked.field}: {checked.reason}")
@@ -273,8 +308,13 @@ def usage_emit(ctx: click.Context, file: Any, repeat: int, **fields: Any) -> Non
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.option("--no-usage", is_flag=True, help="General tasks only (no usage consumer).")
 @click.option("--loglevel", default="INFO", show_default=True)
-@click.option("--migrate/--no-migrate", "run_migrations", default=True, show_default=True,
-              help="Apply pending migrations before starting.")
+@click.option(
+    "--migrate/--no-migrate",
+    "run_migrations",
+    default=True,
+    show_default=True,
+    help="Apply pending migrations before starting.",
+)
 @click.pass_context
 @handles_errors
 def worker(ctx: click.Context, no_usage: bool, loglevel: str, run_migrations: bool) -> None:
@@ -297,10 +337,19 @@ def worker(ctx: click.Context, no_usage: bool, loglevel: str, run_migrations: bo
     from workers.app import app
 
     name = f"billing-{os.getpid()}@{socket.gethostname()}"
-    app.worker_main([
-        "worker", "--pool=solo", f"--loglevel={loglevel}", "-n", name,
-        "--without-gossip", "--without-mingle", "--without-heartbeat", *ctx.args,
-    ])
+    app.worker_main(
+        [
+            "worker",
+            "--pool=solo",
+            f"--loglevel={loglevel}",
+            "-n",
+            name,
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+            *ctx.args,
+        ]
+    )
 
 
 # --- dead letters ---------------------------------------------------------------------------
@@ -310,30 +359,45 @@ def dead_letters() -> None:
 
 
 @dead_letters.command("list")
-@click.option("--status", default="parked", show_default=True,
-              type=click.Choice(["parked", "resolved", "discarded", "all"]))
+@click.option(
+    "--status",
+    default="parked",
+    show_default=True,
+    type=click.Choice(["parked", "resolved", "discarded", "all"]),
+)
 @click.option("--reason", "reason_code", default=None, help="Only this reason code.")
 @click.option("--limit", default=100, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 @handles_errors
-def dead_letters_list(ctx: click.Context, status: str, reason_code: str | None, limit: int,
-                      as_json: bool) -> None:
+def dead_letters_list(
+    ctx: click.Context, status: str, reason_code: str | None, limit: int, as_json: bool
+) -> None:
     """List dead letters with their reason and the offending field."""
     settings = _settings(ctx)
     with db.connect(settings) as conn:
         rows = deadletters.list_dead_letters(
-            conn, db.queries(settings), status=None if status == "all" else status,
-            reason_code=reason_code, limit=limit,
+            conn,
+            db.queries(settings),
+            status=None if status == "all" else status,
+            reason_code=reason_code,
+            limit=limit,
         )
     if as_json:
         click.echo(json.dumps(rows, indent=2, default=str))
         return
     table = Table("id", "status", "reason", "field", "detail", "event_id", "account", "tries")
     for r in rows:
-        table.add_row(str(r["dead_letter_id"]), r["status"], r["reason_code"], r["field"],
-                      r["reason"], r["event_id"] or "-", r["account_id"] or "-",
-                      str(r["attempts"]))
+        table.add_row(
+            str(r["dead_letter_id"]),
+            r["status"],
+            r["reason_code"],
+            r["field"],
+            r["reason"],
+            r["event_id"] or "-",
+            r["account_id"] or "-",
+            str(r["attempts"]),
+        )
     console.print(table)
 
 
@@ -347,10 +411,19 @@ def dead_letters_replay(ctx: click.Context, ids: tuple[int, ...], reason_code: s
     settings = _settings(ctx)
     q = db.queries(settings)
     with db.connect(settings) as conn:
-        result = deadletters.replay(conn, q, catalog.CatalogCache(q), settings, datetime.now(UTC),
-                                    ids=list(ids) or None, reason_code=reason_code)
-    click.echo(f"replayed {result.items}: {result.debited} debited, {result.byok} BYOK, "
-               f"{result.duplicates} already recorded, {result.parked} still parked")
+        result = deadletters.replay(
+            conn,
+            q,
+            catalog.CatalogCache(q),
+            settings,
+            datetime.now(UTC),
+            ids=list(ids) or None,
+            reason_code=reason_code,
+        )
+    click.echo(
+        f"replayed {result.items}: {result.debited} debited, {result.byok} BYOK, "
+        f"{result.duplicates} already recorded, {result.parked} still parked"
+    )
 
 
 @dead_letters.command("discard")
@@ -362,8 +435,9 @@ def dead_letters_discard(ctx: click.Context, ids: tuple[int, ...], reason: str) 
     """Close parked items that will never be billed (kept, with the reason, for the record)."""
     settings = _settings(ctx)
     with db.connect(settings) as conn:
-        done = deadletters.discard(conn, db.queries(settings), list(ids), reason=reason,
-                                   actor=_actor())
+        done = deadletters.discard(
+            conn, db.queries(settings), list(ids), reason=reason, actor=_actor()
+        )
     click.echo(f"discarded {len(done)}: {', '.join(map(str, done)) or '-'}")
 
 
@@ -380,8 +454,9 @@ def outbox_relay(ctx: click.Context) -> None:
     """Publish pending outbox rows now."""
     settings = _settings(ctx)
     with db.connect(settings) as conn, broker.connect(settings) as bconn:
-        sent = wallets.relay_outbox(conn, db.queries(settings),
-                                    broker.WalletEventPublisher(settings, bconn))
+        sent = wallets.relay_outbox(
+            conn, db.queries(settings), broker.WalletEventPublisher(settings, bconn)
+        )
     click.echo(f"published {sent}")
 
 
@@ -401,11 +476,20 @@ def audit(ctx: click.Context, as_json: bool) -> None:
 
 def print_audit(report: AuditReport, as_json: bool = False) -> None:
     if as_json:
-        click.echo(json.dumps({
-            "ok": report.ok, "states": report.states,
-            "checks": [{"name": c.name, "ok": c.ok, "violations": c.violations}
-                       for c in report.checks],
-        }, indent=2, default=str))
+        click.echo(
+            json.dumps(
+                {
+                    "ok": report.ok,
+                    "states": report.states,
+                    "checks": [
+                        {"name": c.name, "ok": c.ok, "violations": c.violations}
+                        for c in report.checks
+                    ],
+                },
+                indent=2,
+                default=str,
+            )
+        )
         return
     for check in report.checks:
         mark = "[green]ok[/green]  " if check.ok else "[red]FAIL[/red]"
@@ -426,13 +510,21 @@ def print_audit(report: AuditReport, as_json: bool = False) -> None:
 @click.option("--seed", default=7, show_default=True)
 @click.pass_context
 @handles_errors
-def demo(ctx: click.Context, count: int, worker_count: int, envelope: int, account_count: int,
-         seed: int) -> None:
+def demo(
+    ctx: click.Context, count: int, worker_count: int, envelope: int, account_count: int, seed: int
+) -> None:
     """Publish realistic gateway traffic and watch separate worker processes bill it."""
     from billing.demo import run_demo
 
-    ok = run_demo(_settings(ctx), count=count, worker_count=worker_count, envelope=envelope,
-                  account_count=account_count, seed=seed, console=console)
+    ok = run_demo(
+        _settings(ctx),
+        count=count,
+        worker_count=worker_count,
+        envelope=envelope,
+        account_count=account_count,
+        seed=seed,
+        console=console,
+    )
     if not ok:
         sys.exit(1)
 

@@ -16,7 +16,7 @@ import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, LiteralString, cast
+from typing import Any, LiteralString
 
 import psycopg
 from psycopg.rows import dict_row
@@ -41,11 +41,11 @@ def database_url(settings: Settings) -> str:
         server = _embedded_servers.get(settings.pg_dir)
         if server is None:
             try:
-                import pgserver
+                from pgserver.postgres_server import get_server
             except ImportError as exc:  # pragma: no cover - pgserver is a dependency
                 raise ConfigError("embedded mode needs the 'pgserver' package") from exc
             settings.pg_dir.mkdir(parents=True, exist_ok=True)
-            server = pgserver.get_server(settings.pg_dir, cleanup_mode="stop")
+            server = get_server(settings.pg_dir, cleanup_mode="stop")
             _embedded_servers[settings.pg_dir] = server
         return str(server.get_uri())
 
@@ -117,7 +117,7 @@ def migrate(conn: psycopg.Connection[Any], sql_dir: Path) -> list[str]:
                         )
                     continue
                 with conn.transaction():
-                    conn.execute(cast(LiteralString, migration.sql))
+                    conn.execute(migration.sql)  # a repository file, not user input
                     conn.execute(
                         "INSERT INTO schema_migrations (version, name, checksum) "
                         "VALUES (%s, %s, %s)",
@@ -146,7 +146,7 @@ class Queries:
                 if name in self._queries:
                     raise ConfigError(f"query {name!r} defined twice ({path.name})")
                 # Repository files, never user input: safe to treat as literal SQL.
-                self._queries[name] = cast(LiteralString, body)
+                self._queries[name] = body
 
     def __getitem__(self, name: str) -> LiteralString:
         try:

@@ -71,7 +71,9 @@ def replay(
             priced, rejected = decode_and_price(bodies, catalog, settings, now)
             # A payload without an event_id keeps the key it was parked under.
             rejected = [
-                r if r.event_id is not None else replace(r, dedup_key=keys.get(r.payload, r.dedup_key))
+                r
+                if r.event_id is not None
+                else replace(r, dedup_key=keys.get(r.payload, r.dedup_key))
                 for r in rejected
                 if r.reason_code not in NOT_REPLAYABLE or r.event_id is not None
             ]

@@ -8,6 +8,7 @@ runs against real servers.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -24,6 +25,7 @@ from rich.table import Table
 
 from billing import broker, catalog, db, wallets
 from billing.audit import run_audit
+from billing.db import Queries
 from billing.errors import AccountExists
 from billing.money import format_usd
 from billing.settings import Settings
@@ -47,28 +49,43 @@ def run_demo(
 ) -> bool:
     q = db.queries(settings)
     url = db.database_url(settings)
-    where = "embedded (pgserver + filesystem queue in " + str(settings.data_dir) + ")" if (
-        settings.embedded_database and settings.embedded_broker) else "configured servers"
-    console.print(f"[bold]gateway-billing demo[/bold]: {count:,} events, {worker_count} workers, "
-                  f"envelopes of {envelope}, {where}")
+    where = (
+        "embedded (pgserver + filesystem queue in " + str(settings.data_dir) + ")"
+        if (settings.embedded_database and settings.embedded_broker)
+        else "configured servers"
+    )
+    console.print(
+        f"[bold]gateway-billing demo[/bold]: {count:,} events, {worker_count} workers, "
+        f"envelopes of {envelope}, {where}"
+    )
     with db.connect(settings) as conn:
         db.migrate(conn, settings.sql_dir)
         loaded = catalog.load_versions(
-            conn, q, catalog.read_catalog_file(catalog.DEFAULT_CATALOG), now=datetime.now(UTC),
+            conn,
+            q,
+            catalog.read_catalog_file(catalog.DEFAULT_CATALOG),
+            now=datetime.now(UTC),
             loaded_by="demo",
         )
         snap = catalog.snapshot(conn, q)
         accounts = [f"demo-{i:03d}" for i in range(1, account_count + 1)]
         for i, account in enumerate(accounts):
-            try:
+            with contextlib.suppress(AccountExists):
                 wallets.create_account(conn, q, account, f"Demo customer {i + 1}")
-            except AccountExists:
-                pass
             credit = Decimal(5) if i % 10 == 9 else Decimal(25 + 5 * (i % 7))
-            wallets.adjust(conn, q, account, credit, reason="demo starting credit",
-                           actor="demo", reference=f"demo-credit:{account}")
-    console.print(f"catalog: {len(loaded.added)} versions added, {len(loaded.unchanged)} present; "
-                  f"{account_count} accounts with starting credit")
+            wallets.adjust(
+                conn,
+                q,
+                account,
+                credit,
+                reason="demo starting credit",
+                actor="demo",
+                reference=f"demo-credit:{account}",
+            )
+    console.print(
+        f"catalog: {len(loaded.added)} versions added, {len(loaded.unchanged)} present; "
+        f"{account_count} accounts with starting credit"
+    )
 
     env = {**os.environ, "BILLING_DATABASE_URL": url, "BILLING_DATA_DIR": str(settings.data_dir)}
     if not settings.embedded_broker:
@@ -76,7 +93,9 @@ def run_demo(
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "billing.cli", "worker", "--loglevel=WARNING", "--no-migrate"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         for _ in range(worker_count)
     ]
@@ -94,12 +113,18 @@ def run_demo(
         publish_s = time.monotonic() - t0
         expected = unique + len(POISON)
         done, last_change = 0, time.monotonic()
-        with Progress(TextColumn("billing"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("events"), TimeElapsedColumn(), console=console) as progress:
+        with Progress(
+            TextColumn("billing"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("events"),
+            TimeElapsedColumn(),
+            console=console,
+        ) as progress:
             task = progress.add_task("billing", total=expected)
             with db.connect(settings) as conn:
                 while done < expected:
-                    now_done = _processed(conn, started)
+                    now_done = _processed(conn, q, started)
                     if now_done != done:
                         done, last_change = now_done, time.monotonic()
                     progress.update(task, completed=done)
@@ -122,43 +147,42 @@ def run_demo(
                 p.kill()
 
     with db.connect(settings) as conn:
-        _summary(conn, console, started, len(events), unique, publish_s, elapsed)
+        _summary(conn, q, console, started, len(events), unique, publish_s, elapsed)
         report = run_audit(conn, q)
-    console.print("audit: " + ("[green]clean[/green]" if report.ok else "[red]FAILED[/red]")
-                  + " (`billing audit` for details)")
+    console.print(
+        "audit: "
+        + ("[green]clean[/green]" if report.ok else "[red]FAILED[/red]")
+        + " (`billing audit` for details)"
+    )
     return report.ok and done >= expected
 
 
-def _processed(conn: Any, since: datetime) -> int:
-    row = conn.execute(
-        "SELECT (SELECT count(*) FROM usage_events WHERE recorded_at >= %(t)s)"
-        " + (SELECT count(*) FROM dead_letters WHERE first_seen_at >= %(t)s)", {"t": since}
-    ).fetchone()
+def _processed(conn: Any, q: Queries, since: datetime) -> int:
+    row = conn.execute(q["demo_processed"], {"t": since}).fetchone()
     return int(row[0])
 
 
-def _summary(conn: Any, console: Console, since: datetime, published: int, unique: int,
-             publish_s: float, elapsed: float) -> None:
+def _summary(
+    conn: Any,
+    q: Queries,
+    console: Console,
+    since: datetime,
+    published: int,
+    unique: int,
+    publish_s: float,
+    elapsed: float,
+) -> None:
     params = {"t": since}
-    rec, byok, debited, notional = conn.execute(
-        "SELECT count(*), count(*) FILTER (WHERE byok), coalesce(sum(debited), 0),"
-        " coalesce(sum(amount) FILTER (WHERE byok), 0) FROM usage_events WHERE recorded_at >= %(t)s",
-        params).fetchone()
-    parked = conn.execute(
-        "SELECT reason_code, count(*) FROM dead_letters WHERE first_seen_at >= %(t)s"
-        " GROUP BY 1 ORDER BY 1", params).fetchall()
+    rec, byok, debited, notional, first, last = conn.execute(q["demo_totals"], params).fetchone()
     totals = Table(title="events", show_header=False)
     totals.add_row("published (incl. gateway retries)", f"{published:,}")
     totals.add_row("duplicates ignored", f"{published - unique:,}")
     totals.add_row("recorded (debited)", f"{rec - byok:,}")
     totals.add_row("recorded (BYOK, debited 0)", f"{byok:,}")
-    for code, n in parked:
+    for code, n in conn.execute(q["demo_parked"], params):
         totals.add_row(f"parked: {code}", f"{n:,}")
     totals.add_row("publish rate", f"{unique / publish_s:,.0f} events/s")
     totals.add_row("end-to-end (publish start to last commit)", f"{elapsed:.1f} s")
-    first, last = conn.execute(
-        "SELECT min(recorded_at), max(recorded_at) FROM usage_events WHERE recorded_at >= %(t)s",
-        params).fetchone()
     if first is not None and last > first:
         rate = rec / (last - first).total_seconds()
         totals.add_row("worker throughput (first to last commit)", f"{rate:,.0f} events/s")
@@ -167,26 +191,26 @@ def _summary(conn: Any, console: Console, since: datetime, published: int, uniqu
     by_model = Table(title="revenue by model (exact USD)")
     for col in ("model", "provider", "events", "debited"):
         by_model.add_column(col, justify="left" if col in ("model", "provider") else "right")
-    for model, provider, n, total in conn.execute(
-        "SELECT model, provider, count(*), sum(amount) FROM usage_events"
-        " WHERE recorded_at >= %(t)s AND NOT byok GROUP BY 1, 2 ORDER BY 4 DESC", params,
-    ):
+    for model, provider, n, total in conn.execute(q["demo_by_model"], params):
         by_model.add_row(model, provider, f"{n:,}", format_usd(total))
-    by_model.add_row("[bold]all[/bold]", "", f"{rec - byok:,}", f"[bold]{format_usd(debited)}[/bold]")
+    by_model.add_row(
+        "[bold]all[/bold]", "", f"{rec - byok:,}", f"[bold]{format_usd(debited)}[/bold]"
+    )
     console.print(by_model)
 
     by_class = Table(title="revenue by billable class (exact USD)")
     for col in ("class", "quantity", "debited"):
         by_class.add_column(col, justify="left" if col == "class" else "right")
-    row = conn.execute(
-        "SELECT sum(input_tokens), sum(input_amount), sum(cached_input_tokens),"
-        " sum(cached_input_amount), sum(cache_write_tokens), sum(cache_write_amount),"
-        " sum(output_tokens), sum(output_amount), sum(image_count), sum(image_amount),"
-        " sum(web_search_count), sum(web_search_amount), count(*), sum(request_amount)"
-        " FROM usage_events WHERE recorded_at >= %(t)s AND NOT byok", params,
-    ).fetchone()
-    names = ("input tokens", "cached input tokens", "cache write tokens",
-             "output tokens (incl. reasoning)", "images", "web searches", "requests")
+    row = conn.execute(q["demo_by_class"], params).fetchone()
+    names = (
+        "input tokens",
+        "cached input tokens",
+        "cache write tokens",
+        "output tokens (incl. reasoning)",
+        "images",
+        "web searches",
+        "requests",
+    )
     for i, name in enumerate(names):
         quantity, amount = row[2 * i], row[2 * i + 1]
         by_class.add_row(name, f"{quantity or 0:,}", format_usd(amount or Decimal(0)))
@@ -196,12 +220,9 @@ def _summary(conn: Any, console: Console, since: datetime, published: int, uniqu
     balances = Table(title="balances (10 busiest wallets)")
     for col in ("account", "balance", "state", "events"):
         balances.add_column(col, justify="left" if col == "account" else "right")
-    for account, balance, state, n in conn.execute(
-        "SELECT w.account_id, w.balance, w.state, count(u.event_id) FROM wallets w"
-        " JOIN usage_events u ON u.account_id = w.account_id AND u.recorded_at >= %(t)s"
-        " GROUP BY 1, 2, 3 ORDER BY 4 DESC LIMIT 10", params,
-    ):
-        style = "red" if state == "exhausted" else ""
-        balances.add_row(account, f"[{style}]{format_usd(balance)}[/{style}]" if style else
-                         format_usd(balance), state, f"{n:,}")
+    for account, balance, state, n in conn.execute(q["demo_busiest_wallets"], params):
+        shown = format_usd(balance)
+        balances.add_row(
+            account, f"[red]{shown}[/red]" if state == "exhausted" else shown, state, f"{n:,}"
+        )
     console.print(balances)

@@ -8,8 +8,8 @@
   an operation that would have to round raises instead of losing a fraction of a cent silently.
 * Rounding happens in one place, ``to_cents``: ROUND_HALF_EVEN to whole cents (the rule used by
   accounting standards and by Python's Decimal by default). When a series of lines is printed,
-  ``CentsAllocator`` carries each line's sub-cent remainder into the next, so the printed cents of the
-  lines add up to the printed cents of their exact total.
+  ``CentsAllocator`` carries each line's sub-cent remainder into the next, so the printed cents
+  of the lines add up to the printed cents of their exact total.
 """
 
 from __future__ import annotations

@@ -71,9 +71,7 @@ class Settings:
             batch_timeout_ms=_int(env, "BILLING_BATCH_TIMEOUT_MS", base.batch_timeout_ms),
             prefetch=_int(env, "BILLING_PREFETCH", base.prefetch),
             max_message_bytes=_int(env, "BILLING_MAX_MESSAGE_BYTES", base.max_message_bytes),
-            max_clock_skew=timedelta(
-                seconds=_int(env, "BILLING_MAX_CLOCK_SKEW_S", 300, minimum=0)
-            ),
+            max_clock_skew=timedelta(seconds=_int(env, "BILLING_MAX_CLOCK_SKEW_S", 300, minimum=0)),
             usage_consumer_enabled=env.get("BILLING_USAGE_CONSUMER", "1") not in ("0", "false"),
             sql_dir=Path(env["BILLING_SQL_DIR"]) if env.get("BILLING_SQL_DIR") else base.sql_dir,
         )

@@ -35,7 +35,7 @@ def generate(
     catalog: Catalog, shape: TrafficShape, count: int, *, seed: int, now: datetime, prefix: str
 ) -> Iterator[UsageEvent]:
     """``count`` events (duplicates included) priced by versions in force during the window."""
-    rng = random.Random(seed)
+    rng = random.Random(seed)  # noqa: S311 - reproducible test traffic, not security
     start = now - shape.window
     offers: list[PriceVersion] = []
     for history in catalog.versions.values():
@@ -74,23 +74,23 @@ def generate(
 def _usage(rng: random.Random, version: PriceVersion) -> Usage:
     prices = version.prices
     prompt = int(rng.lognormvariate(7, 1.2)) + 1
-    cached = int(prompt * rng.uniform(0.2, 0.9)) if (
-        BillableClass.CACHED_INPUT in prices and rng.random() < 0.4
-    ) else 0
-    cache_write = int(prompt * 0.3) if (
-        BillableClass.CACHE_WRITE in prices and rng.random() < 0.1
-    ) else 0
+    cached = (
+        int(prompt * rng.uniform(0.2, 0.9))
+        if (BillableClass.CACHED_INPUT in prices and rng.random() < 0.4)
+        else 0
+    )
+    cache_write = (
+        int(prompt * 0.3) if (BillableClass.CACHE_WRITE in prices and rng.random() < 0.1) else 0
+    )
     output = int(rng.lognormvariate(5.5, 1.0)) + 1
     reasoning = 0
     if any(version.model.endswith(name) for name in REASONING_MODELS):
         reasoning = int(rng.lognormvariate(6, 1.0))
         output += reasoning
-    images = rng.randrange(1, 4) if (
-        BillableClass.IMAGE in prices and rng.random() < 0.05
-    ) else 0
-    searches = rng.randrange(1, 3) if (
-        BillableClass.WEB_SEARCH in prices and rng.random() < 0.05
-    ) else 0
+    images = rng.randrange(1, 4) if (BillableClass.IMAGE in prices and rng.random() < 0.05) else 0
+    searches = (
+        rng.randrange(1, 3) if (BillableClass.WEB_SEARCH in prices and rng.random() < 0.05) else 0
+    )
     return Usage(
         input_tokens=max(prompt - cached - cache_write, 0),
         cached_input_tokens=cached,

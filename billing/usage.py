@@ -101,7 +101,13 @@ def price_events(
 def rejection_of(event: UsageEvent, code: Reason, field_path: str, reason: str) -> Rejected:
     payload = encode_event(event)
     return Rejected(
-        code, field_path, reason, payload, event.event_id, event.event_id, event.account_id,
+        code,
+        field_path,
+        reason,
+        payload,
+        event.event_id,
+        event.event_id,
+        event.account_id,
         len(payload),
     )
 
@@ -112,9 +118,7 @@ def decode_and_price(
     events: list[UsageEvent] = []
     rejected: list[Rejected] = []
     for body in bodies:
-        for item in decode_message(
-            body, now, settings.max_clock_skew, settings.max_message_bytes
-        ):
+        for item in decode_message(body, now, settings.max_clock_skew, settings.max_message_bytes):
             (rejected if isinstance(item, Rejected) else events).append(item)  # type: ignore[arg-type]
     priced, unpriced = price_events(events, catalog)
     return priced, rejected + unpriced
@@ -156,7 +160,9 @@ def record_batch(
         if p.event.account_id not in known:
             rejected.append(
                 rejection_of(
-                    p.event, Reason.UNKNOWN_ACCOUNT, "$.account_id",
+                    p.event,
+                    Reason.UNKNOWN_ACCOUNT,
+                    "$.account_id",
                     f"no account {p.event.account_id!r}",
                 )
             )
@@ -192,9 +198,7 @@ def record_batch(
         )
         result.amount_debited = -sum(deltas.values(), ZERO)
         result.crossings = record_crossings(conn, q, changes)
-        conn.execute(
-            q["resolve_recorded"], {"event_ids": sorted(unique), "resolution": resolution}
-        )
+        conn.execute(q["resolve_recorded"], {"event_ids": sorted(unique), "resolution": resolution})
 
     if rejected:
         park(conn, q, rejected, result)

@@ -42,8 +42,10 @@ def create_account(
     if not account_id or len(account_id) > 200 or not account_id.isprintable() or " " in account_id:
         raise BillingError("account_id must be 1-200 printable characters without spaces")
     with conn.transaction():
-        if conn.execute(q["insert_account"], {"account_id": account_id, "name": name}).fetchone() \
-                is None:
+        if (
+            conn.execute(q["insert_account"], {"account_id": account_id, "name": name}).fetchone()
+            is None
+        ):
             raise AccountExists(f"account {account_id!r} already exists")
         row = conn.execute(q["insert_ledger_account"], {"code": f"wallet:{account_id}"}).fetchone()
         assert row is not None
@@ -158,7 +160,9 @@ Publish = Callable[[str, bytes, str], None]
 """publish(routing_key, body, message_id): must return only once the broker has confirmed."""
 
 
-def relay_outbox(conn: psycopg.Connection[Any], q: Queries, publish: Publish, limit: int = 500) -> int:
+def relay_outbox(
+    conn: psycopg.Connection[Any], q: Queries, publish: Publish, limit: int = 500
+) -> int:
     """Publish pending outbox rows (after the transactions that wrote them committed)."""
     sent = 0
     while True:

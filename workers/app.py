@@ -54,7 +54,7 @@ app.conf.update(
 class UsageConsumerStep(bootsteps.StartStopStep):
     """Runs the batched usage consumer inside the worker, stopped gracefully with it."""
 
-    requires = {"celery.worker.components:Pool"}
+    requires = ("celery.worker.components:Pool",)
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
@@ -82,8 +82,11 @@ class UsageConsumerStep(bootsteps.StartStopStep):
             return
         self.consumer.should_stop = True
         self.thread.join(timeout=60)
-        log.info("usage consumer stopped after %d batches: %s", self.consumer.batches,
-                 self.consumer.totals)
+        log.info(
+            "usage consumer stopped after %d batches: %s",
+            self.consumer.batches,
+            self.consumer.totals,
+        )
         self.consumer.pool.close()
 
 

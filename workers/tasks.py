@@ -24,7 +24,12 @@ def relay_outbox_task() -> int:
 def replay_dead_letters_task(reason_code: str | None = None) -> dict[str, int]:
     q = queries(settings)
     with connect(settings) as conn:
-        result = replay(conn, q, CatalogCache(q), settings, datetime.now(UTC),
-                        reason_code=reason_code)
-    return {"debited": result.debited, "byok": result.byok, "duplicates": result.duplicates,
-            "parked": result.parked}
+        result = replay(
+            conn, q, CatalogCache(q), settings, datetime.now(UTC), reason_code=reason_code
+        )
+    return {
+        "debited": result.debited,
+        "byok": result.byok,
+        "duplicates": result.duplicates,
+        "parked": result.parked,
+    }

@@ -39,7 +39,7 @@ BACKOFF_START_S = 0.2
 BACKOFF_MAX_S = 10.0
 
 
-class UsageConsumer(ConsumerMixin):  # type: ignore[misc]
+class UsageConsumer(ConsumerMixin):
     def __init__(self, settings: Settings, pool: ConnectionPool, connection: Connection) -> None:
         self.settings = settings
         self.pool = pool
@@ -65,14 +65,20 @@ class UsageConsumer(ConsumerMixin):  # type: ignore[misc]
 
     def on_connection_revived(self) -> None:
         if self.buffer:
-            log.warning("broker connection lost: %d unacked messages will be redelivered",
-                        len(self.buffer))
+            log.warning(
+                "broker connection lost: %d unacked messages will be redelivered", len(self.buffer)
+            )
         self.buffer = []
         self._wallet_publisher = None
 
     def on_consume_ready(self, connection: Any, channel: Any, consumers: Any, **kw: Any) -> None:
-        log.info("consuming %s (batch %d / %d ms, prefetch %d)", self.settings.usage_queue,
-                 self.settings.batch_size, self.settings.batch_timeout_ms, self.settings.prefetch)
+        log.info(
+            "consuming %s (batch %d / %d ms, prefetch %d)",
+            self.settings.usage_queue,
+            self.settings.batch_size,
+            self.settings.batch_timeout_ms,
+            self.settings.prefetch,
+        )
 
     def on_consume_end(self, connection: Any, channel: Any) -> None:
         self.flush()  # graceful stop: finish the batch in hand before the channel closes
@@ -104,17 +110,27 @@ class UsageConsumer(ConsumerMixin):  # type: ignore[misc]
                 result = self._record(bodies)
                 break
             except Transient as exc:
-                log.warning("batch of %d failed (attempt %d/%d): %s",
-                            len(messages), attempt, MAX_ATTEMPTS, exc)
+                log.warning(
+                    "batch of %d failed (attempt %d/%d): %s",
+                    len(messages),
+                    attempt,
+                    MAX_ATTEMPTS,
+                    exc,
+                )
             except Exception:
-                log.exception("batch of %d failed unexpectedly (attempt %d/%d)",
-                              len(messages), attempt, MAX_ATTEMPTS)
+                log.exception(
+                    "batch of %d failed unexpectedly (attempt %d/%d)",
+                    len(messages),
+                    attempt,
+                    MAX_ATTEMPTS,
+                )
             if attempt < MAX_ATTEMPTS:
                 time.sleep(delay)
                 delay = min(delay * 2, BACKOFF_MAX_S)
         else:
-            log.error("requeueing %d messages after %d failed attempts", len(messages),
-                      MAX_ATTEMPTS)
+            log.error(
+                "requeueing %d messages after %d failed attempts", len(messages), MAX_ATTEMPTS
+            )
             for message in messages:
                 message.requeue()
             time.sleep(delay)
@@ -133,8 +149,9 @@ class UsageConsumer(ConsumerMixin):  # type: ignore[misc]
         try:
             with self.pool.connection() as conn:
                 catalog = self.cache.current(conn)
-                return process_batch(conn, self.q, catalog, bodies, self.settings,
-                                     datetime.now(UTC))
+                return process_batch(
+                    conn, self.q, catalog, bodies, self.settings, datetime.now(UTC)
+                )
         except psycopg.Error as exc:
             raise map_error(exc) from exc
         except TimeoutError as exc:  # no pool connection in time: the database is away
@@ -154,4 +171,3 @@ class UsageConsumer(ConsumerMixin):  # type: ignore[misc]
 def _body(message: Message) -> bytes:
     body = message.body
     return body if isinstance(body, bytes) else str(body).encode()
-

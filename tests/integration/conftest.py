@@ -45,28 +45,36 @@ def _admin() -> psycopg.Connection[Any]:
 @pytest.fixture(scope="session")
 def template_db() -> Iterator[str]:
     with _admin() as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-            sql.Identifier(TEMPLATE)))
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(TEMPLATE))
+        )
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(TEMPLATE)))
     base = Settings.from_env({"BILLING_DATABASE_URL": _url_for(TEMPLATE)})
     with psycopg.connect(_url_for(TEMPLATE), autocommit=True) as conn:
         db.migrate(conn, base.sql_dir)
         catalog.load_versions(
-            conn, db.queries(base), catalog.read_catalog_file(catalog.DEFAULT_CATALOG),
-            now=datetime.now(UTC), loaded_by="tests",
+            conn,
+            db.queries(base),
+            catalog.read_catalog_file(catalog.DEFAULT_CATALOG),
+            now=datetime.now(UTC),
+            loaded_by="tests",
         )
     yield TEMPLATE
     with _admin() as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-            sql.Identifier(TEMPLATE)))
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(TEMPLATE))
+        )
 
 
 @pytest.fixture
 def settings(template_db: str, tmp_path: Any) -> Iterator[Settings]:
     name = f"billing_test_{uuid.uuid4().hex[:12]}"
     with _admin() as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-            sql.Identifier(name), sql.Identifier(template_db)))
+        conn.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                sql.Identifier(name), sql.Identifier(template_db)
+            )
+        )
     tag = uuid.uuid4().hex[:10]
     s = replace(
         Settings.from_env({}),
@@ -84,8 +92,9 @@ def settings(template_db: str, tmp_path: Any) -> Iterator[Settings]:
     finally:
         _delete_broker_entities(s)
         with _admin() as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                sql.Identifier(name)))
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
 
 
 def _delete_broker_entities(s: Settings) -> None:
@@ -114,15 +123,17 @@ def q(settings: Settings) -> Queries:
 def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
     """The environment of a `billing worker` subprocess bound to this test's services."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("BILLING_")}
-    env.update({
-        "BILLING_DATABASE_URL": settings.database_url,
-        "BILLING_BROKER_URL": settings.broker_url,
-        "BILLING_DATA_DIR": str(settings.data_dir),
-        "BILLING_USAGE_EXCHANGE": settings.usage_exchange,
-        "BILLING_USAGE_QUEUE": settings.usage_queue,
-        "BILLING_WALLET_EVENTS_EXCHANGE": settings.wallet_events_exchange,
-        "BILLING_TASKS_QUEUE": settings.tasks_queue,
-        "BILLING_BATCH_TIMEOUT_MS": str(settings.batch_timeout_ms),
-        **extra,
-    })
+    env.update(
+        {
+            "BILLING_DATABASE_URL": settings.database_url,
+            "BILLING_BROKER_URL": settings.broker_url,
+            "BILLING_DATA_DIR": str(settings.data_dir),
+            "BILLING_USAGE_EXCHANGE": settings.usage_exchange,
+            "BILLING_USAGE_QUEUE": settings.usage_queue,
+            "BILLING_WALLET_EVENTS_EXCHANGE": settings.wallet_events_exchange,
+            "BILLING_TASKS_QUEUE": settings.tasks_queue,
+            "BILLING_BATCH_TIMEOUT_MS": str(settings.batch_timeout_ms),
+            **extra,
+        }
+    )
     return env

@@ -42,8 +42,9 @@ def make_event(
     )
 
 
-def open_account(conn: psycopg.Connection[Any], q: Queries, account_id: str,
-                 credit: Decimal | str = "10") -> None:
+def open_account(
+    conn: psycopg.Connection[Any], q: Queries, account_id: str, credit: Decimal | str = "10"
+) -> None:
     wallets.create_account(conn, q, account_id)
     if Decimal(credit):
         wallets.adjust(conn, q, account_id, Decimal(credit), reason="test credit", actor="tests")
@@ -78,8 +79,9 @@ def drain(settings: Settings, idle: float = 1.0) -> UsageConsumer:
         pool.close()
 
 
-def expected_debits(conn: psycopg.Connection[Any], q: Queries,
-                    events: list[UsageEvent]) -> dict[str, Decimal]:
+def expected_debits(
+    conn: psycopg.Connection[Any], q: Queries, events: list[UsageEvent]
+) -> dict[str, Decimal]:
     """Independent expectation: price each distinct event with the pure function and sum."""
     snap = catalog.snapshot(conn, q)
     totals: dict[str, Decimal] = defaultdict(lambda: ZERO)

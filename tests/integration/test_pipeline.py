@@ -31,8 +31,11 @@ def publish(settings: Settings, *items: Any, envelope: int = 1) -> None:
 
 
 def event_row(conn: psycopg.Connection[Any], event_id: str) -> dict[str, Any]:
-    return db.fetch_dicts(conn, "SELECT * FROM usage_events WHERE event_id = %s",  # type: ignore[arg-type]
-                          (event_id,))[0]
+    return db.fetch_dicts(
+        conn,
+        "SELECT * FROM usage_events WHERE event_id = %s",  # type: ignore[arg-type]
+        (event_id,),
+    )[0]
 
 
 def assert_audit_clean(conn: psycopg.Connection[Any], q: Queries) -> None:
@@ -44,8 +47,17 @@ def test_o4_mini_request_is_priced_to_the_exact_decimal(
     settings: Settings, conn: psycopg.Connection[Any], q: Queries
 ) -> None:
     open_account(conn, q, "acme", "10")
-    publish(settings, make_event("req-o4", input_tokens=12_345, cached_input_tokens=4_096,
-                                 output_tokens=2_048, reasoning_tokens=1_536, image_count=1))
+    publish(
+        settings,
+        make_event(
+            "req-o4",
+            input_tokens=12_345,
+            cached_input_tokens=4_096,
+            output_tokens=2_048,
+            reasoning_tokens=1_536,
+            image_count=1,
+        ),
+    )
     drain(settings)
     row = event_row(conn, "req-o4")
     assert row["input_amount"] == Decimal("0.0135795")
@@ -64,19 +76,40 @@ def test_each_billable_class_on_each_provider(
     cases = [
         # (model, provider, usage, class column, expected amount)
         ("openai/o4-mini", "azure", {"input_tokens": 1_000_000}, "input_amount", "1.10"),
-        ("openai/o4-mini", "azure", {"cached_input_tokens": 1_000_000}, "cached_input_amount",
-         "0.275"),
-        ("openai/o4-mini", "openai", {"output_tokens": 1_000_000, "reasoning_tokens": 999_999},
-         "output_amount", "4.40"),
+        (
+            "openai/o4-mini",
+            "azure",
+            {"cached_input_tokens": 1_000_000},
+            "cached_input_amount",
+            "0.275",
+        ),
+        (
+            "openai/o4-mini",
+            "openai",
+            {"output_tokens": 1_000_000, "reasoning_tokens": 999_999},
+            "output_amount",
+            "4.40",
+        ),
         ("openai/o4-mini", "openai", {"image_count": 1_000}, "image_amount", "0.842"),
-        ("anthropic/claude-sonnet-4-5", "anthropic", {"cache_write_tokens": 1_000_000},
-         "cache_write_amount", "3.75"),
-        ("anthropic/claude-sonnet-4-5", "anthropic", {"web_search_count": 1_000},
-         "web_search_amount", "10"),
+        (
+            "anthropic/claude-sonnet-4-5",
+            "anthropic",
+            {"cache_write_tokens": 1_000_000},
+            "cache_write_amount",
+            "3.75",
+        ),
+        (
+            "anthropic/claude-sonnet-4-5",
+            "anthropic",
+            {"web_search_count": 1_000},
+            "web_search_amount",
+            "10",
+        ),
         ("perplexity/sonar", "perplexity", {"input_tokens": 1}, "request_amount", "0.005"),
     ]
-    events = [make_event(f"cls-{i}", model=m, provider=p, **u)
-              for i, (m, p, u, _, _) in enumerate(cases)]
+    events = [
+        make_event(f"cls-{i}", model=m, provider=p, **u) for i, (m, p, u, _, _) in enumerate(cases)
+    ]
     publish(settings, *events)
     drain(settings)
     for i, (_, _, _, column, amount) in enumerate(cases):
@@ -98,7 +131,8 @@ def test_same_event_published_three_times_debits_once(
     assert balances(conn)["acme"] == Decimal("10") - Decimal("0.0055")
     assert conn.execute(
         "SELECT count(*) FROM ledger_entries e JOIN wallets w USING (ledger_account_id) "
-        "WHERE w.account_id = 'acme' AND e.amount < 0").fetchone() == (1,)
+        "WHERE w.account_id = 'acme' AND e.amount < 0"
+    ).fetchone() == (1,)
     assert_audit_clean(conn, q)
 
 
@@ -122,8 +156,9 @@ output_tokens = {{ usd = 2.20, per = 1_000_000 }}
     publish(settings, before)
     drain(settings)
     catalog.load_versions(conn, q, catalog.parse_catalog(new_price), now=now, loaded_by="tests")
-    after = make_event("after", occurred_at=change_at + timedelta(seconds=1),
-                       input_tokens=1_000_000)
+    after = make_event(
+        "after", occurred_at=change_at + timedelta(seconds=1), input_tokens=1_000_000
+    )
     late = make_event("late", occurred_at=change_at - timedelta(seconds=1), input_tokens=1_000_000)
     publish(settings, after, late)  # the late event arrives after the new price is loaded
     drain(settings)
@@ -139,13 +174,18 @@ def test_history_is_never_rewritten(conn: psycopg.Connection[Any], q: Queries) -
 
     versions = catalog.read_catalog_file(catalog.DEFAULT_CATALOG)
     o4 = next(v for v in versions if v.model == "openai/o4-mini")
-    changed = catalog.PriceVersion(o4.model, o4.provider, o4.effective_from,
-                                   {**o4.prices, catalog.BillableClass.INPUT:
-                                    catalog.PriceComponent(Decimal("9"), 1_000_000)}, "x")
+    changed = catalog.PriceVersion(
+        o4.model,
+        o4.provider,
+        o4.effective_from,
+        {**o4.prices, catalog.BillableClass.INPUT: catalog.PriceComponent(Decimal("9"), 1_000_000)},
+        "x",
+    )
     with pytest.raises(CatalogError, match="never rewritten"):
         catalog.load_versions(conn, q, [changed], now=datetime.now(UTC), loaded_by="t")
-    backdated = catalog.PriceVersion(o4.model, o4.provider, datetime(2026, 1, 1, tzinfo=UTC),
-                                     o4.prices, "x")
+    backdated = catalog.PriceVersion(
+        o4.model, o4.provider, datetime(2026, 1, 1, tzinfo=UTC), o4.prices, "x"
+    )
     with pytest.raises(CatalogError, match="in the past"):
         catalog.load_versions(conn, q, [backdated], now=datetime.now(UTC), loaded_by="t")
 
@@ -169,11 +209,17 @@ def test_envelope_with_a_bad_event_bills_the_others(
 ) -> None:
     open_account(conn, q, "acme", "10")
     good = [make_event(f"env-{i}") for i in range(5)]
-    body = json.dumps({"schema": "usage.batch.v1", "events": [
-        json.loads(encode_event(good[0])), json.loads(encode_event(good[1])),
-        {**json.loads(encode_event(make_event("env-bad"))), "usage": {"output_tokens": -1}},
-        *[json.loads(encode_event(e)) for e in good[2:]],
-    ]}).encode()
+    body = json.dumps(
+        {
+            "schema": "usage.batch.v1",
+            "events": [
+                json.loads(encode_event(good[0])),
+                json.loads(encode_event(good[1])),
+                {**json.loads(encode_event(make_event("env-bad"))), "usage": {"output_tokens": -1}},
+                *[json.loads(encode_event(e)) for e in good[2:]],
+            ],
+        }
+    ).encode()
     publish(settings, body)
     drain(settings)
     assert conn.execute("SELECT count(*) FROM usage_events").fetchone() == (5,)
@@ -184,12 +230,18 @@ def test_envelope_with_a_bad_event_bills_the_others(
 BAD = {
     "malformed": (b'{"schema": "usage.v1", "event_id": "x", ', Reason.MALFORMED_JSON, "$"),
     "negative": ({"usage": {"input_tokens": -3}}, Reason.INVALID_EVENT, "$.usage.input_tokens"),
-    "reasoning": ({"usage": {"output_tokens": 1, "reasoning_tokens": 2}}, Reason.INVALID_EVENT,
-                  "$.usage.reasoning_tokens"),
+    "reasoning": (
+        {"usage": {"output_tokens": 1, "reasoning_tokens": 2}},
+        Reason.INVALID_EVENT,
+        "$.usage.reasoning_tokens",
+    ),
     "schema": ({"schema": "usage.v7"}, Reason.UNKNOWN_SCHEMA, "$.schema"),
     "future": ({"occurred_at": "2099-01-01T00:00:00Z"}, Reason.FUTURE_TIMESTAMP, "$.occurred_at"),
-    "content": ({"messages": [{"role": "user", "content": "hi"}]}, Reason.INVALID_EVENT,
-                "$.messages"),
+    "content": (
+        {"messages": [{"role": "user", "content": "hi"}]},
+        Reason.INVALID_EVENT,
+        "$.messages",
+    ),
     "account": ({"account_id": "ghost"}, Reason.UNKNOWN_ACCOUNT, "$.account_id"),
     "model": ({"model": "acme/new-model"}, Reason.UNPRICED, "$.model"),
     "provider": ({"provider": "bedrock"}, Reason.UNPRICED, "$.model"),
@@ -221,12 +273,16 @@ def test_each_bad_input_is_parked_with_its_reason_then_replayed_after_a_fix(
     # Redelivery of a parked message does not pile up rows.
     publish(settings, messages[list(BAD).index("account")])
     drain(settings)
-    assert conn.execute("SELECT attempts FROM dead_letters WHERE event_id = 'bad-account'"
-                        ).fetchone() == (2,)
+    assert conn.execute(
+        "SELECT attempts FROM dead_letters WHERE event_id = 'bad-account'"
+    ).fetchone() == (2,)
 
     # Fix: create the account, load the missing prices; replay.
     open_account(conn, q, "ghost", "5")
-    catalog.load_versions(conn, q, catalog.parse_catalog("""
+    catalog.load_versions(
+        conn,
+        q,
+        catalog.parse_catalog("""
 [[version]]
 model = "acme/new-model"
 provider = "openai"
@@ -235,13 +291,24 @@ source = "test"
 [version.prices]
 input_tokens = { usd = 1, per = 1_000_000 }
 output_tokens = { usd = 2, per = 1_000_000 }
-"""), now=datetime.now(UTC), loaded_by="tests")
+"""),
+        now=datetime.now(UTC),
+        loaded_by="tests",
+    )
     cache = catalog.CatalogCache(q)
     result = deadletters.replay(conn, q, cache, settings, datetime.now(UTC))
     assert result.debited == 2  # unknown account and unknown model are now billable
     remaining = {r["event_id"] for r in deadletters.list_dead_letters(conn, q)}
-    assert remaining == {None, "bad-negative", "bad-reasoning", "bad-schema", "bad-future",
-                         "bad-content", "bad-provider", "bad-class"}
+    assert remaining == {
+        None,
+        "bad-negative",
+        "bad-reasoning",
+        "bad-schema",
+        "bad-future",
+        "bad-content",
+        "bad-provider",
+        "bad-class",
+    }
     # Replaying again is exactly-once: nothing more is debited.
     again = deadletters.replay(conn, q, cache, settings, datetime.now(UTC))
     assert again.debited == 0
@@ -260,9 +327,13 @@ output_tokens = { usd = 2, per = 1_000_000 }
 
 def _wallet_events(settings: Settings) -> tuple[Any, Queue]:
     conn = broker.connect(settings)
-    queue = Queue(f"{settings.wallet_events_exchange}.probe",
-                  exchange=broker.wallet_events_exchange(settings), routing_key="wallet.#",
-                  auto_delete=False, durable=False)
+    queue = Queue(
+        f"{settings.wallet_events_exchange}.probe",
+        exchange=broker.wallet_events_exchange(settings),
+        routing_key="wallet.#",
+        auto_delete=False,
+        durable=False,
+    )
     queue(conn.channel()).declare()
     return conn, queue
 
@@ -288,8 +359,10 @@ def test_wallet_exhausted_is_published_once_per_crossing(
             drain(settings, idle=0.3)
         wallets.adjust(conn, q, "acme", Decimal("1"), reason="top-up", actor="tests")
         wallets.relay_outbox(conn, q, broker.WalletEventPublisher(settings, bconn))
-        publish(settings, *[make_event(f"y-{i}", input_tokens=100_000, output_tokens=200_000)
-                            for i in range(3)])
+        publish(
+            settings,
+            *[make_event(f"y-{i}", input_tokens=100_000, output_tokens=200_000) for i in range(3)],
+        )
         drain(settings)
         received = _received(bconn, probe)
     finally:
@@ -319,8 +392,9 @@ def test_a_row_the_database_refuses_is_parked_and_the_rest_of_the_batch_goes_on(
     events = [make_event(f"ok-{i}") for i in range(7)]
     events.insert(3, make_event("poison"))
     bodies = [encode_event(e) for e in events]
-    priced, rejected = decode_and_price(bodies, catalog.snapshot(conn, q), settings,
-                                        datetime.now(UTC))
+    priced, rejected = decode_and_price(
+        bodies, catalog.snapshot(conn, q), settings, datetime.now(UTC)
+    )
     result = record_isolating(conn, q, priced, rejected)
     assert (result.debited, result.parked) == (7, 1)
     [row] = deadletters.list_dead_letters(conn, q)
@@ -343,16 +417,18 @@ def test_parallel_batches_with_overlapping_events_never_deadlock_or_double_debit
         try:
             with db.connect(settings) as c:
                 for start in range(0, len(order), 50):
-                    chunk = [encode_event(e) for e in order[start:start + 50]]
+                    chunk = [encode_event(e) for e in order[start : start + 50]]
                     priced, rejected = decode_and_price(chunk, snap, settings, now)
                     with c.transaction():
                         record_batch(c, q, priced, rejected)
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker, args=(list(events),)),
-               threading.Thread(target=worker, args=(list(reversed(events)),)),
-               threading.Thread(target=worker, args=(events[::2] + events[1::2],))]
+    threads = [
+        threading.Thread(target=worker, args=(list(events),)),
+        threading.Thread(target=worker, args=(list(reversed(events)),)),
+        threading.Thread(target=worker, args=(events[::2] + events[1::2],)),
+    ]
     for t in threads:
         t.start()
     for t in threads:

@@ -11,11 +11,11 @@ import psycopg
 import pytest
 
 from billing import catalog, db
-from billing.events import encode_event
-from billing.usage import decode_and_price, record_isolating
 from billing.db import Queries
 from billing.errors import BillingError
+from billing.events import encode_event
 from billing.settings import Settings
+from billing.usage import decode_and_price, record_isolating
 
 from .helpers import make_event, open_account
 
@@ -30,12 +30,12 @@ def test_every_named_query_prepares_against_the_migrated_schema(
     for name in q.names():
         if name in {"copy_usage_staging", "create_usage_staging"}:
             continue
-        params: dict[str, str] = {}
-        text = re.sub(
-            r"%\((\w+)\)s",
-            lambda m: params.setdefault(m[1], f"${len(params) + 1}"),
-            q[name],
-        )
+        numbered: dict[str, str] = {}
+
+        def number(match: re.Match[str], numbered: dict[str, str] = numbered) -> str:
+            return numbered.setdefault(match[1], f"${len(numbered) + 1}")
+
+        text = re.sub(r"%\((\w+)\)s", number, q[name])
         conn.execute(f"PREPARE check_{name} AS {text}")  # type: ignore[arg-type]
         conn.execute(f"DEALLOCATE check_{name}")  # type: ignore[arg-type]
 
@@ -48,8 +48,9 @@ def test_migrations_are_recorded_and_rerunning_applies_nothing(
     assert versions == [m.version for m in db.load_migrations(settings.sql_dir)]
 
 
-def test_an_edited_migration_is_refused(conn: psycopg.Connection[Any], settings: Settings,
-                                        tmp_path: Any) -> None:
+def test_an_edited_migration_is_refused(
+    conn: psycopg.Connection[Any], settings: Settings, tmp_path: Any
+) -> None:
     sql_dir = tmp_path / "sql"
     (sql_dir / "migrations").mkdir(parents=True)
     (sql_dir / "queries").mkdir()
@@ -95,11 +96,13 @@ def test_concurrent_migrations_apply_each_file_once(settings: Settings, tmp_path
         "UPDATE usage_events SET amount = 0",
     ],
 )
-def test_the_ledger_is_append_only(conn: psycopg.Connection[Any], q: Queries,
-                                   settings: Settings, statement: str) -> None:
+def test_the_ledger_is_append_only(
+    conn: psycopg.Connection[Any], q: Queries, settings: Settings, statement: str
+) -> None:
     open_account(conn, q, "acme")
-    priced, rejected = decode_and_price([encode_event(make_event("e1"))],
-                                        catalog.snapshot(conn, q), settings, datetime.now(UTC))
+    priced, rejected = decode_and_price(
+        [encode_event(make_event("e1"))], catalog.snapshot(conn, q), settings, datetime.now(UTC)
+    )
     assert record_isolating(conn, q, priced, rejected).debited == 1
     with pytest.raises(psycopg.errors.RestrictViolation, match="append-only"):
         conn.execute(statement)  # type: ignore[arg-type]
@@ -107,13 +110,15 @@ def test_the_ledger_is_append_only(conn: psycopg.Connection[Any], q: Queries,
 
 def test_an_unbalanced_posting_is_refused(conn: psycopg.Connection[Any], q: Queries) -> None:
     open_account(conn, q, "acme")
-    with pytest.raises(psycopg.errors.CheckViolation, match="does not balance"):
-        with conn.transaction():
-            conn.execute("INSERT INTO postings (posting_id, kind) VALUES (999, 'adjustment')")
-            conn.execute(
-                "INSERT INTO ledger_entries (posting_id, ledger_account_id, amount) "
-                "SELECT 999, ledger_account_id, 5 FROM wallets WHERE account_id = 'acme'"
-            )
+    with (
+        pytest.raises(psycopg.errors.CheckViolation, match="does not balance"),
+        conn.transaction(),
+    ):
+        conn.execute("INSERT INTO postings (posting_id, kind) VALUES (999, 'adjustment')")
+        conn.execute(
+            "INSERT INTO ledger_entries (posting_id, ledger_account_id, amount) "
+            "SELECT 999, ledger_account_id, 5 FROM wallets WHERE account_id = 'acme'"
+        )
 
 
 def test_wallet_state_must_match_its_balance(conn: psycopg.Connection[Any], q: Queries) -> None:

@@ -5,8 +5,13 @@ from decimal import Decimal
 
 import pytest
 
-from billing.catalog import DEFAULT_CATALOG, BillableClass, Catalog, parse_catalog
-from billing.catalog import read_catalog_file
+from billing.catalog import (
+    DEFAULT_CATALOG,
+    BillableClass,
+    Catalog,
+    parse_catalog,
+    read_catalog_file,
+)
 from billing.errors import CatalogError
 
 

@@ -30,8 +30,13 @@ def event(**overrides: Any) -> dict[str, Any]:
         "model": "openai/o4-mini",
         "provider": "openai",
         "byok": False,
-        "usage": {"input_tokens": 100, "cached_input_tokens": 20, "output_tokens": 50,
-                  "reasoning_tokens": 10, "image_count": 1},
+        "usage": {
+            "input_tokens": 100,
+            "cached_input_tokens": 20,
+            "output_tokens": 50,
+            "reasoning_tokens": 10,
+            "image_count": 1,
+        },
         "latency_ms": 900,
         "ttft_ms": 120,
     }
@@ -62,8 +67,11 @@ BAD_CASES = [
     (b"[1, 2]", Reason.INVALID_EVENT, "$"),
     (event(usage={"input_tokens": -5}), Reason.INVALID_EVENT, "$.usage.input_tokens"),
     (event(usage={"input_tokens": "5"}), Reason.INVALID_EVENT, "$.usage.input_tokens"),
-    (event(usage={"output_tokens": 5, "reasoning_tokens": 6}), Reason.INVALID_EVENT,
-     "$.usage.reasoning_tokens"),
+    (
+        event(usage={"output_tokens": 5, "reasoning_tokens": 6}),
+        Reason.INVALID_EVENT,
+        "$.usage.reasoning_tokens",
+    ),
     (event(schema="usage.v2"), Reason.UNKNOWN_SCHEMA, "$.schema"),
     (event(occurred_at="2026-11-21T13:00:00Z"), Reason.FUTURE_TIMESTAMP, "$.occurred_at"),
     (event(occurred_at="2026-11-21T11:00:00"), Reason.INVALID_EVENT, "$.occurred_at"),
@@ -71,8 +79,11 @@ BAD_CASES = [
     (event(byok="no"), Reason.INVALID_EVENT, "$.byok"),
     (event(event_id=""), Reason.INVALID_EVENT, "$.event_id"),
     (event(prompt="tell me a secret"), Reason.INVALID_EVENT, "$.prompt"),
-    (event(usage={"input_tokens": 1, "completion": "text"}), Reason.INVALID_EVENT,
-     "$.usage.completion"),
+    (
+        event(usage={"input_tokens": 1, "completion": "text"}),
+        Reason.INVALID_EVENT,
+        "$.usage.completion",
+    ),
     ({k: v for k, v in event().items() if k != "account_id"}, Reason.INVALID_EVENT, "$"),
 ]
 
@@ -93,8 +104,9 @@ def test_missing_field_is_named_in_the_reason() -> None:
 
 
 def test_content_is_never_stored() -> None:
-    rejected = only_rejection(event(prompt="tell me a secret", usage={"input_tokens": 1,
-                                                                      "completion": "hi"}))
+    rejected = only_rejection(
+        event(prompt="tell me a secret", usage={"input_tokens": 1, "completion": "hi"})
+    )
     stored = json.loads(rejected.payload)
     assert "secret" not in rejected.payload.decode()
     assert "hi" not in json.dumps(stored["usage"])
@@ -102,9 +114,14 @@ def test_content_is_never_stored() -> None:
 
 
 def test_envelope_items_stand_or_fall_alone() -> None:
-    envelope = {"schema": "usage.batch.v1",
-                "events": [event(event_id="a"), event(event_id="b", usage={"input_tokens": -1}),
-                           event(event_id="c")]}
+    envelope = {
+        "schema": "usage.batch.v1",
+        "events": [
+            event(event_id="a"),
+            event(event_id="b", usage={"input_tokens": -1}),
+            event(event_id="c"),
+        ],
+    }
     items = decode(envelope)
     assert [type(i).__name__ for i in items] == ["UsageEvent", "Rejected", "UsageEvent"]
     bad = items[1]
@@ -130,8 +147,12 @@ def test_malformed_payloads_are_deduplicated_by_content() -> None:
 # The published JSON Schema and the decoder agree -------------------------------------------
 @pytest.mark.parametrize(
     "payload",
-    [event(), {"schema": "usage.batch.v1", "events": [event(), event(event_id="2")]},
-     event(latency_ms=None, ttft_ms=None), event(usage={})],
+    [
+        event(),
+        {"schema": "usage.batch.v1", "events": [event(), event(event_id="2")]},
+        event(latency_ms=None, ttft_ms=None),
+        event(usage={}),
+    ],
 )
 def test_schema_accepts_what_the_decoder_accepts(payload: Any) -> None:
     VALIDATOR.validate(payload)
@@ -140,9 +161,13 @@ def test_schema_accepts_what_the_decoder_accepts(payload: Any) -> None:
 
 @pytest.mark.parametrize(
     ("payload", "code", "field"),
-    [case for case in BAD_CASES
-     if isinstance(case[0], dict) and case[1] not in (Reason.FUTURE_TIMESTAMP,)
-     and case[2] != "$.usage.reasoning_tokens"],
+    [
+        case
+        for case in BAD_CASES
+        if isinstance(case[0], dict)
+        and case[1] not in (Reason.FUTURE_TIMESTAMP,)
+        and case[2] != "$.usage.reasoning_tokens"
+    ],
 )
 def test_schema_rejects_what_the_decoder_rejects(payload: Any, code: Reason, field: str) -> None:
     # (future timestamps and reasoning <= output are cross-field rules a JSON Schema cannot state;

@@ -9,8 +9,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from billing.catalog import DEFAULT_CATALOG, BillableClass, Catalog, PriceComponent, PriceVersion
-from billing.catalog import read_catalog_file
+from billing.catalog import (
+    DEFAULT_CATALOG,
+    BillableClass,
+    Catalog,
+    PriceComponent,
+    PriceVersion,
+    read_catalog_file,
+)
 from billing.errors import Unpriced
 from billing.events import Usage
 from billing.pricing import price
@@ -69,7 +75,9 @@ def test_reasoning_tokens_are_never_billed_twice() -> None:
 
 def test_every_class_and_unit() -> None:
     version = PriceVersion(
-        "x/model", "p", NOW,
+        "x/model",
+        "p",
+        NOW,
         {
             BillableClass.INPUT: PriceComponent(Decimal("3"), 1_000_000),
             BillableClass.CACHED_INPUT: PriceComponent(Decimal("0.3"), 1_000_000),

@@ -13,10 +13,14 @@ def test_defaults_are_embedded() -> None:
 
 
 def test_environment_overrides() -> None:
-    settings = Settings.from_env({
-        "BILLING_DATABASE_URL": "postgresql://db/x", "BILLING_BROKER_URL": "amqp://b//",
-        "BILLING_BATCH_SIZE": "100", "BILLING_USAGE_QUEUE": "q",
-    })
+    settings = Settings.from_env(
+        {
+            "BILLING_DATABASE_URL": "postgresql://db/x",
+            "BILLING_BROKER_URL": "amqp://b//",
+            "BILLING_BATCH_SIZE": "100",
+            "BILLING_USAGE_QUEUE": "q",
+        }
+    )
     assert not settings.embedded_database and settings.batch_size == 100
     assert settings.usage_queue == "q"
 
