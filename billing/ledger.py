@@ -18,7 +18,7 @@ import psycopg
 
 from billing.db import Queries
 from billing.errors import BillingError
-from billing.money import EXACT
+from billing.money import sum_exact
 
 
 class PostingKind(StrEnum):
@@ -106,9 +106,7 @@ def post_wallet_movement(
         )
     }
     counter_id = system_account_id(conn, q, counterparty)
-    total = EXACT.create_decimal(0)
-    for amount in amounts:
-        total = EXACT.add(total, amount)
+    total = sum_exact(amounts)
     conn.execute(
         q["insert_entries"],
         {

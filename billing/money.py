@@ -42,6 +42,14 @@ def exact(value: Decimal | int | str) -> Decimal:
         return number.quantize(QUANTUM)
 
 
+def sum_exact(amounts: Iterable[Decimal]) -> Decimal:
+    """Sum in the exact context (the default context would round past 28 digits)."""
+    total = ZERO
+    for amount in amounts:
+        total = EXACT.add(total, amount)
+    return total
+
+
 def to_cents(amount: Decimal) -> int:
     """THE rounding rule: an exact amount in USD to integer cents, ROUND_HALF_EVEN."""
     with localcontext(EXACT) as ctx:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -35,7 +35,7 @@ from billing.db import Queries, map_error
 from billing.errors import DatabaseRejected, Transient, Unpriced
 from billing.events import Reason, Rejected, UsageEvent, decode_message, encode_event
 from billing.ledger import PostingKind, SystemAccount, next_posting_id, post_wallet_movement
-from billing.money import EXACT, ZERO
+from billing.money import EXACT, ZERO, sum_exact
 from billing.pricing import Charge, price
 from billing.settings import Settings
 from billing.wallets import record_crossings
@@ -196,7 +196,7 @@ def record_batch(
             counterparty=SystemAccount.USAGE_REVENUE,
             reference=f"batch:{uuid.uuid4()}",
         )
-        result.amount_debited = -sum(deltas.values(), ZERO)
+        result.amount_debited = EXACT.minus(sum_exact(deltas.values()))
         result.crossings = record_crossings(conn, q, changes)
         conn.execute(q["resolve_recorded"], {"event_ids": sorted(unique), "resolution": resolution})
 
@@ -282,8 +282,3 @@ def process_batch(
     """Decode, price and record one batch of queue message bodies (the worker's one call)."""
     priced, rejected = decode_and_price(bodies, catalog, settings, now)
     return record_isolating(conn, q, priced, rejected)
-
-
-def replay_rejections(rejected: Rejected, original_key: str) -> Rejected:
-    """A replayed dead letter keeps the key it was parked under."""
-    return replace(rejected, dedup_key=original_key)
