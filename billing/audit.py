@@ -20,6 +20,8 @@ CHECKS = (
     ("every posting balances", "audit_unbalanced_postings"),
     ("usage debits equal the events behind them", "audit_usage_debits"),
     ("no event both recorded and parked", "audit_recorded_and_parked"),
+    ("every debited event references its usage posting", "audit_event_postings"),
+    ("every event belongs to an existing account", "audit_event_accounts"),
 )
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ class BillableClass(StrEnum):
     REQUEST = "request"
 
 
+CLASS_ORDER: tuple[BillableClass, ...] = tuple(BillableClass)
 ALLOWED_PER = (1, 1_000, 1_000_000)
 DEFAULT_CATALOG = Path(__file__).resolve().parent / "data" / "catalog.toml"
 
@@ -82,6 +84,14 @@ class PriceVersion:
     def key(self) -> tuple[str, str, datetime]:
         return (self.model, self.provider, self.effective_from)
 
+    @cached_property
+    def unit_rates(self) -> tuple[Decimal | None, ...]:
+        """USD per single unit of each class in ``CLASS_ORDER`` (None: not priced).
+
+        Computed once per version, so pricing an event is a few exact multiplications.
+        """
+        return tuple(self.prices[c].per_unit if c in self.prices else None for c in CLASS_ORDER)
+
     def label(self) -> str:
         return f"{self.model}@{self.provider} from {self.effective_from.isoformat()}"
 
@@ -92,6 +102,7 @@ class Catalog:
 
     versions: dict[tuple[str, str], list[PriceVersion]] = field(default_factory=dict)
     revision: tuple[int, datetime | None] = (0, None)
+    _starts: dict[tuple[str, str], list[datetime]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def of(cls, versions: Iterable[PriceVersion]) -> Catalog:
@@ -106,7 +117,10 @@ class Catalog:
         history = self.versions.get((model, provider))
         if not history:
             return None
-        index = bisect.bisect_right([v.effective_from for v in history], at)
+        starts = self._starts.get((model, provider))
+        if starts is None or len(starts) != len(history):
+            starts = self._starts[(model, provider)] = [v.effective_from for v in history]
+        index = bisect.bisect_right(starts, at)
         return history[index - 1] if index else None
 
     def all_versions(self) -> list[PriceVersion]:

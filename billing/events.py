@@ -28,8 +28,11 @@ MAX_ENVELOPE_EVENTS = 10_000
 MAX_COUNT = 10**12
 
 Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_COUNT)]
-Ident = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$")]
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$")]
+# Identifiers: 1-200 visible ASCII characters. The character rule is checked after decoding
+# (``_bad_identifier``): a msgspec regex costs ~7 us per event, a str check ~0.2 us.
+Ident = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+Name = Ident
+_IDENT_FIELDS = ("event_id", "account_id", "api_key_id", "model", "provider")
 
 
 class Reason(StrEnum):
@@ -178,6 +181,14 @@ def _reject(code: Reason, field: str, reason: str, payload: bytes) -> Rejected:
     )
 
 
+def _bad_identifier(event: UsageEvent) -> str | None:
+    for name in _IDENT_FIELDS:
+        value: str = getattr(event, name)
+        if not (value.isascii() and value.isprintable()) or " " in value:
+            return name
+    return None
+
+
 def decode_event(payload: bytes, now: datetime, max_skew: timedelta) -> UsageEvent | Rejected:
     """One ``usage.v1`` event from its JSON bytes, validated, or the reason it is rejected."""
     try:
@@ -190,6 +201,11 @@ def decode_event(payload: bytes, now: datetime, max_skew: timedelta) -> UsageEve
         return _reject(code, field, reason, payload)
     except msgspec.DecodeError as error:
         return _reject(Reason.MALFORMED_JSON, "$", f"malformed JSON: {error}", payload)
+    bad = _bad_identifier(event)
+    if bad is not None:
+        return _reject(
+            Reason.INVALID_EVENT, f"$.{bad}", "must be visible ASCII characters only", payload
+        )
     if event.occurred_at.tzinfo is None or event.occurred_at.utcoffset() is None:
         return _reject(
             Reason.INVALID_EVENT, "$.occurred_at", "must be RFC 3339 with a UTC offset", payload

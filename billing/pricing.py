@@ -1,20 +1,30 @@
 """Pricing: a pure function from (usage, price version) to exact per-class amounts.
 
-No I/O, no rounding: ``amount = quantity * unit_price / per`` is exact at 12 decimals for every
-price the catalog accepts, and the arithmetic runs in a context that raises rather than round
-(``money.EXACT``). ``reasoning_tokens`` are inside ``output_tokens`` and are never billed twice; a
-flat ``request`` fee, when the version has one, applies once per event.
+No I/O, no rounding: ``amount = quantity * (unit_price / per)`` is exact at 12 decimals for every
+price the catalog accepts (the per-unit rate is exact by construction), and each multiplication
+runs in ``money.EXACT``, which raises rather than round. ``reasoning_tokens`` are inside
+``output_tokens`` and are never billed twice; a flat ``request`` fee, when the version has one,
+applies once per event.
+
+This is on the hot path (every event), so a version's per-unit rates are computed once
+(``PriceVersion.unit_rates``) and amounts are a fixed-order tuple, not a mapping.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from decimal import Decimal, localcontext
+from decimal import Decimal
+from typing import NamedTuple
 
-from billing.catalog import BillableClass, PriceVersion
+from billing.catalog import CLASS_ORDER, BillableClass, PriceVersion
 from billing.errors import Unpriced
 from billing.events import Usage
 from billing.money import EXACT, ZERO
+
+_INDEX = {billable: i for i, billable in enumerate(CLASS_ORDER)}
+_REQUEST = _INDEX[BillableClass.REQUEST]
+_multiply = EXACT.multiply
+_add = EXACT.add
 
 
 @dataclass(frozen=True)
@@ -24,45 +34,58 @@ class Line:
     amount: Decimal
 
 
-@dataclass(frozen=True)
-class Charge:
-    """Per-class amounts of one event and their total, at one price version."""
+class Charge(NamedTuple):
+    """Per-class quantities and amounts of one event (in ``CLASS_ORDER``) and their total.
 
-    lines: tuple[Line, ...]
+    A NamedTuple rather than a frozen dataclass: it is built once per event on the hot path.
+    """
+
+    quantities: tuple[int, ...]
+    amounts: tuple[Decimal, ...]
     total: Decimal
 
     def amount_of(self, billable: BillableClass) -> Decimal:
-        return next((line.amount for line in self.lines if line.billable_class is billable), ZERO)
+        return self.amounts[_INDEX[billable]]
+
+    @property
+    def lines(self) -> tuple[Line, ...]:
+        """The classes this event was charged for (a priced class, even at quantity 0)."""
+        return tuple(
+            Line(c, q, a)
+            for c, q, a in zip(CLASS_ORDER, self.quantities, self.amounts, strict=True)
+            if q or a
+        )
 
 
-def quantities(usage: Usage) -> dict[BillableClass, int]:
-    """The billable quantity of each class for one request."""
-    return {
-        BillableClass.INPUT: usage.input_tokens,
-        BillableClass.CACHED_INPUT: usage.cached_input_tokens,
-        BillableClass.CACHE_WRITE: usage.cache_write_tokens,
-        BillableClass.OUTPUT: usage.output_tokens,
-        BillableClass.IMAGE: usage.image_count,
-        BillableClass.WEB_SEARCH: usage.web_search_count,
-        BillableClass.REQUEST: 1,
-    }
+def quantities(usage: Usage) -> tuple[int, ...]:
+    """The billable quantity of each class in ``CLASS_ORDER`` for one request."""
+    return (
+        usage.input_tokens,
+        usage.cached_input_tokens,
+        usage.cache_write_tokens,
+        usage.output_tokens,
+        usage.image_count,
+        usage.web_search_count,
+        1,  # one request
+    )
 
 
 def price(usage: Usage, version: PriceVersion) -> Charge:
     """Price one request. Raises ``Unpriced`` when a used class has no price in ``version``."""
-    lines = []
-    with localcontext(EXACT):
-        total = ZERO
-        for billable, quantity in quantities(usage).items():
-            component = version.prices.get(billable)
-            if component is None:
-                if quantity and billable is not BillableClass.REQUEST:
-                    raise Unpriced(
-                        f"{version.label()} has no price for {billable.value}",
-                        field=f"$.usage.{billable.value}",
-                    )
-                continue
-            amount = quantity * component.unit_price / component.per
-            lines.append(Line(billable, quantity, amount))
-            total += amount
-    return Charge(tuple(lines), total)
+    counts = quantities(usage)
+    amounts: list[Decimal] = []
+    total = ZERO
+    for index, (quantity, rate) in enumerate(zip(counts, version.unit_rates, strict=True)):
+        if not quantity or rate is None:
+            if quantity and index != _REQUEST:
+                billable = CLASS_ORDER[index]
+                raise Unpriced(
+                    f"{version.label()} has no price for {billable.value}",
+                    field=f"$.usage.{billable.value}",
+                )
+            amounts.append(ZERO)
+            continue
+        amount = _multiply(rate, quantity)
+        amounts.append(amount)
+        total = _add(total, amount)
+    return Charge(counts, tuple(amounts), total)

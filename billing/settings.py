@@ -43,9 +43,10 @@ class Settings:
     usage_queue: str = "billing.usage"
     wallet_events_exchange: str = "billing.wallet-events"
     tasks_queue: str = "billing.tasks"
-    batch_size: int = 500
+    batch_size: int = 2000  # messages
+    batch_events: int = 5000  # events (an envelope carries many)
     batch_timeout_ms: int = 200
-    prefetch: int = 2000
+    prefetch: int = 4000
     max_message_bytes: int = 1_048_576
     max_clock_skew: timedelta = timedelta(minutes=5)
     usage_consumer_enabled: bool = True
@@ -68,6 +69,7 @@ class Settings:
             ),
             tasks_queue=env.get("BILLING_TASKS_QUEUE", base.tasks_queue),
             batch_size=_int(env, "BILLING_BATCH_SIZE", base.batch_size),
+            batch_events=_int(env, "BILLING_BATCH_EVENTS", base.batch_events),
             batch_timeout_ms=_int(env, "BILLING_BATCH_TIMEOUT_MS", base.batch_timeout_ms),
             prefetch=_int(env, "BILLING_PREFETCH", base.prefetch),
             max_message_bytes=_int(env, "BILLING_MAX_MESSAGE_BYTES", base.max_message_bytes),

@@ -26,11 +26,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 
-from billing.catalog import BillableClass, Catalog, PriceVersion
+from billing.catalog import Catalog, PriceVersion
 from billing.db import Queries, map_error
 from billing.errors import DatabaseRejected, Transient, Unpriced
 from billing.events import Reason, Rejected, UsageEvent, decode_message, encode_event
@@ -41,8 +41,9 @@ from billing.settings import Settings
 from billing.wallets import record_crossings
 
 
-@dataclass(frozen=True)
-class PricedEvent:
+class PricedEvent(NamedTuple):
+    """An event with the version in force at its time and its charge (hot path: a NamedTuple)."""
+
     event: UsageEvent
     version: PriceVersion
     charge: Charge
@@ -112,19 +113,36 @@ def rejection_of(event: UsageEvent, code: Reason, field_path: str, reason: str) 
     )
 
 
+class DecodedBatch:
+    """Accepted events and rejected items of the messages seen so far (filled as they arrive)."""
+
+    def __init__(self) -> None:
+        self.events: list[UsageEvent] = []
+        self.rejected: list[Rejected] = []
+
+    def add(self, body: bytes, settings: Settings, now: datetime) -> None:
+        for item in decode_message(body, now, settings.max_clock_skew, settings.max_message_bytes):
+            if isinstance(item, Rejected):
+                self.rejected.append(item)
+            else:
+                self.events.append(item)
+
+    def __len__(self) -> int:
+        return len(self.events) + len(self.rejected)
+
+
 def decode_and_price(
     bodies: Sequence[bytes], catalog: Catalog, settings: Settings, now: datetime
 ) -> tuple[list[PricedEvent], list[Rejected]]:
-    events: list[UsageEvent] = []
-    rejected: list[Rejected] = []
+    batch = DecodedBatch()
     for body in bodies:
-        for item in decode_message(body, now, settings.max_clock_skew, settings.max_message_bytes):
-            (rejected if isinstance(item, Rejected) else events).append(item)  # type: ignore[arg-type]
-    priced, unpriced = price_events(events, catalog)
-    return priced, rejected + unpriced
+        batch.add(body, settings, now)
+    priced, unpriced = price_events(batch.events, catalog)
+    return priced, batch.rejected + unpriced
 
 
 def _staging_row(p: PricedEvent, posting_id: int) -> tuple[Any, ...]:
+    """One COPY row, in the column order of ``copy_usage_staging``."""
     e, u, c = p.event, p.event.usage, p.charge
     debited = ZERO if e.byok else c.total
     return (
@@ -132,11 +150,8 @@ def _staging_row(p: PricedEvent, posting_id: int) -> tuple[Any, ...]:
         p.version.effective_from,
         u.input_tokens, u.cached_input_tokens, u.cache_write_tokens, u.output_tokens,
         u.reasoning_tokens, u.image_count, u.web_search_count,
-        c.amount_of(BillableClass.INPUT), c.amount_of(BillableClass.CACHED_INPUT),
-        c.amount_of(BillableClass.CACHE_WRITE), c.amount_of(BillableClass.OUTPUT),
-        c.amount_of(BillableClass.IMAGE), c.amount_of(BillableClass.WEB_SEARCH),
-        c.amount_of(BillableClass.REQUEST), c.total, debited,
-        posting_id if debited > 0 else None, e.latency_ms, e.ttft_ms,
+        *c.amounts,  # input, cached input, cache write, output, image, web search, request
+        c.total, debited, posting_id if debited > 0 else None, e.latency_ms, e.ttft_ms,
     )  # fmt: skip
 
 
@@ -279,6 +294,14 @@ def process_batch(
     settings: Settings,
     now: datetime,
 ) -> BatchResult:
-    """Decode, price and record one batch of queue message bodies (the worker's one call)."""
+    """Decode, price and record one batch of queue message bodies."""
     priced, rejected = decode_and_price(bodies, catalog, settings, now)
     return record_isolating(conn, q, priced, rejected)
+
+
+def process_decoded(
+    conn: psycopg.Connection[Any], q: Queries, catalog: Catalog, batch: DecodedBatch
+) -> BatchResult:
+    """Price and record a batch decoded as its messages arrived (the worker's one call)."""
+    priced, unpriced = price_events(batch.events, catalog)
+    return record_isolating(conn, q, priced, batch.rejected + unpriced)

@@ -37,6 +37,22 @@ FROM ev FULL JOIN en ON ev.posting_id = en.posting_id AND ev.account_id = en.acc
 WHERE coalesce(ev.debited, 0) <> coalesce(en.debited, 0)
 ORDER BY 1, 2
 
+-- name: audit_event_postings
+-- Every debited event references an existing usage posting (no foreign key on the hot table).
+SELECT u.event_id, u.posting_id
+FROM usage_events u LEFT JOIN postings p ON p.posting_id = u.posting_id
+WHERE u.posting_id IS NOT NULL AND (p.posting_id IS NULL OR p.kind <> 'usage')
+ORDER BY u.event_id
+LIMIT 1000
+
+-- name: audit_event_accounts
+-- Every recorded event belongs to an existing account.
+SELECT u.event_id, u.account_id
+FROM usage_events u LEFT JOIN accounts a USING (account_id)
+WHERE a.account_id IS NULL
+ORDER BY u.event_id
+LIMIT 1000
+
 -- name: audit_revenue
 -- Usage revenue equals everything wallets were debited for usage.
 SELECT (SELECT coalesce(sum(debited), 0) FROM usage_events) AS events_total,

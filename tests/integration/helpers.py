@@ -61,7 +61,7 @@ class _Drainer(UsageConsumer):
 
     def on_iteration(self) -> None:
         super().on_iteration()
-        if not self.buffer and time.monotonic() - self.last_activity > self.idle:
+        if not self.messages and time.monotonic() - self.last_activity > self.idle:
             self.should_stop = True
 
 
