@@ -22,6 +22,13 @@ CHECKS = (
     ("no event both recorded and parked", "audit_recorded_and_parked"),
     ("every debited event references its usage posting", "audit_event_postings"),
     ("every event belongs to an existing account", "audit_event_accounts"),
+    ("each top-up's postings match its credit, fee and refunds", "audit_topup_ledger"),
+    ("dispute holds match the open disputes", "audit_dispute_holds"),
+    ("fee revenue and Stripe clearing match the top-ups", "audit_topup_totals"),
+    ("a wallet is frozen exactly while a dispute is open", "audit_frozen_wallets"),
+    ("usage is recorded at its posting's time (statements)", "audit_event_recorded_at"),
+    ("every invoice's content matches its hash", "audit_invoice_hashes"),
+    ("invoice numbers run 1..N per issuer without gaps", "audit_invoice_numbers"),
 )
 
 

@@ -6,54 +6,31 @@ exit 2; ``billing audit`` exits 1 when an invariant fails.
 
 from __future__ import annotations
 
-import getpass
 import json
 import sys
 import uuid
-from collections.abc import Callable
 from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
-from functools import wraps
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
-from rich.console import Console
 from rich.table import Table
 
 from billing import __version__, broker, catalog, db, deadletters, wallets
 from billing.audit import AuditReport, run_audit
+from billing.cli_common import (
+    console,
+    current_actor,
+    handles_errors,
+    parse_amount,
+    settings_of,
+)
+from billing.cli_exports import COMMANDS as EXPORT_COMMANDS
+from billing.cli_stripe import COMMANDS as STRIPE_COMMANDS
 from billing.errors import BillingError
 from billing.events import SCHEMA_V1, Usage, UsageEvent, decode_event
 from billing.money import format_usd
 from billing.settings import Settings
-
-F = TypeVar("F", bound=Callable[..., Any])
-console = Console()
-err_console = Console(stderr=True)
-
-
-def _actor() -> str:
-    try:
-        return f"cli:{getpass.getuser()}"
-    except Exception:  # no user database entry (containers)
-        return "cli:unknown"
-
-
-def handles_errors(fn: F) -> F:
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except BillingError as exc:
-            err_console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
-            sys.exit(2)
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _settings(ctx: click.Context) -> Settings:
-    return ctx.ensure_object(dict).setdefault("settings", Settings.from_env())  # type: ignore[no-any-return]
 
 
 @click.group()
@@ -70,7 +47,7 @@ def main(ctx: click.Context) -> None:
 @handles_errors
 def migrate(ctx: click.Context) -> None:
     """Apply pending SQL migrations (safe to run from many processes at once)."""
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     with db.connect(settings) as conn:
         applied = db.migrate(conn, settings.sql_dir)
     click.echo("applied: " + ", ".join(applied) if applied else "schema is up to date")
@@ -95,7 +72,7 @@ def prices() -> None:
 @handles_errors
 def prices_load(ctx: click.Context, file: Path | None, allow_backdate: bool) -> None:
     """Load a catalog TOML file (default: the catalog shipped with the package)."""
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     path = file or catalog.DEFAULT_CATALOG
     versions = catalog.read_catalog_file(path)
     with db.connect(settings) as conn:
@@ -104,7 +81,7 @@ def prices_load(ctx: click.Context, file: Path | None, allow_backdate: bool) -> 
             db.queries(settings),
             versions,
             now=datetime.now(UTC),
-            loaded_by=_actor(),
+            loaded_by=current_actor(),
             allow_backdate=allow_backdate,
         )
     for version in result.added:
@@ -122,7 +99,7 @@ def prices_load(ctx: click.Context, file: Path | None, allow_backdate: bool) -> 
 @handles_errors
 def prices_list(ctx: click.Context, model: str | None, at: str | None, as_json: bool) -> None:
     """List price versions."""
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     with db.connect(settings) as conn:
         snap = catalog.snapshot(conn, db.queries(settings))
     versions = snap.all_versions()
@@ -170,7 +147,7 @@ def accounts() -> None:
 @handles_errors
 def accounts_create(ctx: click.Context, account_id: str, name: str | None) -> None:
     """Create an account with an empty USD wallet."""
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     with db.connect(settings) as conn:
         wallets.create_account(conn, db.queries(settings), account_id, name)
     click.echo(f"created account {account_id}")
@@ -188,7 +165,7 @@ def wallet() -> None:
 @handles_errors
 def wallet_show(ctx: click.Context, account_id: str, as_json: bool) -> None:
     """Show a wallet's balance (exact), state and usage totals."""
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     with db.connect(settings) as conn:
         view = wallets.show(conn, db.queries(settings), account_id)
     data = view.as_json()
@@ -197,13 +174,6 @@ def wallet_show(ctx: click.Context, account_id: str, as_json: bool) -> None:
         return
     for key, value in data.items():
         click.echo(f"{key:>20}: {value}")
-
-
-def _amount(value: str) -> Decimal:
-    try:
-        return Decimal(value)
-    except InvalidOperation:
-        raise click.BadParameter(f"not a decimal amount: {value!r}") from None
 
 
 @wallet.command("adjust", context_settings={"ignore_unknown_options": True})
@@ -223,16 +193,16 @@ def wallet_adjust(
     reference: str | None,
 ) -> None:
     """Credit (positive AMOUNT) or debit (negative) a wallet, with a reason."""
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     q = db.queries(settings)
     with db.connect(settings) as conn:
         posting = wallets.adjust(
             conn,
             q,
             account_id,
-            _amount(amount),
+            parse_amount(amount),
             reason=reason,
-            actor=actor or _actor(),
+            actor=actor or current_actor(),
             reference=reference,
         )
         view = wallets.show(conn, q, account_id)
@@ -271,7 +241,7 @@ def usage() -> None:
 @handles_errors
 def usage_emit(ctx: click.Context, /, file: Any, repeat: int, **fields: Any) -> None:
     """Publish a usage.v1 event (validated first) or raw JSON lines to the usage queue."""
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     with broker.UsagePublisher(settings) as publisher:
         if file is not None:
             sent = 0
@@ -374,7 +344,7 @@ def dead_letters_list(
     ctx: click.Context, status: str, reason_code: str | None, limit: int, as_json: bool
 ) -> None:
     """List dead letters with their reason and the offending field."""
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     with db.connect(settings) as conn:
         rows = deadletters.list_dead_letters(
             conn,
@@ -408,7 +378,7 @@ def dead_letters_list(
 @handles_errors
 def dead_letters_replay(ctx: click.Context, ids: tuple[int, ...], reason_code: str | None) -> None:
     """Re-process parked items (e.g. after loading a missing price). Exactly-once."""
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     q = db.queries(settings)
     with db.connect(settings) as conn:
         result = deadletters.replay(
@@ -433,10 +403,10 @@ def dead_letters_replay(ctx: click.Context, ids: tuple[int, ...], reason_code: s
 @handles_errors
 def dead_letters_discard(ctx: click.Context, ids: tuple[int, ...], reason: str) -> None:
     """Close parked items that will never be billed (kept, with the reason, for the record)."""
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     with db.connect(settings) as conn:
         done = deadletters.discard(
-            conn, db.queries(settings), list(ids), reason=reason, actor=_actor()
+            conn, db.queries(settings), list(ids), reason=reason, actor=current_actor()
         )
     click.echo(f"discarded {len(done)}: {', '.join(map(str, done)) or '-'}")
 
@@ -452,7 +422,7 @@ def outbox() -> None:
 @handles_errors
 def outbox_relay(ctx: click.Context) -> None:
     """Publish pending outbox rows now."""
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     with db.connect(settings) as conn, broker.connect(settings) as bconn:
         sent = wallets.relay_outbox(
             conn, db.queries(settings), broker.WalletEventPublisher(settings, bconn)
@@ -466,7 +436,7 @@ def outbox_relay(ctx: click.Context) -> None:
 @handles_errors
 def audit(ctx: click.Context, as_json: bool) -> None:
     """Check every invariant; exit 1 and print offending rows if any fails."""
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     with db.connect(settings) as conn:
         report = run_audit(conn, db.queries(settings))
     print_audit(report, as_json)
@@ -517,7 +487,7 @@ def demo(
     from billing.demo import run_demo
 
     ok = run_demo(
-        _settings(ctx),
+        settings_of(ctx),
         count=count,
         worker_count=worker_count,
         envelope=envelope,
@@ -527,6 +497,11 @@ def demo(
     )
     if not ok:
         sys.exit(1)
+
+
+# --- feature commands (their own modules; they import cli_common, never this module) -------
+for _command in (*STRIPE_COMMANDS, *EXPORT_COMMANDS):
+    main.add_command(_command)
 
 
 if __name__ == "__main__":

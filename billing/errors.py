@@ -55,3 +55,32 @@ class AuditFailed(BillingError):
 
 class DatabaseRejected(BillingError):
     """The database refused the data itself (a constraint, a value out of range): not retryable."""
+
+
+class PaymentError(BillingError):
+    """Stripe refused a request (bad parameters, authentication): not retryable as is."""
+
+
+class PaymentDeclined(PaymentError):
+    """The card or bank declined the charge. ``code`` is Stripe's decline code, if any."""
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class StripeUnavailable(Transient):
+    """Stripe could not be reached, rate-limited us or failed on its side: retry."""
+
+
+class IdempotencyConflict(BillingError):
+    """An idempotency key was reused for a different request."""
+
+
+class WebhookRejected(BillingError):
+    """A webhook request is not a trustworthy Stripe event; ``reason`` says why."""
+
+    def __init__(self, reason: str, status: int = 400) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status

@@ -18,7 +18,7 @@ import psycopg
 
 from billing.db import Queries
 from billing.errors import BillingError
-from billing.money import sum_exact
+from billing.money import EXACT, sum_exact
 
 
 class PostingKind(StrEnum):
@@ -56,13 +56,6 @@ def next_posting_id(conn: psycopg.Connection[Any], q: Queries) -> int:
     return int(row[0])
 
 
-def system_account_id(conn: psycopg.Connection[Any], q: Queries, code: SystemAccount) -> int:
-    row = conn.execute(q["ledger_account_id"], {"code": code.value}).fetchone()
-    if row is None:
-        raise BillingError(f"ledger account {code.value!r} is missing: run `billing migrate`")
-    return int(row[0])
-
-
 def post_wallet_movement(
     conn: psycopg.Connection[Any],
     q: Queries,
@@ -75,44 +68,78 @@ def post_wallet_movement(
     memo: str | None = None,
     actor: str | None = None,
 ) -> list[WalletChange]:
-    """Move ``wallet_deltas`` (positive credits, negative debits) against one system account.
+    """Move ``wallet_deltas`` (positive credits, negative debits) against one system account."""
+    return post_movement(
+        conn,
+        q,
+        posting_id=posting_id,
+        kind=kind.value,
+        wallet_deltas=wallet_deltas,
+        system_deltas={counterparty.value: EXACT.minus(sum_exact(wallet_deltas.values()))},
+        reference=reference,
+        memo=memo,
+        actor=actor,
+    )
 
-    Call inside a transaction. Wallet rows are locked in account order, balances updated, and the
-    balanced entries written in one statement. Returns each wallet's state change.
+
+def post_movement(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    *,
+    posting_id: int,
+    kind: str,
+    wallet_deltas: Mapping[str, Decimal],
+    system_deltas: Mapping[str, Decimal],
+    reference: str | None = None,
+    memo: str | None = None,
+    actor: str | None = None,
+) -> list[WalletChange]:
+    """One balanced posting: wallet deltas and system-account deltas (by code) summing to zero.
+
+    Call inside a transaction. Wallet rows are locked in account order (the global lock order
+    that keeps parallel workers deadlock-free), balances updated, and all entries written in one
+    statement (the balance trigger checks them together). Returns each wallet's state change.
     """
-    deltas = {account: amount for account, amount in wallet_deltas.items() if amount != 0}
-    if not deltas:
+    wallets = {a: v for a, v in wallet_deltas.items() if v != 0}
+    systems = {c: v for c, v in system_deltas.items() if v != 0}
+    if sum_exact([*wallets.values(), *systems.values()]) != 0:
+        raise BillingError(f"posting {posting_id} ({kind}) does not balance")
+    if not wallets and not systems:
         return []
-    accounts = sorted(deltas)
     conn.execute(
         q["insert_posting"],
         {
             "posting_id": posting_id,
-            "kind": kind.value,
+            "kind": kind,
             "reference": reference,
             "memo": memo,
             "actor": actor,
         },
     )
+    accounts = sorted(wallets)
     locked = {row[0]: row for row in conn.execute(q["lock_wallets"], {"accounts": accounts})}
     missing = [a for a in accounts if a not in locked]
     if missing:
         raise BillingError(f"no wallet for account(s) {', '.join(missing)}")
-    amounts = [deltas[a] for a in accounts]
-    updated = {
-        account: (balance, state)
-        for account, balance, state in conn.execute(
-            q["update_wallet_balances"], {"accounts": accounts, "amounts": amounts}
-        )
-    }
-    counter_id = system_account_id(conn, q, counterparty)
-    total = sum_exact(amounts)
+    amounts = [wallets[a] for a in accounts]
+    updated = (
+        {
+            account: (balance, state)
+            for account, balance, state in conn.execute(
+                q["update_wallet_balances"], {"accounts": accounts, "amounts": amounts}
+            )
+        }
+        if accounts
+        else {}
+    )
+    codes = sorted(systems)
+    system_ids = [system_account_id_by_code(conn, q, c) for c in codes]
     conn.execute(
         q["insert_entries"],
         {
             "posting_id": posting_id,
-            "ledger_accounts": [locked[a][1] for a in accounts] + [counter_id],
-            "amounts": [*amounts, -total],
+            "ledger_accounts": [locked[a][1] for a in accounts] + system_ids,
+            "amounts": amounts + [systems[c] for c in codes],
         },
     )
     return [
@@ -124,3 +151,11 @@ def post_wallet_movement(
         )
         for a in accounts
     ]
+
+
+def system_account_id_by_code(conn: psycopg.Connection[Any], q: Queries, code: str) -> int:
+    """The ledger account id of a platform account added by a later migration (by its code)."""
+    row = conn.execute(q["ledger_account_id"], {"code": code}).fetchone()
+    if row is None:
+        raise BillingError(f"ledger account {code!r} is missing: run `billing migrate`")
+    return int(row[0])

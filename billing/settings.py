@@ -12,6 +12,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from billing.errors import ConfigError
@@ -29,6 +30,19 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> i
         raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
     if value < minimum:
         raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _rate(env: Mapping[str, str], name: str, default: Decimal) -> Decimal:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = Decimal(raw)
+    except InvalidOperation:
+        raise ConfigError(f"{name} must be a decimal such as 0.05, got {raw!r}") from None
+    if not value.is_finite() or not 0 <= value < 1:
+        raise ConfigError(f"{name} must be >= 0 and < 1, got {raw!r}")
     return value
 
 
@@ -50,6 +64,16 @@ class Settings:
     max_message_bytes: int = 1_048_576
     max_clock_skew: timedelta = timedelta(minutes=5)
     usage_consumer_enabled: bool = True
+    # Stripe top-ups (billing/topups.py). Secrets are kept out of repr() so they never reach logs.
+    stripe_api_key: str = field(default="", repr=False)
+    stripe_webhook_secret: tuple[str, ...] = field(default=(), repr=False)
+    stripe_api_base: str = ""
+    topup_fee_rate: Decimal = Decimal("0.05")
+    webhook_tolerance_s: int = 300
+    webhook_max_body_bytes: int = 262_144
+    # Exports (billing/exports): where the export task writes, and its Celery queue.
+    exports_dir: Path = Path(".billing/exports")
+    exports_queue: str = "billing.exports"
     sql_dir: Path = field(default_factory=lambda: Path(__file__).resolve().parent.parent / "sql")
 
     @classmethod
@@ -75,6 +99,20 @@ class Settings:
             max_message_bytes=_int(env, "BILLING_MAX_MESSAGE_BYTES", base.max_message_bytes),
             max_clock_skew=timedelta(seconds=_int(env, "BILLING_MAX_CLOCK_SKEW_S", 300, minimum=0)),
             usage_consumer_enabled=env.get("BILLING_USAGE_CONSUMER", "1") not in ("0", "false"),
+            stripe_api_key=env.get("BILLING_STRIPE_API_KEY", ""),
+            stripe_webhook_secret=tuple(
+                s.strip()
+                for s in env.get("BILLING_STRIPE_WEBHOOK_SECRET", "").split(",")
+                if s.strip()
+            ),
+            stripe_api_base=env.get("BILLING_STRIPE_API_BASE", ""),
+            topup_fee_rate=_rate(env, "BILLING_TOPUP_FEE_RATE", base.topup_fee_rate),
+            webhook_tolerance_s=_int(env, "BILLING_WEBHOOK_TOLERANCE_S", 300),
+            webhook_max_body_bytes=_int(
+                env, "BILLING_WEBHOOK_MAX_BODY_BYTES", base.webhook_max_body_bytes
+            ),
+            exports_dir=Path(env.get("BILLING_EXPORTS_DIR", "") or data_dir / "exports"),
+            exports_queue=env.get("BILLING_EXPORTS_QUEUE", base.exports_queue),
             sql_dir=Path(env["BILLING_SQL_DIR"]) if env.get("BILLING_SQL_DIR") else base.sql_dir,
         )
 

@@ -8,13 +8,15 @@ web searches where priced, 5% BYOK and an optional share of exact duplicates (ga
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 
 from billing.catalog import BillableClass, Catalog, PriceVersion
 from billing.events import Usage, UsageEvent
+from billing.money import EXACT, ZERO
+from billing.pricing import price
 
 REASONING_MODELS = ("o3", "o4-mini", "gpt-5", "gemini-2.5-pro")
 
@@ -105,3 +107,22 @@ def _usage(rng: random.Random, version: PriceVersion) -> Usage:
 def _input_price(version: PriceVersion) -> Decimal:
     component = version.prices.get(BillableClass.INPUT)
     return component.unit_price if component else Decimal(0)
+
+
+def expected_debits(events: Iterable[UsageEvent], catalog: Catalog) -> dict[str, Decimal]:
+    """What each wallet must have been debited: distinct, non-BYOK events priced one by one.
+
+    An independent expectation for tests and benchmarks (no database, no batching).
+    """
+    totals: dict[str, Decimal] = {}
+    seen: set[str] = set()
+    for event in events:
+        if event.event_id in seen or event.byok:
+            continue
+        seen.add(event.event_id)
+        version = catalog.in_force(event.model, event.provider, event.occurred_at)
+        if version is None:
+            raise ValueError(f"no price for {event.model}@{event.provider}")
+        amount = price(event.usage, version).total
+        totals[event.account_id] = EXACT.add(totals.get(event.account_id, ZERO), amount)
+    return totals

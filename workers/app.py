@@ -41,12 +41,21 @@ app.conf.update(
     task_reject_on_worker_lost=True,
     worker_prefetch_multiplier=1,
     task_default_queue=settings.tasks_queue,
-    task_queues=[Queue(settings.tasks_queue, durable=True)],
+    task_queues=[
+        Queue(settings.tasks_queue, durable=True),
+        Queue(settings.exports_queue, durable=True),  # long exports; `-Q` to dedicate nodes
+    ],
+    task_routes={"billing.export_period": {"queue": settings.exports_queue}},
     task_create_missing_queues=False,
     worker_hijack_root_logger=False,
     worker_enable_remote_control=not settings.embedded_broker,
     beat_schedule={
         "relay-outbox": {"task": "billing.relay_outbox", "schedule": 10.0},
+        "check-auto-topups": {"task": "billing.check_auto_topups", "schedule": 15.0},
+        "process-pending-stripe-events": {
+            "task": "billing.process_pending_stripe_events",
+            "schedule": 300.0,
+        },
     },
 )
 

@@ -9,6 +9,9 @@ from billing.catalog import CatalogCache
 from billing.db import connect, queries
 from billing.deadletters import replay
 from billing.errors import Transient
+from billing.exports.fleet import export_period
+from billing.stripe_client import StripeGateway
+from billing.topups import check_auto_topups, process_pending, process_stripe_event
 from billing.wallets import relay_outbox
 from workers.app import app, settings
 
@@ -33,3 +36,34 @@ def replay_dead_letters_task(reason_code: str | None = None) -> dict[str, int]:
         "duplicates": result.duplicates,
         "parked": result.parked,
     }
+
+
+@app.task(name="billing.process_stripe_event", autoretry_for=(Transient,), retry_backoff=True)
+def process_stripe_event_task(event_id: str) -> str:
+    """Apply one stored Stripe event (money moves and the inbox row is marked in one commit)."""
+    with connect(settings) as conn:
+        return process_stripe_event(conn, queries(settings), settings, event_id).text
+
+
+@app.task(name="billing.process_pending_stripe_events", autoretry_for=(Transient,))
+def process_pending_stripe_events_task() -> dict[str, int]:
+    """Re-run stored events not processed yet (a lost hand-off, a failure, an early arrival)."""
+    with connect(settings) as conn:
+        result = process_pending(conn, queries(settings), settings)
+    return {"processed": result.processed, "waiting": result.waiting, "failed": result.failed}
+
+
+@app.task(name="billing.check_auto_topups", autoretry_for=(Transient,), retry_backoff=True)
+def check_auto_topups_task() -> int:
+    """Create the off-session intents of accounts below their auto top-up threshold."""
+    if not settings.stripe_api_key:
+        return 0
+    with connect(settings) as conn:
+        return len(check_auto_topups(conn, queries(settings), settings, StripeGateway(settings)))
+
+
+@app.task(name="billing.export_period", autoretry_for=(Transient,), retry_backoff=True)
+def export_period_task(period: str, fmt: str, account: str | None = None) -> dict[str, object]:
+    """Write a period's statements into BILLING_EXPORTS_DIR/<period> (runs on the exports queue)."""
+    result = export_period(settings, period, fmt, settings.exports_dir / period, account)
+    return {"accounts": result.accounts, "files": [str(p) for p in result.files[:100]]}

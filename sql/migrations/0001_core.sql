@@ -135,7 +135,9 @@ CREATE TABLE usage_events (
     CHECK (CASE WHEN byok THEN debited = 0 AND posting_id IS NULL
                 ELSE debited = amount AND (posting_id IS NOT NULL OR amount = 0) END)
 );
-CREATE INDEX usage_events_account_time ON usage_events (account_id, occurred_at);
+-- Statements select an account's usage by the time it was debited (recorded_at = its posting's
+-- created_at, see docs/exports.md); this is the only secondary index on the hot table.
+CREATE INDEX usage_events_account_recorded ON usage_events (account_id, recorded_at);
 
 -- Anything accepted from the queue that could not be debited, with the reason and field.
 CREATE TABLE dead_letters (

@@ -77,3 +77,111 @@ SELECT
         AS dead_lettered,
     (SELECT count(*) FROM wallets) AS wallets,
     (SELECT count(*) FROM postings) AS postings
+
+-- name: audit_topup_ledger
+-- Per top-up, what its postings moved equals its record: the wallet got credit - refunded_credit,
+-- revenue:fees got fee - refunded_fee, and clearing:stripe gave what was charged net of refunds.
+WITH moved AS (
+    SELECT tp.topup_id,
+           coalesce(sum(e.amount) FILTER (WHERE la.kind = 'wallet'), 0) AS wallet,
+           coalesce(sum(e.amount) FILTER (WHERE la.code = 'revenue:fees'), 0) AS fees,
+           coalesce(sum(e.amount) FILTER (WHERE la.code = 'clearing:stripe'), 0) AS clearing
+    FROM topup_postings tp
+    JOIN ledger_entries e USING (posting_id)
+    JOIN ledger_accounts la USING (ledger_account_id)
+    WHERE tp.kind IN ('topup', 'topup_refund')
+    GROUP BY tp.topup_id
+)
+SELECT t.topup_id, t.status, t.credit, t.fee, t.refunded_credit, t.refunded_fee,
+       coalesce(m.wallet, 0) AS wallet_moved, coalesce(m.fees, 0) AS fees_moved,
+       coalesce(m.clearing, 0) AS clearing_moved
+FROM topups t LEFT JOIN moved m USING (topup_id)
+WHERE coalesce(m.wallet, 0)
+        <> CASE WHEN t.status = 'succeeded' THEN t.credit - t.refunded_credit ELSE 0 END
+   OR coalesce(m.fees, 0)
+        <> CASE WHEN t.status = 'succeeded' THEN t.fee - t.refunded_fee ELSE 0 END
+   OR coalesce(m.clearing, 0) <> CASE WHEN t.status = 'succeeded'
+        THEN -(t.charged - t.refunded_credit - t.refunded_fee) ELSE 0 END
+ORDER BY t.topup_id
+
+-- name: audit_dispute_holds
+-- liability:dispute_holds holds exactly the credit of the disputes still open, and each dispute's
+-- postings moved what its record says (held, then released to the wallet or lost to Stripe).
+WITH per_dispute AS (
+    SELECT d.dispute_id, d.status, d.held_credit,
+           coalesce(sum(e.amount) FILTER (WHERE la.code = 'liability:dispute_holds'), 0) AS held,
+           coalesce(sum(e.amount) FILTER (WHERE la.kind = 'wallet'), 0) AS wallet
+    FROM stripe_disputes d
+    LEFT JOIN ledger_entries e ON e.posting_id IN (d.hold_posting_id, d.close_posting_id)
+    LEFT JOIN ledger_accounts la USING (ledger_account_id)
+    GROUP BY d.dispute_id, d.status, d.held_credit
+)
+SELECT dispute_id, status, held_credit, held, wallet FROM per_dispute
+WHERE held <> CASE WHEN status = 'held' THEN held_credit ELSE 0 END
+   OR wallet <> CASE status WHEN 'held' THEN -held_credit WHEN 'won' THEN 0
+                            ELSE -held_credit END
+UNION ALL
+SELECT 'liability:dispute_holds', 'total',
+       (SELECT coalesce(sum(held_credit), 0) FROM stripe_disputes WHERE status = 'held'),
+       (SELECT coalesce(sum(e.amount), 0) FROM ledger_entries e
+          JOIN ledger_accounts la USING (ledger_account_id)
+         WHERE la.code = 'liability:dispute_holds'),
+       0
+WHERE (SELECT coalesce(sum(held_credit), 0) FROM stripe_disputes WHERE status = 'held')
+   <> (SELECT coalesce(sum(e.amount), 0) FROM ledger_entries e
+         JOIN ledger_accounts la USING (ledger_account_id)
+        WHERE la.code = 'liability:dispute_holds')
+
+-- name: audit_topup_totals
+-- Platform accounts equal the top-up records: fee revenue is the fees kept (net of refunds and
+-- lost disputes); Stripe clearing is everything charged net of refunds and lost disputes.
+WITH expected AS (
+    SELECT
+        (SELECT coalesce(sum(fee - refunded_fee), 0) FROM topups WHERE status = 'succeeded')
+          - (SELECT coalesce(sum(fee_part), 0) FROM stripe_disputes WHERE status = 'lost')
+          AS fees,
+        -(SELECT coalesce(sum(charged - refunded_credit - refunded_fee), 0) FROM topups
+           WHERE status = 'succeeded')
+          + (SELECT coalesce(sum(amount), 0) FROM stripe_disputes WHERE status = 'lost')
+          AS clearing
+), actual AS (
+    SELECT coalesce(sum(e.amount) FILTER (WHERE la.code = 'revenue:fees'), 0) AS fees,
+           coalesce(sum(e.amount) FILTER (WHERE la.code = 'clearing:stripe'), 0) AS clearing
+    FROM ledger_entries e JOIN ledger_accounts la USING (ledger_account_id)
+    WHERE la.code IN ('revenue:fees', 'clearing:stripe')
+)
+SELECT x.fees AS expected_fees, a.fees AS ledger_fees,
+       x.clearing AS expected_clearing, a.clearing AS ledger_clearing
+FROM expected x, actual a
+WHERE x.fees <> a.fees OR x.clearing <> a.clearing
+
+-- name: audit_frozen_wallets
+-- A wallet is frozen exactly while one of its disputes is open.
+SELECT w.account_id, w.frozen
+FROM wallets w
+WHERE w.frozen <> EXISTS (SELECT 1 FROM stripe_disputes d
+                          WHERE d.account_id = w.account_id AND d.status = 'held')
+ORDER BY w.account_id
+
+-- name: audit_event_recorded_at
+-- Statements assign usage to a period by recorded_at; it must be the time of the posting that
+-- debited the event, so the usage lines reconcile with the ledger (billing/exports).
+SELECT u.event_id, u.recorded_at, p.created_at AS posted_at
+FROM usage_events u JOIN postings p ON p.posting_id = u.posting_id
+WHERE u.recorded_at <> p.created_at
+ORDER BY u.event_id
+LIMIT 1000
+
+-- name: audit_invoice_hashes
+SELECT invoice_id, issuer, number
+FROM invoices
+WHERE content_sha256 <> encode(sha256(content), 'hex')
+ORDER BY invoice_id
+
+-- name: audit_invoice_numbers
+-- Per issuer: numbers are exactly 1..last_number (no gap, no number beyond the counter).
+SELECT s.issuer, s.last_number, count(i.invoice_id) AS invoices, max(i.number) AS max_number
+FROM invoice_issuers s LEFT JOIN invoices i USING (issuer)
+GROUP BY s.issuer, s.last_number
+HAVING count(i.invoice_id) <> s.last_number OR coalesce(max(i.number), 0) <> s.last_number
+ORDER BY s.issuer

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import psycopg
 
-from billing import broker, catalog, db, wallets
+from billing import broker, catalog, db, synthetic, wallets
 from billing.db import Queries
 from billing.events import Usage, UsageEvent
-from billing.money import ZERO
-from billing.pricing import price
 from billing.settings import Settings
 from workers.usage_consumer import UsageConsumer
 
@@ -83,17 +80,7 @@ def expected_debits(
     conn: psycopg.Connection[Any], q: Queries, events: list[UsageEvent]
 ) -> dict[str, Decimal]:
     """Independent expectation: price each distinct event with the pure function and sum."""
-    snap = catalog.snapshot(conn, q)
-    totals: dict[str, Decimal] = defaultdict(lambda: ZERO)
-    seen: set[str] = set()
-    for e in events:
-        if e.event_id in seen or e.byok:
-            continue
-        seen.add(e.event_id)
-        version = snap.in_force(e.model, e.provider, e.occurred_at)
-        assert version is not None
-        totals[e.account_id] += price(e.usage, version).total
-    return dict(totals)
+    return synthetic.expected_debits(events, catalog.snapshot(conn, q))
 
 
 def balances(conn: psycopg.Connection[Any]) -> dict[str, Decimal]:

@@ -1,0 +1,692 @@
+"""Throughput benchmark: the per-event Celery baseline vs. our batched fleet, in one run.
+
+Against real RabbitMQ and PostgreSQL, with the same seeded synthetic events (many accounts with a
+Zipf-like hot set, the catalog's models and providers, cached tokens, images, searches, 5% BYOK,
+1% duplicates), it measures side by side:
+
+* baseline     one Celery task per event, one transaction per event (``workers/baseline.py``)
+* single       our fleet (``billing worker``), one event per message
+* envelope100  our fleet, envelopes of 100 events per message
+* sql          the same decode/price/record code fed directly, no broker (the ceiling)
+
+For each: sustained events/s after warm-up (the 10th to 90th percentile of commit times), p50/p99
+publish-to-commit latency at half that rate, CPU used by the broker, PostgreSQL and the workers,
+and peak worker RSS. Every scenario ends with ``billing audit`` and a comparison of every wallet
+with the generator's expected totals: a fast wrong answer fails the benchmark (exit 1).
+
+    python -m bench.throughput            # the full comparison (a few minutes)
+    python -m bench.throughput --quick    # tiny, correctness only (runs in the test suite)
+
+``BILLING_BENCH_DATABASE_URL`` (default ``postgresql://postgres@127.0.0.1:5432/postgres``) and
+``BILLING_BENCH_BROKER_URL`` (default ``amqp://guest:guest@127.0.0.1:5672//``) choose the servers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import psutil
+import psycopg
+from kombu import Connection, Producer
+from psycopg import sql
+
+from billing import broker, catalog, db, wallets
+from billing.audit import run_audit
+from billing.events import UsageEvent, encode_envelope, encode_event
+from billing.settings import Settings
+from billing.synthetic import TrafficShape, expected_debits, generate
+from billing.usage import process_batch
+
+ADMIN_URL = os.environ.get(
+    "BILLING_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+BROKER_URL = os.environ.get("BILLING_BENCH_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
+TEMPLATE = "billing_bench_template"
+CREDIT = Decimal(10_000_000)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Result:
+    scenario: str
+    events: int
+    rate: float
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    latency_rate: float | None = None
+    cpu_broker: float = 0.0  # % of one core, during the measured window
+    cpu_postgres: float = 0.0
+    cpu_workers: float = 0.0
+    cpu_us_per_event: float = 0.0
+    peak_worker_rss_mb: float = 0.0
+    audit_ok: bool = False
+    balances_ok: bool = False
+    rate_windows: list[float] | None = None
+
+
+# --- processes and CPU -------------------------------------------------------------------------
+def _cpu(procs: Sequence[psutil.Process]) -> float:
+    total = 0.0
+    for p in procs:
+        try:
+            times = p.cpu_times()
+            total += times.user + times.system
+        except psutil.Error:
+            pass
+    return total
+
+
+def _family(root: psutil.Process) -> list[psutil.Process]:
+    try:
+        return [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return [root]
+
+
+class Sampler(threading.Thread):
+    """Samples cumulative CPU seconds of broker, PostgreSQL and workers, and worker RSS."""
+
+    def __init__(self, worker_roots: Callable[[], list[int]]) -> None:
+        super().__init__(daemon=True)
+        self.worker_roots = worker_roots
+        self.samples: list[tuple[float, float, float, float]] = []
+        self.peak_rss = 0
+        self.stop_flag = threading.Event()
+        self.broker = [p for p in psutil.process_iter(["name"]) if p.info["name"] == "beam.smp"]
+
+    def run(self) -> None:
+        while not self.stop_flag.is_set():
+            pg = [p for p in psutil.process_iter(["name"]) if p.info["name"] == "postgres"]
+            workers: list[psutil.Process] = []
+            for pid in self.worker_roots():
+                with contextlib.suppress(psutil.Error):
+                    workers += _family(psutil.Process(pid))
+            rss = 0
+            for w in workers:
+                with contextlib.suppress(psutil.Error):
+                    rss += w.memory_info().rss
+            self.peak_rss = max(self.peak_rss, rss)
+            self.samples.append((time.time(), _cpu(self.broker), _cpu(pg), _cpu(workers)))
+            self.stop_flag.wait(0.25)
+
+    def usage_between(self, start: float, end: float) -> tuple[float, float, float]:
+        """CPU seconds (broker, postgres, workers) used between two wall-clock times."""
+
+        def at(t: float) -> tuple[float, float, float]:
+            before = [s for s in self.samples if s[0] <= t] or self.samples[:1]
+            return before[-1][1:]
+
+        a, b = at(start), at(end)
+        return (b[0] - a[0], b[1] - a[1], b[2] - a[2])
+
+    def stop(self) -> None:
+        self.stop_flag.set()
+        self.join()
+
+
+# --- databases -------------------------------------------------------------------------------
+def _url(database: str) -> str:
+    info = psycopg.conninfo.conninfo_to_dict(ADMIN_URL)
+    info["dbname"] = database
+    return psycopg.conninfo.make_conninfo(**info)
+
+
+def _recreate(name: str, template: str | None = None) -> None:
+    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+        if template:
+            conn.execute(
+                sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                    sql.Identifier(name), sql.Identifier(template)
+                )
+            )
+        else:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+
+
+def prepare_template(accounts: list[str]) -> catalog.Catalog:
+    _recreate(TEMPLATE)
+    settings = replace(Settings.from_env({}), database_url=_url(TEMPLATE))
+    q = db.queries(settings)
+    with db.connect(settings) as conn:
+        db.migrate(conn, settings.sql_dir)
+        catalog.load_versions(
+            conn,
+            q,
+            catalog.read_catalog_file(catalog.DEFAULT_CATALOG),
+            now=datetime.now(UTC),
+            loaded_by="bench",
+        )
+        for account in accounts:
+            wallets.create_account(conn, q, account)
+            wallets.adjust(conn, q, account, CREDIT, reason="bench credit", actor="bench")
+        conn.execute("VACUUM ANALYZE")
+        return catalog.snapshot(conn, q)
+
+
+def scenario_settings(name: str) -> Settings:
+    database = f"billing_bench_{name}"
+    _recreate(database, TEMPLATE)
+    tag = f"{name}.{uuid.uuid4().hex[:8]}"
+    return replace(
+        Settings.from_env({}),
+        database_url=_url(database),
+        broker_url=BROKER_URL,
+        usage_exchange=f"bench.usage.{tag}",
+        usage_queue=f"bench.usage.{tag}",
+        wallet_events_exchange=f"bench.wallet-events.{tag}",
+        tasks_queue=f"bench.tasks.{tag}",
+    )
+
+
+def env_for(settings: Settings, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BILLING_")}
+    env.update(
+        {
+            "BILLING_DATABASE_URL": settings.database_url,
+            "BILLING_BROKER_URL": settings.broker_url,
+            "BILLING_USAGE_EXCHANGE": settings.usage_exchange,
+            "BILLING_USAGE_QUEUE": settings.usage_queue,
+            "BILLING_WALLET_EVENTS_EXCHANGE": settings.wallet_events_exchange,
+            "BILLING_TASKS_QUEUE": settings.tasks_queue,
+            **extra,
+        }
+    )
+    return env
+
+
+# --- measuring ---------------------------------------------------------------------------------
+def count_recorded(settings: Settings) -> int:
+    with db.connect(settings) as conn:
+        return int(conn.execute("SELECT count(*) FROM usage_events").fetchone()[0])  # type: ignore[index]
+
+
+def wait_recorded(
+    settings: Settings, expected: int, timeout: float, procs: Sequence[Any] = ()
+) -> None:
+    """Poll until ``expected`` events are recorded; fail at once if a worker process died."""
+    deadline = time.monotonic() + timeout
+    with db.connect(settings) as conn:
+        while True:
+            n = int(conn.execute("SELECT count(*) FROM usage_events").fetchone()[0])  # type: ignore[index]
+            if n >= expected:
+                return
+            dead = [p for p in procs if _exited(p)]
+            if dead:
+                raise RuntimeError(f"a worker exited early; {n} of {expected} events recorded")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {n} of {expected} events recorded")
+            time.sleep(0.5)
+
+
+def _exited(proc: Any) -> bool:
+    if isinstance(proc, subprocess.Popen):
+        return proc.poll() is not None
+    return not proc.is_alive() and proc.exitcode not in (0, None)
+
+
+def commit_window(settings: Settings, prefix: str) -> tuple[float, float, float, list[float]]:
+    """(rate, t10, t90, rates per decile) from commit times of events whose id has ``prefix``."""
+    with db.connect(settings) as conn:
+        times = [
+            r[0].timestamp()
+            for r in conn.execute(
+                "SELECT recorded_at FROM usage_events WHERE event_id LIKE %s ORDER BY recorded_at",
+                (prefix + "%",),
+            )
+        ]
+    n = len(times)
+    t10, t90 = times[n // 10], times[(9 * n) // 10 - 1]
+    rate = (0.8 * n) / max(t90 - t10, 1e-3)
+    windows = []
+    for d in range(1, 9):
+        a, b = times[(d * n) // 10], times[((d + 1) * n) // 10 - 1]
+        windows.append((n / 10) / max(b - a, 1e-3))
+    return rate, t10, t90, windows
+
+
+def measure_latency(
+    settings: Settings,
+    publish: Callable[[list[UsageEvent]], None],
+    events: list[UsageEvent],
+    rate: float,
+    per_message: int,
+) -> tuple[float, float]:
+    """Publish ``events`` paced at ``rate`` events/s; p50/p99 ms from publish to visible commit."""
+    sent_at: dict[str, float] = {}
+    pending: set[str] = set()
+    lock = threading.Lock()
+    latencies: list[float] = []
+    done = threading.Event()
+
+    def poll() -> None:
+        with db.connect(settings) as conn:
+            while not (done.is_set() and not pending):
+                with lock:
+                    ids = list(pending)
+                if ids:
+                    seen = conn.execute(
+                        "SELECT event_id FROM usage_events WHERE event_id = ANY(%s)", (ids,)
+                    ).fetchall()
+                    now = time.time()
+                    with lock:
+                        for (event_id,) in seen:
+                            pending.discard(event_id)
+                            latencies.append(now - sent_at[event_id])
+                time.sleep(0.005)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    interval = per_message / rate
+    start = time.perf_counter()
+    for i in range(0, len(events), per_message):
+        chunk = events[i : i + per_message]
+        target = start + (i // per_message) * interval
+        delay = target - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        stamp = time.time()
+        with lock:
+            for e in chunk[:: max(1, per_message // 5)]:  # sample up to 5 events per message
+                sent_at[e.event_id] = stamp
+                pending.add(e.event_id)
+        publish(chunk)
+    done.set()
+    poller.join(timeout=120)
+    latencies.sort()
+    return latencies[len(latencies) // 2] * 1000, latencies[int(len(latencies) * 0.99)] * 1000
+
+
+class FastPublisher:
+    """Pre-loads the queue (persistent messages, no per-message confirm wait)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.conn = Connection(settings.broker_url)
+        self.queue = broker.usage_queue(settings)
+        self.queue(self.conn.channel()).declare()
+        self.producer = Producer(self.conn.channel(), exchange=broker.usage_exchange(settings))
+
+    def raw(self, body: bytes) -> None:
+        self.producer.publish(
+            body,
+            routing_key=broker.USAGE_ROUTING_KEY,
+            content_type="application/json",
+            content_encoding="utf-8",
+            delivery_mode=2,
+        )
+
+    def events(self, events: list[UsageEvent], per_message: int) -> None:
+        for i in range(0, len(events), per_message):
+            chunk = events[i : i + per_message]
+            self.raw(encode_event(chunk[0]) if per_message == 1 else encode_envelope(chunk))
+
+    def close(self) -> None:
+        self.conn.release()
+
+
+def verify(
+    settings: Settings, events: list[UsageEvent], snap: catalog.Catalog
+) -> tuple[bool, bool]:
+    q = db.queries(settings)
+    with db.connect(settings) as conn:
+        report = run_audit(conn, q)
+        balances = {a: b for a, b in conn.execute("SELECT account_id, balance FROM wallets")}
+    expected = expected_debits(events, snap)
+    balances_ok = all(CREDIT - balances[a] == expected.get(a, Decimal(0)) for a in balances)
+    if not report.ok:
+        print("  audit FAILED:", [c.name for c in report.checks if not c.ok], file=sys.stderr)
+    if not balances_ok:
+        print("  balances differ from the generator's expected totals", file=sys.stderr)
+    return report.ok, balances_ok
+
+
+# --- scenarios ---------------------------------------------------------------------------------
+def run_fleet(
+    name: str,
+    events: list[UsageEvent],
+    latency_events: list[UsageEvent],
+    snap: catalog.Catalog,
+    per_message: int,
+    workers: int,
+    worker_env: dict[str, str],
+) -> Result:
+    settings = scenario_settings(name)
+    publisher = FastPublisher(settings)
+    publisher.events(events, per_message)
+    procs: list[subprocess.Popen[bytes]] = []
+    sampler = Sampler(lambda: [p.pid for p in procs])
+    sampler.start()
+    try:
+        for _ in range(workers):
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "billing.cli",
+                        "worker",
+                        "--loglevel=WARNING",
+                        "--no-migrate",
+                    ],
+                    env=env_for(settings, **worker_env),
+                    cwd=ROOT,
+                )
+            )
+        unique = len({e.event_id for e in events})
+        wait_recorded(settings, unique, timeout=600, procs=procs)
+        rate, t10, t90, windows = commit_window(settings, events[0].event_id.split("-")[0])
+        cpu = sampler.usage_between(t10, t90)
+        lat_rate = rate / 2
+        p50, p99 = measure_latency(
+            settings,
+            lambda chunk: publisher.events(chunk, per_message),
+            latency_events,
+            lat_rate,
+            per_message,
+        )
+        wait_recorded(
+            settings,
+            unique + len({e.event_id for e in latency_events}),
+            timeout=120,
+            procs=procs,
+        )
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=60)
+        sampler.stop()
+        publisher.close()
+    audit_ok, balances_ok = verify(settings, events + latency_events, snap)
+    return _result(
+        name,
+        unique,
+        rate,
+        t90 - t10,
+        cpu,
+        sampler,
+        p50,
+        p99,
+        lat_rate,
+        audit_ok,
+        balances_ok,
+        windows,
+    )
+
+
+def run_baseline(
+    events: list[UsageEvent],
+    latency_events: list[UsageEvent],
+    snap: catalog.Catalog,
+    concurrency: int,
+) -> Result:
+    settings = scenario_settings("baseline")
+    env = env_for(settings, BILLING_USAGE_CONSUMER="0")
+    os.environ.update(env)  # the Celery app below reads its settings from the environment
+    from workers.baseline import record_event
+
+    conn = Connection(settings.broker_url)
+    producer = Producer(conn.channel())
+
+    def send(chunk: list[UsageEvent]) -> None:
+        for e in chunk:
+            record_event.apply_async(
+                args=[encode_event(e).decode()],
+                queue=settings.tasks_queue,
+                producer=producer,
+                routing_key=settings.tasks_queue,
+            )
+
+    from kombu import Queue
+
+    Queue(settings.tasks_queue, durable=True)(conn.channel()).declare()
+    send(events)
+    procs: list[subprocess.Popen[bytes]] = []
+    sampler = Sampler(lambda: [p.pid for p in procs])
+    sampler.start()
+    try:
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "workers.baseline",
+                    "worker",
+                    "--pool=prefork",
+                    f"--concurrency={concurrency}",
+                    "-Q",
+                    settings.tasks_queue,
+                    "--without-gossip",
+                    "--without-mingle",
+                    "--without-heartbeat",
+                    "--loglevel=WARNING",
+                ],
+                env=env,
+                cwd=ROOT,
+            )
+        )
+        unique = len({e.event_id for e in events})
+        wait_recorded(settings, unique, timeout=900, procs=procs)
+        rate, t10, t90, windows = commit_window(settings, events[0].event_id.split("-")[0])
+        cpu = sampler.usage_between(t10, t90)
+        p50, p99 = measure_latency(settings, send, latency_events, rate / 2, 1)
+        wait_recorded(
+            settings,
+            unique + len({e.event_id for e in latency_events}),
+            timeout=120,
+            procs=procs,
+        )
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=60)
+        sampler.stop()
+        conn.release()
+    audit_ok, balances_ok = verify(settings, events + latency_events, snap)
+    return _result(
+        "baseline",
+        unique,
+        rate,
+        t90 - t10,
+        cpu,
+        sampler,
+        p50,
+        p99,
+        rate / 2,
+        audit_ok,
+        balances_ok,
+        windows,
+    )
+
+
+def _sql_worker(database_url: str, bodies: list[bytes], batch_messages: int) -> None:
+    settings = replace(Settings.from_env({}), database_url=database_url)
+    q = db.queries(settings)
+    with db.connect(settings) as conn:
+        snap = catalog.snapshot(conn, q)
+        for i in range(0, len(bodies), batch_messages):
+            process_batch(
+                conn, q, snap, bodies[i : i + batch_messages], settings, datetime.now(UTC)
+            )
+
+
+def run_sql(
+    events: list[UsageEvent], snap: catalog.Catalog, processes: int, batch_events: int
+) -> Result:
+    settings = scenario_settings("sql")
+    bodies = [encode_envelope(events[i : i + 100]) for i in range(0, len(events), 100)]
+    ctx = multiprocessing.get_context("spawn")
+    procs = [
+        ctx.Process(
+            target=_sql_worker,
+            args=(settings.database_url, bodies[k::processes], batch_events // 100),
+        )
+        for k in range(processes)
+    ]
+    sampler = Sampler(lambda: [p.pid for p in procs if p.pid is not None])
+    sampler.start()
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    sampler.stop()
+    unique = len({e.event_id for e in events})
+    rate, t10, t90, windows = commit_window(settings, events[0].event_id.split("-")[0])
+    cpu = sampler.usage_between(t10, t90)
+    audit_ok, balances_ok = verify(settings, events, snap)
+    return _result(
+        "sql",
+        unique,
+        rate,
+        t90 - t10,
+        cpu,
+        sampler,
+        None,
+        None,
+        None,
+        audit_ok,
+        balances_ok,
+        windows,
+    )
+
+
+def _result(
+    name: str,
+    events: int,
+    rate: float,
+    window: float,
+    cpu: tuple[float, float, float],
+    sampler: Sampler,
+    p50: float | None,
+    p99: float | None,
+    lat_rate: float | None,
+    audit_ok: bool,
+    balances_ok: bool,
+    windows: list[float],
+) -> Result:
+    window = max(window, 1e-3)
+    return Result(
+        scenario=name,
+        events=events,
+        rate=rate,
+        p50_ms=p50,
+        p99_ms=p99,
+        latency_rate=lat_rate,
+        cpu_broker=100 * cpu[0] / window,
+        cpu_postgres=100 * cpu[1] / window,
+        cpu_workers=100 * cpu[2] / window,
+        cpu_us_per_event=1e6 * sum(cpu) / (rate * window),
+        peak_worker_rss_mb=sampler.peak_rss / 2**20,
+        audit_ok=audit_ok,
+        balances_ok=balances_ok,
+        rate_windows=windows,
+    )
+
+
+# --- main --------------------------------------------------------------------------------------
+def print_table(results: list[Result]) -> None:
+    base = next((r.rate for r in results if r.scenario == "baseline"), None)
+    head = (
+        f"{'scenario':<12}{'events':>9}{'events/s':>10}{'x base':>8}{'p50 ms':>8}"
+        f"{'p99 ms':>8}{'@ ev/s':>8}{'cpu mq%':>8}{'cpu pg%':>8}{'cpu wk%':>8}"
+        f"{'us/ev':>7}{'rss MB':>8}  correct"
+    )
+    print(head)
+    print("-" * len(head))
+    for r in results:
+        x = f"{r.rate / base:.1f}" if base else "-"
+        p50 = f"{r.p50_ms:.0f}" if r.p50_ms is not None else "-"
+        p99 = f"{r.p99_ms:.0f}" if r.p99_ms is not None else "-"
+        at = f"{r.latency_rate:.0f}" if r.latency_rate is not None else "-"
+        ok = "yes" if r.audit_ok and r.balances_ok else "NO"
+        print(
+            f"{r.scenario:<12}{r.events:>9,}{r.rate:>10,.0f}{x:>8}{p50:>8}{p99:>8}{at:>8}"
+            f"{r.cpu_broker:>8.0f}{r.cpu_postgres:>8.0f}{r.cpu_workers:>8.0f}"
+            f"{r.cpu_us_per_event:>7.0f}{r.peak_worker_rss_mb:>8.0f}  {ok}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny run, correctness only")
+    parser.add_argument(
+        "--only", action="append", choices=["baseline", "single", "envelope100", "sql"]
+    )
+    parser.add_argument("--events", type=int, help="events for the fleet scenarios")
+    parser.add_argument("--baseline-events", type=int, default=10_000)
+    parser.add_argument("--accounts", type=int, default=1_000)
+    parser.add_argument("--workers", type=int, default=2, help="usage worker processes")
+    parser.add_argument("--batch-events", type=int, default=5_000)
+    parser.add_argument("--latency-seconds", type=float, default=8.0)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+
+    scenarios = args.only or ["baseline", "single", "envelope100", "sql"]
+    fleet_events = args.events or (3_000 if args.quick else 200_000)
+    base_events = 300 if args.quick else args.baseline_events
+    lat_seconds = 0.5 if args.quick else args.latency_seconds
+    accounts = [f"acct-{i:05d}" for i in range(args.accounts if not args.quick else 50)]
+    print(f"preparing: {len(accounts):,} accounts, catalog, template database ...", flush=True)
+    snap = prepare_template(accounts)
+    now = datetime.now(UTC)
+    shape = TrafficShape(accounts=accounts, window=timedelta(hours=6))
+    worker_env = {"BILLING_BATCH_EVENTS": str(args.batch_events)}
+
+    def make(prefix: str, n: int) -> list[UsageEvent]:
+        return list(generate(snap, shape, n, seed=42, now=now, prefix=prefix))
+
+    results: list[Result] = []
+    for name in scenarios:
+        print(f"running {name} ...", flush=True)
+        if name == "baseline":
+            lat = make("blat", max(50, int(600 * lat_seconds)))
+            results.append(run_baseline(make("base", base_events), lat, snap, 2))
+        elif name == "single":
+            lat = make("slat", max(200, int(8_000 * lat_seconds)))
+            results.append(
+                run_fleet(
+                    name, make("single", fleet_events), lat, snap, 1, args.workers, worker_env
+                )
+            )
+        elif name == "envelope100":
+            lat = make("elat", max(1_000, int(25_000 * lat_seconds)))
+            results.append(
+                run_fleet(name, make("env", fleet_events), lat, snap, 100, args.workers, worker_env)
+            )
+        else:
+            results.append(
+                run_sql(make("sql", fleet_events), snap, args.workers, args.batch_events)
+            )
+        print_table(results[-1:])
+    print()
+    print_table(results)
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
+    correct = all(r.audit_ok and r.balances_ok for r in results)
+    if not correct:
+        print("FAILED: a scenario's books do not match the generator's totals", file=sys.stderr)
+    return 0 if correct else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+-- name: stripe_customer_get
+SELECT stripe_customer_id FROM stripe_customers WHERE account_id = %(account_id)s
+
+-- name: stripe_customer_insert
+INSERT INTO stripe_customers (account_id, stripe_customer_id)
+VALUES (%(account_id)s, %(stripe_customer_id)s)
+ON CONFLICT (account_id) DO NOTHING
+
+-- name: stripe_customer_ids
+SELECT account_id, stripe_customer_id FROM stripe_customers
+
+-- name: topup_insert
+INSERT INTO topups (topup_id, account_id, kind, credit, fee, charged)
+VALUES (%(topup_id)s, %(account_id)s, %(kind)s, %(credit)s, %(fee)s, %(charged)s)
+ON CONFLICT (topup_id) DO NOTHING
+
+-- name: topup_get
+SELECT * FROM topups WHERE topup_id = %(topup_id)s
+
+-- name: topup_lock
+SELECT * FROM topups WHERE topup_id = %(topup_id)s FOR UPDATE
+
+-- name: topup_lock_by_stripe
+-- The top-up a Stripe object belongs to, by any id we know of it (first match wins).
+SELECT * FROM topups
+WHERE topup_id = %(topup_id)s
+   OR stripe_payment_intent_id = %(payment_intent_id)s
+   OR stripe_charge_id = %(charge_id)s
+   OR stripe_checkout_session_id = %(checkout_session_id)s
+ORDER BY (topup_id = %(topup_id)s) DESC NULLS LAST
+LIMIT 1
+FOR UPDATE
+
+-- name: topup_set_stripe_ids
+UPDATE topups
+SET stripe_payment_intent_id = coalesce(stripe_payment_intent_id, %(payment_intent_id)s),
+    stripe_checkout_session_id = coalesce(stripe_checkout_session_id, %(checkout_session_id)s),
+    stripe_charge_id = coalesce(stripe_charge_id, %(charge_id)s),
+    updated_at = now()
+WHERE topup_id = %(topup_id)s
+
+-- name: topup_mark_succeeded
+UPDATE topups
+SET status = 'succeeded', succeeded_at = now(), credit_posting_id = %(posting_id)s,
+    failure_reason = NULL, updated_at = now()
+WHERE topup_id = %(topup_id)s AND status <> 'succeeded'
+
+-- name: topup_mark_unpaid
+-- failed or canceled; never overrides a success (Stripe's succeeded is final)
+UPDATE topups
+SET status = %(status)s, failure_reason = %(reason)s, updated_at = now()
+WHERE topup_id = %(topup_id)s AND status = 'pending'
+RETURNING topup_id
+
+-- name: topup_add_refund
+UPDATE topups
+SET refunded_credit = refunded_credit + %(credit)s, refunded_fee = refunded_fee + %(fee)s,
+    updated_at = now()
+WHERE topup_id = %(topup_id)s
+
+-- name: topup_posting_insert
+INSERT INTO topup_postings (posting_id, topup_id, kind)
+VALUES (%(posting_id)s, %(topup_id)s, %(kind)s)
+
+-- name: topups_list
+SELECT * FROM topups
+WHERE (%(account_id)s::text IS NULL OR account_id = %(account_id)s)
+ORDER BY created_at DESC, topup_id
+LIMIT %(limit)s
+
+-- name: topups_since
+SELECT * FROM topups WHERE created_at >= %(since)s ORDER BY created_at, topup_id
+
+-- name: dispute_lock
+SELECT * FROM stripe_disputes WHERE dispute_id = %(dispute_id)s FOR UPDATE
+
+-- name: dispute_insert
+INSERT INTO stripe_disputes (dispute_id, topup_id, account_id, amount, held_credit, fee_part,
+                             status, stripe_status, hold_posting_id)
+VALUES (%(dispute_id)s, %(topup_id)s, %(account_id)s, %(amount)s, %(held_credit)s, %(fee_part)s,
+        'held', %(stripe_status)s, %(posting_id)s)
+
+-- name: dispute_close
+UPDATE stripe_disputes
+SET status = %(status)s, stripe_status = %(stripe_status)s, close_posting_id = %(posting_id)s,
+    closed_at = now()
+WHERE dispute_id = %(dispute_id)s AND status = 'held'
+
+-- name: dispute_touch
+UPDATE stripe_disputes SET stripe_status = %(stripe_status)s WHERE dispute_id = %(dispute_id)s
+
+-- name: disputes_for_topups
+SELECT topup_id, dispute_id, status FROM stripe_disputes WHERE topup_id = ANY(%(topup_ids)s)
+
+-- name: wallet_freeze
+UPDATE wallets SET frozen = true, updated_at = now()
+WHERE account_id = %(account_id)s AND NOT frozen
+RETURNING account_id, balance
+
+-- name: wallet_unfreeze
+-- only when no other dispute of the account is still open
+UPDATE wallets SET frozen = false, updated_at = now()
+WHERE account_id = %(account_id)s AND frozen
+  AND NOT EXISTS (SELECT 1 FROM stripe_disputes d
+                  WHERE d.account_id = %(account_id)s AND d.status = 'held')
+RETURNING account_id, balance
+
+-- name: stripe_event_store
+-- A redelivery of a stored event only counts the delivery.
+INSERT INTO stripe_events (event_id, type, api_version, livemode, payload, event)
+VALUES (%(event_id)s, %(type)s, %(api_version)s, %(livemode)s, %(payload)s, %(event)s)
+ON CONFLICT (event_id) DO UPDATE SET deliveries = stripe_events.deliveries + 1
+RETURNING processed_at, deliveries
+
+-- name: stripe_event_attempt
+UPDATE stripe_events SET attempts = attempts + 1 WHERE event_id = %(event_id)s
+RETURNING attempts
+
+-- name: stripe_event_lock
+SELECT event_id, type, event, processed_at FROM stripe_events
+WHERE event_id = %(event_id)s
+FOR UPDATE
+
+-- name: stripe_event_done
+UPDATE stripe_events SET processed_at = now(), outcome = %(outcome)s, last_error = NULL
+WHERE event_id = %(event_id)s
+
+-- name: stripe_event_waiting
+UPDATE stripe_events SET outcome = %(outcome)s WHERE event_id = %(event_id)s
+
+-- name: stripe_event_error
+UPDATE stripe_events SET last_error = %(error)s WHERE event_id = %(event_id)s
+
+-- name: stripe_events_pending
+SELECT event_id FROM stripe_events
+WHERE processed_at IS NULL
+ORDER BY received_at, event_id
+LIMIT %(limit)s
+
+-- name: stripe_event_get
+SELECT event_id, type, received_at, deliveries, attempts, processed_at, outcome, last_error
+FROM stripe_events WHERE event_id = %(event_id)s
+
+-- name: auto_topup_upsert
+INSERT INTO auto_topup_settings (account_id, enabled, threshold, amount, payment_method)
+VALUES (%(account_id)s, true, %(threshold)s, %(amount)s, %(payment_method)s)
+ON CONFLICT (account_id) DO UPDATE
+SET enabled = true, threshold = excluded.threshold, amount = excluded.amount,
+    payment_method = excluded.payment_method, disabled_reason = NULL, updated_at = now()
+
+-- name: auto_topup_disable
+UPDATE auto_topup_settings
+SET enabled = false, disabled_reason = %(reason)s, updated_at = now()
+WHERE account_id = %(account_id)s
+RETURNING account_id
+
+-- name: auto_topup_get
+SELECT * FROM auto_topup_settings WHERE account_id = %(account_id)s
+
+-- name: auto_topup_candidates
+-- Accounts that need an auto top-up now (re-checked under the row lock by auto_topup_claim).
+SELECT a.account_id
+FROM auto_topup_settings a JOIN wallets w USING (account_id)
+WHERE a.enabled AND a.pending_topup_id IS NULL AND w.balance < a.threshold
+ORDER BY a.account_id
+LIMIT %(limit)s
+
+-- name: auto_topup_claim
+-- SKIP LOCKED: a concurrent checker that holds this row is already creating the intent.
+SELECT a.account_id, a.threshold, a.amount, a.payment_method, a.attempts, w.balance
+FROM auto_topup_settings a JOIN wallets w USING (account_id)
+WHERE a.account_id = %(account_id)s
+  AND a.enabled AND a.pending_topup_id IS NULL AND w.balance < a.threshold
+FOR UPDATE OF a SKIP LOCKED
+
+-- name: auto_topup_set_pending
+UPDATE auto_topup_settings
+SET pending_topup_id = %(topup_id)s, pending_intent_id = %(intent_id)s,
+    attempts = %(attempts)s, updated_at = now()
+WHERE account_id = %(account_id)s
+
+-- name: auto_topup_declined
+UPDATE auto_topup_settings
+SET enabled = false, disabled_reason = %(reason)s, pending_topup_id = NULL,
+    pending_intent_id = NULL, attempts = %(attempts)s, updated_at = now()
+WHERE account_id = %(account_id)s
+
+-- name: auto_topup_settle
+-- The pending intent of this top-up resolved; clear it (and disable on failure).
+UPDATE auto_topup_settings
+SET pending_topup_id = NULL, pending_intent_id = NULL,
+    enabled = enabled AND %(succeeded)s,
+    disabled_reason = CASE WHEN %(succeeded)s THEN disabled_reason ELSE %(reason)s END,
+    updated_at = now()
+WHERE pending_topup_id = %(topup_id)s
+RETURNING account_id

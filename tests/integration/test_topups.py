@@ -1,0 +1,616 @@
+# ruff: noqa: F811  (pytest fixtures imported from stripe_support are used as parameters)
+"""Top-ups end to end on localstripe: charge, credit, refunds, disputes, checkout, auto top-up.
+
+Every scenario ends with ``billing audit`` clean.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+
+from billing import catalog, db
+from billing.db import Queries
+from billing.events import encode_event
+from billing.settings import Settings
+from billing.stripe_client import StripeGateway
+from billing.topups import (
+    AUTO_TOPUP_FAILED,
+    FROZEN,
+    UNFROZEN,
+    check_auto_topups,
+    create_topup,
+    ensure_customer,
+    get_topup,
+    process_stripe_event,
+    reconcile,
+    set_auto_topup,
+)
+from billing.usage import decode_and_price, record_isolating
+
+from .helpers import make_event, open_account
+from .stripe_support import (  # noqa: F401  (fixtures)
+    Endpoint,
+    assert_audit_clean,
+    charge_object,
+    dispute_object,
+    endpoint,
+    envelope,
+    event_rows,
+    fixture,
+    gateway,
+    ledger_balance,
+    localstripe_url,
+    stripe_settings,
+    wait_for,
+    wallet_balance,
+)
+
+D = Decimal
+
+
+def _processed(conn: psycopg.Connection[Any], event_type: str, intent_id: str) -> bool:
+    rows = event_rows(conn, event_type, intent_id)
+    return bool(rows) and all(r[1] is not None for r in rows)
+
+
+def _paid_topup(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    settings: Settings,
+    gateway: StripeGateway,
+    account: str,
+    amount: str = "100",
+) -> str:
+    """A $amount top-up paid with a test card; returns the top-up id once credited."""
+    created = create_topup(
+        conn,
+        q,
+        settings,
+        gateway,
+        account,
+        D(amount),
+        request_key=f"k-{uuid.uuid4()}",
+        payment_method="pm_card_visa",
+    )
+    intent = created.topup.payment_intent_id
+    assert intent is not None
+    wait_for(lambda: _processed(conn, "payment_intent.succeeded", intent), what="credit")
+    return created.topup.topup_id
+
+
+def _outbox(conn: psycopg.Connection[Any], key: str, account: str) -> int:
+    row = conn.execute(
+        "SELECT count(*) FROM outbox WHERE routing_key = %s AND payload->>'account_id' = %s",
+        (key, account),
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _intents_for(localstripe_url: str, topup_id: str) -> list[dict[str, Any]]:
+    data = httpx.get(
+        f"{localstripe_url}/v1/payment_intents",
+        params={"limit": 1000},
+        auth=("sk_test_billing", ""),
+        timeout=10,
+    ).json()["data"]
+    return [pi for pi in data if pi["metadata"].get("topup_id") == topup_id]
+
+
+def _charge(
+    gateway: StripeGateway, topup_id: str, conn: psycopg.Connection[Any], q: Queries
+) -> dict[str, Any]:
+    topup = get_topup(conn, q, topup_id)
+    assert topup.charge_id is not None
+    return gateway.retrieve_charge(topup.charge_id)
+
+
+def test_a_100_dollar_topup_charges_105_and_credits_100(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    stripe_settings: Settings,
+    gateway: StripeGateway,
+    endpoint: Endpoint,
+    localstripe_url: str,
+) -> None:
+    open_account(conn, q, "acme", credit="0")
+    topup_id = _paid_topup(conn, q, stripe_settings, gateway, "acme")
+    topup = get_topup(conn, q, topup_id)
+    assert (topup.credit, topup.fee, topup.charged) == (D(100), D(5), D(105))
+    assert topup.status == "succeeded"
+    [intent] = _intents_for(localstripe_url, topup_id)
+    assert intent["amount"] == 10500 and intent["currency"] == "usd"
+    assert intent["metadata"]["credit"] == "100.00" and intent["metadata"]["fee"] == "5.00"
+    assert wallet_balance(conn, "acme") == D(100)
+    assert ledger_balance(conn, "revenue:fees") == D(5)
+    assert ledger_balance(conn, "clearing:stripe") == D(-105)
+    assert _outbox(conn, "wallet.replenished", "acme") == 1
+    assert reconcile(conn, q, gateway, datetime.now(UTC) - timedelta(minutes=5)) == []
+    assert_audit_clean(conn, q)
+
+
+def test_a_retried_create_with_the_same_key_charges_once(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    stripe_settings: Settings,
+    gateway: StripeGateway,
+    endpoint: Endpoint,
+    localstripe_url: str,
+) -> None:
+    open_account(conn, q, "acme", credit="0")
+    key = f"order-{uuid.uuid4()}"
+    results: list[str] = []
+    errors: list[BaseException] = []
+
+    def create() -> None:
+        try:
+            with db.connect(stripe_settings) as c:
+                created = create_topup(
+                    c,
+                    q,
+                    stripe_settings,
+                    gateway,
+                    "acme",
+                    D("20"),
+                    request_key=key,
+                    payment_method="pm_card_visa",
+                )
+                results.append(created.topup.topup_id)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=create) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    create()  # and once more, after the others finished
+    assert not errors
+    assert len(set(results)) == 1
+    assert len(_intents_for(localstripe_url, results[0])) == 1
+    intent = get_topup(conn, q, results[0]).payment_intent_id
+    assert intent is not None
+    wait_for(lambda: _processed(conn, "payment_intent.succeeded", intent), what="credit")
+    assert wallet_balance(conn, "acme") == D(20)
+    assert_audit_clean(conn, q)
+
+
+def test_refund_arriving_before_the_success_event_converges(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    stripe_settings: Settings,
+    gateway: StripeGateway,
+    endpoint: Endpoint,
+) -> None:
+    open_account(conn, q, "acme", credit="0")
+    endpoint.dispatch.hold = True  # the success event is stored but not processed yet
+    created = create_topup(
+        conn,
+        q,
+        stripe_settings,
+        gateway,
+        "acme",
+        D(100),
+        request_key="early-refund",
+        payment_method="pm_card_visa",
+    )
+    intent = created.topup.payment_intent_id
+    assert intent is not None
+    wait_for(lambda: bool(event_rows(conn, "payment_intent.succeeded", intent)), what="stored")
+    [(success_id, processed, _, _)] = event_rows(conn, "payment_intent.succeeded", intent)
+    assert processed is None and wallet_balance(conn, "acme") == 0
+    gateway.create_refund(
+        key=f"refund-{created.topup.topup_id}-1", payment_intent_id=intent, amount_cents=2100
+    )
+    charge = _charge(gateway, created.topup.topup_id, conn, q)
+    assert charge["amount_refunded"] == 2100
+    refund_event = envelope("charge.refunded", charge_object(charge), amount_refunded=0)
+    assert endpoint.post(refund_event).status_code == 200
+    # the refund is processed first, then the success event
+    assert "credited" in process_stripe_event(conn, q, stripe_settings, refund_event["id"]).text
+    assert "duplicate" not in process_stripe_event(conn, q, stripe_settings, success_id).text
+    assert process_stripe_event(conn, q, stripe_settings, success_id).text.startswith("duplicate")
+    # 2100 of 10500 refunded: credit part to_cents(21 * 100/105) = 20.00, fee part 1.00
+    assert wallet_balance(conn, "acme") == D(80)
+    assert ledger_balance(conn, "revenue:fees") == D(4)
+    assert ledger_balance(conn, "clearing:stripe") == D(-84)
+    topup = get_topup(conn, q, created.topup.topup_id)
+    assert (topup.refunded_credit, topup.refunded_fee) == (D(20), D(1))
+    assert reconcile(conn, q, gateway, datetime.now(UTC) - timedelta(minutes=5)) == []
+    assert_audit_clean(conn, q)
+
+
+def test_partial_refunds_in_any_order_and_twice_claw_back_once(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    stripe_settings: Settings,
+    gateway: StripeGateway,
+    endpoint: Endpoint,
+) -> None:
+    open_account(conn, q, "acme", credit="0")
+    topup_id = _paid_topup(conn, q, stripe_settings, gateway, "acme")
+    intent = get_topup(conn, q, topup_id).payment_intent_id
+    assert intent is not None
+    events = []
+    for n, cents in enumerate((1000, 2000), start=1):
+        gateway.create_refund(
+            key=f"refund-{topup_id}-{n}", payment_intent_id=intent, amount_cents=cents
+        )
+        events.append(
+            envelope("charge.refunded", charge_object(_charge(gateway, topup_id, conn, q)))
+        )
+    assert [e["data"]["object"]["amount_refunded"] for e in events] == [1000, 3000]
+    # the later (cumulative 3000) first, then the stale 1000, then both again
+    for event in (events[1], events[0], events[1], events[0]):
+        assert endpoint.post(event).status_code == 200
+        endpoint.dispatch.drain()
+    # 3000 of 10500: credit to_cents(30 * 100/105 = 28.5714..) = 28.57, fee 1.43
+    assert wallet_balance(conn, "acme") == D("71.43")
+    assert ledger_balance(conn, "revenue:fees") == D("3.57")
+    topup = get_topup(conn, q, topup_id)
+    assert (topup.refunded_credit, topup.refunded_fee) == (D("28.57"), D("1.43"))
+    assert reconcile(conn, q, gateway, datetime.now(UTC) - timedelta(minutes=5)) == []
+    # the rest: a full refund gives back exactly the credit and the fee
+    gateway.create_refund(key=f"refund-{topup_id}-3", payment_intent_id=intent, amount_cents=7500)
+    assert (
+        endpoint.post(
+            envelope("charge.refunded", charge_object(_charge(gateway, topup_id, conn, q)))
+        ).status_code
+        == 200
+    )
+    endpoint.dispatch.drain()
+    assert wallet_balance(conn, "acme") == 0
+    assert ledger_balance(conn, "revenue:fees") == 0
+    assert ledger_balance(conn, "clearing:stripe") == 0
+    assert reconcile(conn, q, gateway, datetime.now(UTC) - timedelta(minutes=5)) == []
+    assert_audit_clean(conn, q)
+
+
+@pytest.mark.parametrize("closed_first", [False, True])
+@pytest.mark.parametrize("result", ["won", "lost"])
+def test_dispute_holds_and_freezes_then_releases_or_is_lost(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    stripe_settings: Settings,
+    gateway: StripeGateway,
+    endpoint: Endpoint,
+    result: str,
+    closed_first: bool,
+) -> None:
+    open_account(conn, q, "acme", credit="0")
+    topup_id = _paid_topup(conn, q, stripe_settings, gateway, "acme")
+    topup = get_topup(conn, q, topup_id)
+    assert topup.charge_id and topup.payment_intent_id
+    dispute_id = f"du_{uuid.uuid4().hex[:20]}"
+    opened = envelope(
+        "charge.dispute.created",
+        dispute_object(
+            topup.charge_id, topup.payment_intent_id, 10500, "needs_response", dispute_id
+        ),
+    )
+    closed = envelope(
+        "charge.dispute.closed",
+        dispute_object(topup.charge_id, topup.payment_intent_id, 10500, result, dispute_id),
+        status="needs_response",
+    )
+    first, second = (closed, opened) if closed_first else (opened, closed)
+    assert endpoint.post(first).status_code == 200
+    endpoint.dispatch.drain()
+    if not closed_first:
+        assert wallet_balance(conn, "acme") == 0  # 100 of credit held
+        assert ledger_balance(conn, "liability:dispute_holds") == D(100)
+        assert conn.execute("SELECT frozen FROM wallets WHERE account_id = 'acme'").fetchone() == (
+            True,
+        )
+        assert _outbox(conn, FROZEN, "acme") == 1
+        assert_audit_clean(conn, q)
+    assert endpoint.post(second).status_code == 200
+    assert endpoint.post(first).status_code == 200  # a redelivery changes nothing
+    endpoint.dispatch.drain()
+    assert conn.execute("SELECT frozen FROM wallets WHERE account_id = 'acme'").fetchone() == (
+        False,
+    )
+    assert _outbox(conn, FROZEN, "acme") == 1 and _outbox(conn, UNFROZEN, "acme") == 1
+    assert ledger_balance(conn, "liability:dispute_holds") == 0
+    if result == "won":
+        assert wallet_balance(conn, "acme") == D(100)
+        assert ledger_balance(conn, "revenue:fees") == D(5)
+        assert ledger_balance(conn, "clearing:stripe") == D(-105)
+    else:
+        assert wallet_balance(conn, "acme") == 0
+        assert ledger_balance(conn, "revenue:fees") == 0
+        assert ledger_balance(conn, "clearing:stripe") == 0
+    assert_audit_clean(conn, q)
+
+
+def test_a_dispute_on_a_wallet_already_spent_goes_negative_and_usage_still_records(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    stripe_settings: Settings,
+    gateway: StripeGateway,
+    endpoint: Endpoint,
+    settings: Settings,
+) -> None:
+    open_account(conn, q, "acme", credit="0")
+    topup_id = _paid_topup(conn, q, stripe_settings, gateway, "acme", amount="10")
+    conn.execute("SELECT 1")
+    from billing import wallets
+
+    wallets.adjust(conn, q, "acme", D("-9"), reason="spent", actor="tests")
+    topup = get_topup(conn, q, topup_id)
+    assert topup.charge_id and topup.payment_intent_id
+    event = envelope(
+        "charge.dispute.created",
+        dispute_object(
+            topup.charge_id, topup.payment_intent_id, 1050, "needs_response", "du_spent"
+        ),
+    )
+    assert endpoint.post(event).status_code == 200
+    endpoint.dispatch.drain()
+    assert wallet_balance(conn, "acme") == D(-9)
+    _debit(conn, q, settings, "acme", "frozen-usage")  # usage on a frozen wallet still records
+    assert wallet_balance(conn, "acme") < D(-9)
+    assert_audit_clean(conn, q)
+
+
+def test_checkout_session_completed_credits_once(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    stripe_settings: Settings,
+    endpoint: Endpoint,
+    gateway: StripeGateway,
+) -> None:
+    """localstripe has no Checkout: Stripe's published session object stands in for its answer."""
+
+    class CheckoutStripe(StripeGateway):
+        def create_checkout_session(self, **kw: Any) -> dict[str, Any]:
+            session = fixture("checkout_session.json")
+            session.update(
+                id=f"cs_test_{kw['topup_id']}",
+                payment_intent=None,
+                client_reference_id=kw["topup_id"],
+                metadata=dict(kw["metadata"]),
+                customer=kw["customer_id"],
+                amount_total=kw["credit_cents"] + kw["fee_cents"],
+                currency="usd",
+            )
+            self.key = kw["key"]
+            return session
+
+    stripe = CheckoutStripe(stripe_settings)
+    open_account(conn, q, "acme", credit="0")
+    created = create_topup(
+        conn,
+        q,
+        stripe_settings,
+        stripe,
+        "acme",
+        D(100),
+        request_key="co-1",
+        checkout=True,
+        success_url="https://example.com/ok",
+        cancel_url="https://example.com/cancel",
+    )
+    assert created.checkout_url and stripe.key.endswith(f"{created.topup.topup_id}:checkout")
+    session = fixture("checkout_session.json")
+    session.update(
+        id=created.topup.checkout_session_id,
+        status="complete",
+        payment_status="paid",
+        amount_total=10500,
+        currency="usd",
+        payment_intent="pi_from_checkout",
+        client_reference_id=created.topup.topup_id,
+        metadata={"topup_id": created.topup.topup_id},
+    )
+    completed = envelope("checkout.session.completed", session)
+    for _ in range(2):
+        assert endpoint.post(completed).status_code == 200
+        endpoint.dispatch.drain()
+    assert wallet_balance(conn, "acme") == D(100)
+    assert get_topup(conn, q, created.topup.topup_id).payment_intent_id == "pi_from_checkout"
+    # a tampered amount is refused, not credited
+    other = create_topup(
+        conn,
+        q,
+        stripe_settings,
+        stripe,
+        "acme",
+        D(50),
+        request_key="co-2",
+        checkout=True,
+        success_url="https://example.com/ok",
+        cancel_url="https://example.com/cancel",
+    )
+    session.update(
+        id=other.topup.checkout_session_id,
+        amount_total=100,
+        client_reference_id=other.topup.topup_id,
+        metadata={"topup_id": other.topup.topup_id},
+        payment_intent=None,
+    )
+    wrong = envelope("checkout.session.completed", session)
+    assert endpoint.post(wrong).status_code == 200
+    endpoint.dispatch.drain()
+    assert wallet_balance(conn, "acme") == D(100)
+    outcome = conn.execute(
+        "SELECT outcome FROM stripe_events WHERE event_id = %s", (wrong["id"],)
+    ).fetchone()
+    assert outcome is not None and "amount mismatch" in outcome[0]
+    assert_audit_clean(conn, q)
+
+
+# --- auto top-up ----------------------------------------------------------------------------
+def _saved_card(gateway: StripeGateway, localstripe_url: str, customer: str, number: str) -> str:
+    pm = httpx.post(
+        f"{localstripe_url}/v1/payment_methods",
+        data={
+            "type": "card",
+            "card[number]": number,
+            "card[exp_month]": "12",
+            "card[exp_year]": "2030",
+            "card[cvc]": "123",
+        },
+        auth=("sk_test_billing", ""),
+        timeout=10,
+    ).json()
+    gateway.attach_payment_method(pm["id"], customer)
+    return str(pm["id"])
+
+
+def _debit(
+    conn: psycopg.Connection[Any], q: Queries, settings: Settings, account: str, event_id: str
+) -> None:
+    priced, rejected = decode_and_price(
+        [encode_event(make_event(event_id, account))],
+        catalog.snapshot(conn, q),
+        settings,
+        datetime.now(UTC),
+    )
+    assert record_isolating(conn, q, priced, rejected).debited == 1
+
+
+def test_auto_topup_fires_once_under_concurrent_debits(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    stripe_settings: Settings,
+    gateway: StripeGateway,
+    endpoint: Endpoint,
+    localstripe_url: str,
+) -> None:
+    open_account(conn, q, "acme", credit="5.01")
+    customer = ensure_customer(conn, q, gateway, "acme")
+    card = _saved_card(gateway, localstripe_url, customer, "4242424242424242")
+    set_auto_topup(
+        conn, q, stripe_settings, "acme", threshold=D(5), amount=D(20), payment_method=card
+    )
+    assert check_auto_topups(conn, q, stripe_settings, gateway) == []  # not below yet
+    results: list[Any] = []
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(4)
+
+    def debit_then_check(n: int) -> None:
+        try:
+            with db.connect(stripe_settings) as c:
+                _debit(c, q, stripe_settings, "acme", f"ev-{n}")
+                barrier.wait()
+                results.extend(check_auto_topups(c, q, stripe_settings, gateway))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=debit_then_check, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert [r.outcome for r in results] == ["created"]
+    topup_id = results[0].topup_id
+    assert len(_intents_for(localstripe_url, topup_id)) == 1
+    intent = get_topup(conn, q, topup_id).payment_intent_id
+    assert intent is not None
+    wait_for(lambda: _processed(conn, "payment_intent.succeeded", intent), what="auto credit")
+    debited = conn.execute("SELECT sum(debited) FROM usage_events").fetchone()
+    assert debited is not None and debited[0] > 0
+    assert wallet_balance(conn, "acme") == D("5.01") - debited[0] + D(20)  # credited once
+    row = conn.execute(
+        "SELECT pending_topup_id, enabled, attempts FROM auto_topup_settings"
+    ).fetchone()
+    assert row == (None, True, 1)
+    assert check_auto_topups(conn, q, stripe_settings, gateway) == []  # above threshold now
+    assert_audit_clean(conn, q)
+
+
+def test_a_declined_auto_topup_disables_it_and_notifies(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    stripe_settings: Settings,
+    gateway: StripeGateway,
+    endpoint: Endpoint,
+    localstripe_url: str,
+) -> None:
+    open_account(conn, q, "acme", credit="1")
+    customer = ensure_customer(conn, q, gateway, "acme")
+    card = _saved_card(gateway, localstripe_url, customer, "4000000000000341")  # charge fails
+    set_auto_topup(
+        conn, q, stripe_settings, "acme", threshold=D(5), amount=D(20), payment_method=card
+    )
+    [result] = check_auto_topups(conn, q, stripe_settings, gateway)
+    assert result.outcome.startswith("declined")
+    topup = get_topup(conn, q, result.topup_id)
+    assert topup.status == "failed"
+    row = conn.execute(
+        "SELECT enabled, pending_topup_id, disabled_reason FROM auto_topup_settings"
+    ).fetchone()
+    assert row is not None and row[0] is False and row[1] is None and "declined" in row[2]
+    assert _outbox(conn, AUTO_TOPUP_FAILED, "acme") == 1
+    assert check_auto_topups(conn, q, stripe_settings, gateway) == []  # disabled: no retry
+    # localstripe also reports payment_intent.payment_failed: recorded, nothing changes
+    wait_for(
+        lambda: (
+            conn.execute(
+                "SELECT count(*) FROM stripe_events WHERE type = 'payment_intent.payment_failed' "
+                "AND processed_at IS NOT NULL AND event #>> '{data,object,metadata,topup_id}' = %s",
+                (result.topup_id,),
+            ).fetchone()
+            == (1,)
+        ),
+        what="failure event",
+    )
+    assert wallet_balance(conn, "acme") == D(1)
+    assert _outbox(conn, AUTO_TOPUP_FAILED, "acme") == 1
+    assert_audit_clean(conn, q)
+
+
+def test_cli_topup_then_reconcile_reports_every_difference(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    stripe_settings: Settings,
+    gateway: StripeGateway,
+    endpoint: Endpoint,
+) -> None:
+    from click.testing import CliRunner
+
+    from billing.cli import main
+
+    open_account(conn, q, "acme", credit="0")
+    runner = CliRunner()
+    args = ["topup", "create", "acme", "100", "--payment-method", "pm_card_visa", "--key", "cli-1"]
+    first = runner.invoke(main, args, obj={"settings": stripe_settings})
+    assert first.exit_code == 0, first.output
+    assert "credit 100.00 + fee 5.00 = 105.00 USD charged" in first.output
+    again = runner.invoke(main, args, obj={"settings": stripe_settings})
+    assert again.exit_code == 0 and again.output.splitlines()[0] == first.output.splitlines()[0]
+    topup_id = first.output.split()[1]
+    intent = get_topup(conn, q, topup_id).payment_intent_id
+    assert intent is not None
+    wait_for(lambda: _processed(conn, "payment_intent.succeeded", intent), what="credit")
+    since = (datetime.now(UTC) - timedelta(minutes=5)).isoformat()
+    clean = runner.invoke(
+        main, ["stripe", "reconcile", "--since", since], obj={"settings": stripe_settings}
+    )
+    assert clean.exit_code == 0 and "0 difference(s)" in clean.output
+    # a charge on our customer that the ledger never booked (say, made in the dashboard)
+    customer = ensure_customer(conn, q, gateway, "acme")
+    stray = gateway.create_payment_intent(
+        key="stray-1",
+        customer_id=customer,
+        amount_cents=777,
+        metadata={},
+        payment_method="pm_card_visa",
+    )
+    diff = runner.invoke(
+        main, ["stripe", "reconcile", "--since", since], obj={"settings": stripe_settings}
+    )
+    assert diff.exit_code == 1
+    assert "charge not in our books" in diff.output and stray["id"] in diff.output
+    assert "7.77" in diff.output
+    assert_audit_clean(conn, q)
