@@ -680,6 +680,8 @@ def main(argv: list[str] | None = None) -> int:
         print_table(results[-1:])
     print()
     print_table(results)
+    if args.quick:
+        print("(--quick: a correctness smoke test; at this size the timings mean nothing)")
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
     correct = all(r.audit_ok and r.balances_ok for r in results)

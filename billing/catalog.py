@@ -85,6 +85,11 @@ class PriceVersion:
         return (self.model, self.provider, self.effective_from)
 
     @cached_property
+    def effective_from_text(self) -> str:
+        """``effective_from`` in ISO 8601, formatted once (written with every priced event)."""
+        return self.effective_from.isoformat()
+
+    @cached_property
     def unit_rates(self) -> tuple[Decimal | None, ...]:
         """USD per single unit of each class in ``CLASS_ORDER`` (None: not priced).
 

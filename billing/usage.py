@@ -141,8 +141,8 @@ def decode_and_price(
     return priced, batch.rejected + unpriced
 
 
-def _staging_row(p: PricedEvent, posting_id: int) -> tuple[Any, ...]:
-    """One COPY row, in the column order of ``copy_usage_staging``."""
+def staging_row(p: PricedEvent, posting_id: int) -> tuple[Any, ...]:
+    """One usage_events row as values, in the column order of ``copy_usage_staging``."""
     e, u, c = p.event, p.event.usage, p.charge
     debited = ZERO if e.byok else c.total
     return (
@@ -153,6 +153,37 @@ def _staging_row(p: PricedEvent, posting_id: int) -> tuple[Any, ...]:
         *c.amounts,  # input, cached input, cache write, output, image, web search, request
         c.total, debited, posting_id if debited > 0 else None, e.latency_ms, e.ttft_ms,
     )  # fmt: skip
+
+
+def _text(value: str) -> str:
+    """COPY text escaping. Identifiers are validated visible ASCII: only a backslash needs it."""
+    return value.replace("\\", "\\\\") if "\\" in value else value
+
+
+def copy_line(p: PricedEvent, posting_id: int) -> str:
+    """``staging_row`` as one line of COPY text, written directly.
+
+    The hot path: a line built by one f-string costs a third of what psycopg's per-value
+    adaptation of 27 values does (measured in docs/performance.md). Decimals print exactly with
+    ``str``; timestamps as ISO 8601 with their offset; None as ``\\N``.
+    """
+    e, u, c = p.event, p.event.usage, p.charge
+    a = c.amounts
+    charged = not e.byok and c.total > 0
+    return (
+        f"{_text(e.event_id)}\t{e.occurred_at.isoformat()}\t{_text(e.account_id)}\t"
+        f"{_text(e.api_key_id)}\t{_text(e.model)}\t{_text(e.provider)}\t"
+        f"{'t' if e.byok else 'f'}\t{p.version.effective_from_text}\t"
+        f"{u.input_tokens}\t{u.cached_input_tokens}\t{u.cache_write_tokens}\t"
+        f"{u.output_tokens}\t{u.reasoning_tokens}\t{u.image_count}\t{u.web_search_count}\t"
+        f"{a[0]!s}\t{a[1]!s}\t{a[2]!s}\t{a[3]!s}\t{a[4]!s}\t{a[5]!s}\t{a[6]!s}\t{c.total!s}\t"
+        f"{c.total if not e.byok else 0!s}\t{posting_id if charged else _NULL}\t"
+        f"{_NULL if e.latency_ms is None else e.latency_ms}\t"
+        f"{_NULL if e.ttft_ms is None else e.ttft_ms}\n"
+    )
+
+
+_NULL = "\\N"
 
 
 def record_batch(
@@ -189,9 +220,9 @@ def record_batch(
     if unique:
         posting_id = next_posting_id(conn, q)
         conn.execute(q["create_usage_staging"])
+        data = "".join([copy_line(p, posting_id) for p in unique.values()]).encode()
         with conn.cursor() as cur, cur.copy(q["copy_usage_staging"]) as copy:
-            for p in unique.values():
-                copy.write_row(_staging_row(p, posting_id))
+            copy.write(data)
         inserted = conn.execute(q["insert_new_events"]).fetchall()
         result.duplicates += len(unique) - len(inserted)
 

@@ -13,6 +13,10 @@ SET attempts = dead_letters.attempts + 1,
     payload = excluded.payload,
     payload_bytes = excluded.payload_bytes
 
+-- name: any_parked
+-- Cheap guard: resolving by a batch's event ids is skipped while nothing is parked.
+SELECT EXISTS (SELECT 1 FROM dead_letters WHERE status = 'parked')
+
 -- name: resolve_recorded
 -- Parked rows whose event is now recorded (by a replay, or by a redelivery after a fix).
 UPDATE dead_letters

@@ -450,6 +450,17 @@ def test_audit_catches_a_tampered_balance(conn: psycopg.Connection[Any], q: Quer
     assert failed.violations[0]["account_id"] == "acme"
 
 
+def test_identifiers_with_backslashes_survive_the_copy(
+    settings: Settings, conn: psycopg.Connection[Any], q: Queries
+) -> None:
+    open_account(conn, q, "acme\\eu", "10")
+    publish(settings, make_event("req\\1", "acme\\eu", input_tokens=1_000_000))
+    drain(settings)
+    assert event_row(conn, "req\\1")["account_id"] == "acme\\eu"
+    assert balances(conn)["acme\\eu"] == Decimal("8.90")
+    assert_audit_clean(conn, q)
+
+
 def test_decoded_event_round_trips(settings: Settings) -> None:
     event = make_event("rt", input_tokens=5, output_tokens=3, reasoning_tokens=2)
     assert decode_event(encode_event(event), datetime.now(UTC), timedelta(minutes=5)) == event

@@ -1,0 +1,12 @@
+-- name: baseline_insert_event
+-- The per-event baseline (workers/baseline.py): one row, one statement, one transaction.
+INSERT INTO usage_events (
+    event_id, occurred_at, account_id, api_key_id, model, provider, byok, price_effective_from,
+    input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens,
+    image_count, web_search_count,
+    input_amount, cached_input_amount, cache_write_amount, output_amount, image_amount,
+    web_search_amount, request_amount, amount, debited, posting_id, latency_ms, ttft_ms)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s,
+        %s, %s, %s, %s, %s)
+ON CONFLICT (event_id) DO NOTHING
+RETURNING debited
