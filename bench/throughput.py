@@ -56,7 +56,9 @@ ADMIN_URL = os.environ.get(
     "BILLING_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
 BROKER_URL = os.environ.get("BILLING_BENCH_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
-TEMPLATE = "billing_bench_template"
+# Database names: <prefix>_template, <prefix>_<scenario> (the test suite uses its own prefix).
+DB_PREFIX = os.environ.get("BILLING_BENCH_DB_PREFIX", "billing_bench")
+TEMPLATE = f"{DB_PREFIX}_template"
 CREDIT = Decimal(10_000_000)
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -146,6 +148,12 @@ def _url(database: str) -> str:
     return psycopg.conninfo.make_conninfo(**info)
 
 
+def _drop(name: str) -> None:
+    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
+        drop = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
+        conn.execute(drop.format(sql.Identifier(name)))
+
+
 def _recreate(name: str, template: str | None = None) -> None:
     with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
         conn.execute(
@@ -182,7 +190,7 @@ def prepare_template(accounts: list[str]) -> catalog.Catalog:
 
 
 def scenario_settings(name: str) -> Settings:
-    database = f"billing_bench_{name}"
+    database = f"{DB_PREFIX}_{name}"
     _recreate(database, TEMPLATE)
     tag = f"{name}.{uuid.uuid4().hex[:8]}"
     return replace(
@@ -193,6 +201,7 @@ def scenario_settings(name: str) -> Settings:
         usage_queue=f"bench.usage.{tag}",
         wallet_events_exchange=f"bench.wallet-events.{tag}",
         tasks_queue=f"bench.tasks.{tag}",
+        exports_queue=f"bench.exports.{tag}",
     )
 
 
@@ -206,6 +215,7 @@ def env_for(settings: Settings, **extra: str) -> dict[str, str]:
             "BILLING_USAGE_QUEUE": settings.usage_queue,
             "BILLING_WALLET_EVENTS_EXCHANGE": settings.wallet_events_exchange,
             "BILLING_TASKS_QUEUE": settings.tasks_queue,
+            "BILLING_EXPORTS_QUEUE": settings.exports_queue,
             **extra,
         }
     )
@@ -682,6 +692,8 @@ def main(argv: list[str] | None = None) -> int:
     print_table(results)
     if args.quick:
         print("(--quick: a correctness smoke test; at this size the timings mean nothing)")
+        for name in [*scenarios, "template"]:  # a smoke test leaves nothing behind
+            _drop(f"{DB_PREFIX}_{name}")
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
     correct = all(r.audit_ok and r.balances_ok for r in results)

@@ -16,7 +16,7 @@ import threading
 from typing import Any
 
 from celery import Celery, bootsteps
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from billing import broker
 from billing.db import make_pool
@@ -27,6 +27,11 @@ log = logging.getLogger("billing.worker")
 
 settings = Settings.from_env()
 _url, _transport_options = broker.connection_params(settings)
+
+
+def _queue(name: str) -> Queue:
+    return Queue(name, Exchange(name, type="direct", durable=True), routing_key=name, durable=True)
+
 
 app = Celery("billing", include=["workers.tasks"])
 app.conf.update(
@@ -41,10 +46,14 @@ app.conf.update(
     task_reject_on_worker_lost=True,
     worker_prefetch_multiplier=1,
     task_default_queue=settings.tasks_queue,
+    # Each queue has its own direct exchange and routing key: a Queue without them gets Celery's
+    # default exchange and key, and two such queues would both receive every task.
     task_queues=[
-        Queue(settings.tasks_queue, durable=True),
-        Queue(settings.exports_queue, durable=True),  # long exports; `-Q` to dedicate nodes
+        _queue(settings.tasks_queue),
+        _queue(settings.exports_queue),  # long exports; `-Q` to dedicate nodes
     ],
+    task_default_exchange=settings.tasks_queue,
+    task_default_routing_key=settings.tasks_queue,
     task_routes={"billing.export_period": {"queue": settings.exports_queue}},
     task_create_missing_queues=False,
     worker_hijack_root_logger=False,

@@ -85,6 +85,7 @@ def settings(template_db: str, tmp_path: Any) -> Iterator[Settings]:
         usage_queue=f"test.usage.{tag}",
         wallet_events_exchange=f"test.wallet-events.{tag}",
         tasks_queue=f"test.tasks.{tag}",
+        exports_queue=f"test.exports.{tag}",
         batch_timeout_ms=50,
     )
     try:
@@ -101,9 +102,14 @@ def _delete_broker_entities(s: Settings) -> None:
     try:
         with broker.connect(s) as conn:
             channel = conn.channel()
-            for queue in (s.usage_queue, s.tasks_queue):
+            for queue in (s.usage_queue, s.tasks_queue, s.exports_queue):
                 channel.queue_delete(queue)
-            for exchange in (s.usage_exchange, s.wallet_events_exchange):
+            for exchange in (
+                s.usage_exchange,
+                s.wallet_events_exchange,
+                s.tasks_queue,
+                s.exports_queue,
+            ):
                 channel.exchange_delete(exchange)
     except Exception:  # best effort: a test may have stopped the broker
         pass
@@ -132,6 +138,7 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
             "BILLING_USAGE_QUEUE": settings.usage_queue,
             "BILLING_WALLET_EVENTS_EXCHANGE": settings.wallet_events_exchange,
             "BILLING_TASKS_QUEUE": settings.tasks_queue,
+            "BILLING_EXPORTS_QUEUE": settings.exports_queue,
             "BILLING_BATCH_TIMEOUT_MS": str(settings.batch_timeout_ms),
             **extra,
         }

@@ -575,12 +575,13 @@ def test_a_later_batch_lands_in_the_period_it_is_debited_in(
     """An event that occurred last month but is recorded now is on this month's statement."""
     open_account(conn, q, "late", "5")
     now = datetime.now(UTC)
-    this, last = Period.of(now), Period.of(now.replace(day=1) - timedelta(days=1))
+    month_start = datetime(now.year, now.month, 1, tzinfo=UTC)
+    this, last = Period.of(now), Period.of(month_start - timedelta(days=1))
     record(
         conn,
         q,
         settings,
-        [replace_occurred(make_event("late-1", "late"), now.replace(day=1) - timedelta(hours=1))],
+        [replace_occurred(make_event("late-1", "late"), month_start - timedelta(hours=1))],
     )
     assert statement_for(conn, q, "late", last).usage == ()
     st = statement_for(conn, q, "late", this)

@@ -36,6 +36,8 @@ def test_every_named_query_prepares_against_the_migrated_schema(
             return numbered.setdefault(match[1], f"${len(numbered) + 1}")
 
         text = re.sub(r"%\((\w+)\)s", number, q[name])
+        pieces = text.split("%s")  # positional parameters: $1, $2, ... in order
+        text = pieces[0] + "".join(f"${i}{piece}" for i, piece in enumerate(pieces[1:], 1))
         conn.execute(f"PREPARE check_{name} AS {text}")  # type: ignore[arg-type]
         conn.execute(f"DEALLOCATE check_{name}")  # type: ignore[arg-type]
 

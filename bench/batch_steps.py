@@ -1,0 +1,92 @@
+"""Where a batch's time goes: each step of the batch transaction timed, per event.
+
+One process, in-process (no broker), against real PostgreSQL: decode and price, then the
+statements of ``billing.usage.record_batch`` one by one, in batches of 5,000 events from
+envelopes of 100, for 1,000 accounts. Prints microseconds of wall time per event for each step.
+
+    .venv/bin/python -m bench.batch_steps [--events 50000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+from dataclasses import replace
+from datetime import UTC, datetime
+
+from bench.throughput import TEMPLATE, _recreate, _url, prepare_template
+from billing import catalog, db
+from billing.events import encode_envelope
+from billing.settings import Settings
+from billing.synthetic import TrafficShape, generate
+from billing.usage import copy_line, decode_and_price
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=50_000)
+    args = parser.parse_args()
+    accounts = [f"acct-{i:05d}" for i in range(1_000)]
+    prepare_template(accounts)
+    _recreate("billing_bench_steps", TEMPLATE)
+    settings = replace(Settings.from_env({}), database_url=_url("billing_bench_steps"))
+    q = db.queries(settings)
+    with db.connect(settings) as conn:
+        snap = catalog.snapshot(conn, q)
+        events = list(
+            generate(
+                snap,
+                TrafficShape(accounts=accounts, duplicate_share=0),
+                args.events,
+                seed=5,
+                now=datetime.now(UTC),
+                prefix="steps",
+            )
+        )
+        bodies = [encode_envelope(events[i : i + 100]) for i in range(0, len(events), 100)]
+        gc.freeze()
+        gc.set_threshold(50_000, 50, 100)  # as the usage consumer does
+        spent: dict[str, float] = {}
+
+        def timed(step: str, start: float) -> None:
+            spent[step] = spent.get(step, 0.0) + time.perf_counter() - start
+
+        for b in range(0, len(bodies), 50):
+            t = time.perf_counter()
+            priced, _ = decode_and_price(bodies[b : b + 50], snap, settings, datetime.now(UTC))
+            timed("decode + price", t)
+            with conn.transaction():
+                t = time.perf_counter()
+                conn.execute(
+                    q["known_accounts"], {"accounts": sorted({p.event.account_id for p in priced})}
+                )
+                posting_id = conn.execute(q["next_posting_id"]).fetchone()[0]  # type: ignore[index]
+                conn.execute(q["create_usage_staging"])
+                timed("accounts, posting id, staging", t)
+                t = time.perf_counter()
+                data = "".join([copy_line(p, posting_id) for p in priced]).encode()
+                timed("COPY line formatting", t)
+                t = time.perf_counter()
+                with conn.cursor() as cur, cur.copy(q["copy_usage_staging"]) as copy:
+                    copy.write(data)
+                timed("COPY into staging", t)
+                t = time.perf_counter()
+                inserted = conn.execute(q["insert_new_events"]).fetchall()
+                timed("INSERT .. ON CONFLICT .. RETURNING", t)
+                t = time.perf_counter()
+                touched = sorted({row[1] for row in inserted})
+                conn.execute(q["lock_wallets"], {"accounts": touched}).fetchall()
+                conn.execute(
+                    q["update_wallet_balances"],
+                    {"accounts": touched, "amounts": [0] * len(touched)},
+                )
+                timed("wallet locks and updates", t)
+                t = time.perf_counter()
+            timed("commit", t)
+    for step, seconds in spent.items():
+        print(f"{step:>36}: {1e6 * seconds / len(events):6.1f} us/event")
+
+
+if __name__ == "__main__":
+    main()
