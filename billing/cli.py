@@ -107,8 +107,8 @@ def prices_list(ctx: click.Context, model: str | None, at: str | None, as_json: 
         when = datetime.fromisoformat(at)
         if when.tzinfo is None:
             raise click.BadParameter("needs a UTC offset", param_hint="--at")
-        in_force = {snap.in_force(v.model, v.provider, when) for v in versions}
-        versions = [v for v in versions if v in in_force]
+        in_force = {v.key for v in versions if snap.in_force(v.model, v.provider, when) == v}
+        versions = [v for v in versions if v.key in in_force]
     if model:
         versions = [v for v in versions if v.model == model]
     rows: list[dict[str, str]] = [

@@ -35,6 +35,19 @@ def test_operator_flow(cli: CliRunner, settings: Settings, tmp_path: Path) -> No
         ("azure", "image_count", "0.842"),
     }
 
+    o3_at = {
+        when: {
+            r["class"]: r["usd"]
+            for r in json.loads(
+                run(cli, "prices", "list", "--model", "openai/o3", "--at", when, "--json").output
+            )
+        }
+        for when in ("2025-05-01T00:00:00Z", "2025-07-01T00:00:00Z")
+    }
+    # the o3 price cut of 2025-06-10: each time sees only the version in force then
+    assert o3_at["2025-05-01T00:00:00Z"]["input_tokens"] == "10.00"
+    assert o3_at["2025-07-01T00:00:00Z"]["input_tokens"] == "2.00"
+
     run(cli, "accounts", "create", "acme")
     assert "already exists" in run(cli, "accounts", "create", "acme", code=2).output
     run(cli, "wallet", "adjust", "acme", "20", "--reason", "welcome", "--reference", "w-1")
