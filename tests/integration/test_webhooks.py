@@ -264,3 +264,103 @@ def test_the_real_dispute_payload_shape_drives_a_hold(
     assert ledger_balance(conn, "revenue:fees") == D("3.95")  # 5.00 - 1.05 fee part
     assert ledger_balance(conn, "clearing:stripe") == D("-83.00")  # 105 - 22 charged back
     assert_audit_clean(conn, q)
+
+
+@pytest.mark.slow
+def test_served_endpoint_hands_off_to_a_celery_worker(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    stripe_settings: Settings,
+    gateway: StripeGateway,
+    localstripe_url: str,
+    tmp_path: Any,
+) -> None:
+    """The production wiring, end to end: `billing webhooks serve` and `billing worker` as real
+    processes; localstripe delivers its signed webhook; the Celery task credits the wallet."""
+    import subprocess
+    import sys
+
+    from .conftest import worker_env
+    from .stripe_support import LOCALSTRIPE_EVENTS, SECRET, free_port
+
+    open_account(conn, q, "acme", credit="0")
+    env = worker_env(
+        stripe_settings,
+        BILLING_STRIPE_API_KEY="sk_test_billing",
+        BILLING_STRIPE_API_BASE=localstripe_url,
+        BILLING_STRIPE_WEBHOOK_SECRET=SECRET,
+    )
+    port = free_port()
+    logs = [open(tmp_path / name, "wb") for name in ("serve.log", "worker.log")]  # noqa: SIM115
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "billing.cli",
+                "webhooks",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            env=env,
+            stdout=logs[0],
+            stderr=subprocess.STDOUT,
+        ),
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "billing.cli",
+                "worker",
+                "--no-usage",
+                "--no-migrate",
+                "--loglevel=INFO",
+            ],
+            env=env,
+            stdout=logs[1],
+            stderr=subprocess.STDOUT,
+        ),
+    ]
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: _healthy(url), timeout=30, what="webhook service up")
+        httpx.post(
+            f"{localstripe_url}/_config/webhooks/billing",
+            json={"url": f"{url}/stripe/webhook", "secret": SECRET, "events": LOCALSTRIPE_EVENTS},
+            timeout=5,
+        ).raise_for_status()
+        create_topup(
+            conn,
+            q,
+            stripe_settings,
+            gateway,
+            "acme",
+            D(100),
+            request_key="served",
+            payment_method="pm_card_visa",
+        )
+        wait_for(
+            lambda: wallet_balance(conn, "acme") == D(100),
+            timeout=60,
+            what="the worker credited the wallet",
+        )
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
+        for log in logs:
+            log.close()
+    assert ledger_balance(conn, "revenue:fees") == D(5)
+    assert "billing.process_stripe_event" in (tmp_path / "worker.log").read_text()
+    assert_audit_clean(conn, q)
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
