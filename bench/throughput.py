@@ -418,11 +418,7 @@ def run_fleet(
             procs=procs,
         )
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(timeout=60)
-        sampler.stop()
+        _stop(procs, sampler)
         publisher.close()
     audit_ok, balances_ok = verify(settings, events + latency_events, snap)
     return _result(
@@ -506,11 +502,7 @@ def run_baseline(
             procs=procs,
         )
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(timeout=60)
-        sampler.stop()
+        _stop(procs, sampler)
         conn.release()
     audit_ok, balances_ok = verify(settings, events + latency_events, snap)
     return _result(
@@ -527,6 +519,15 @@ def run_baseline(
         balances_ok,
         windows,
     )
+
+
+def _stop(procs: Sequence[subprocess.Popen[bytes]], sampler: Sampler) -> None:
+    """SIGTERM the workers (they finish the batch in hand), wait, stop sampling."""
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.wait(timeout=60)
+    sampler.stop()
 
 
 def _sql_worker(database_url: str, bodies: list[bytes], batch_messages: int) -> None:

@@ -244,7 +244,12 @@ def record_batch(
         )
         result.amount_debited = EXACT.minus(sum_exact(deltas.values()))
         result.crossings = record_crossings(conn, q, changes)
-        conn.execute(q["resolve_recorded"], {"event_ids": sorted(unique), "resolution": resolution})
+        # Parked dead letters whose event is now recorded are resolved; skipped (one cheap
+        # EXISTS) in the common case where nothing is parked.
+        if conn.execute(q["any_parked"]).fetchone() != (False,):
+            conn.execute(
+                q["resolve_recorded"], {"event_ids": sorted(unique), "resolution": resolution}
+            )
 
     if rejected:
         park(conn, q, rejected, result)

@@ -69,3 +69,17 @@ CREATE TRIGGER invoices_no_truncate BEFORE TRUNCATE ON invoices
 CREATE INDEX ledger_entries_account_time ON ledger_entries (ledger_account_id, created_at)
     INCLUDE (amount);
 -- (usage_events (account_id, recorded_at), which statements use, is created in 0001.)
+
+-- A statement period's bounds for each account (or one): the calendar month in the account's
+-- time zone. One definition for every statement query (inlined by the planner: plain SQL).
+CREATE FUNCTION billing_period_bounds(p_year int, p_month int, p_end_year int, p_end_month int,
+                                      p_account text)
+RETURNS TABLE (account_id text, name text, time_zone text, ledger_account_id bigint,
+               period_start timestamptz, period_end timestamptz)
+LANGUAGE sql STABLE AS $$
+    SELECT a.account_id, a.name, coalesce(a.time_zone, 'UTC'), w.ledger_account_id,
+           make_timestamptz(p_year, p_month, 1, 0, 0, 0, coalesce(a.time_zone, 'UTC')),
+           make_timestamptz(p_end_year, p_end_month, 1, 0, 0, 0, coalesce(a.time_zone, 'UTC'))
+    FROM accounts a JOIN wallets w USING (account_id)
+    WHERE p_account IS NULL OR a.account_id = p_account
+$$;

@@ -10,13 +10,8 @@ WHERE %(account)s::text IS NULL OR a.account_id = %(account)s
 -- Balances from the wallet's ledger entries: opening = before the period, closing = before its
 -- end; usage_ledger = the usage debits posted in the period (what the usage lines must sum to).
 WITH b AS MATERIALIZED (
-    SELECT a.account_id, a.name, coalesce(a.time_zone, 'UTC') AS time_zone, w.ledger_account_id,
-           make_timestamptz(%(year)s::int, %(month)s::int, 1, 0, 0, 0,
-                            coalesce(a.time_zone, 'UTC')) AS period_start,
-           make_timestamptz(%(end_year)s::int, %(end_month)s::int, 1, 0, 0, 0,
-                            coalesce(a.time_zone, 'UTC')) AS period_end
-    FROM accounts a JOIN wallets w USING (account_id)
-    WHERE %(account)s::text IS NULL OR a.account_id = %(account)s
+    SELECT * FROM billing_period_bounds(%(year)s, %(month)s, %(end_year)s, %(end_month)s,
+                                        %(account)s::text)
 )
 SELECT b.account_id, b.name, b.time_zone, b.period_start, b.period_end,
        coalesce((SELECT sum(e.amount) FROM ledger_entries e
@@ -36,13 +31,8 @@ ORDER BY b.account_id COLLATE "C"
 -- Every wallet entry of the period except usage (shown aggregated), with the platform fee the
 -- same posting moved (revenue:fees: positive on a top-up, negative when a refund returns it).
 WITH b AS MATERIALIZED (
-    SELECT a.account_id, a.name, coalesce(a.time_zone, 'UTC') AS time_zone, w.ledger_account_id,
-           make_timestamptz(%(year)s::int, %(month)s::int, 1, 0, 0, 0,
-                            coalesce(a.time_zone, 'UTC')) AS period_start,
-           make_timestamptz(%(end_year)s::int, %(end_month)s::int, 1, 0, 0, 0,
-                            coalesce(a.time_zone, 'UTC')) AS period_end
-    FROM accounts a JOIN wallets w USING (account_id)
-    WHERE %(account)s::text IS NULL OR a.account_id = %(account)s
+    SELECT * FROM billing_period_bounds(%(year)s, %(month)s, %(end_year)s, %(end_month)s,
+                                        %(account)s::text)
 )
 SELECT b.account_id, e.posting_id, p.kind, p.reference, p.memo, p.actor, e.created_at, e.amount,
        coalesce((SELECT sum(f.amount) FROM ledger_entries f
@@ -60,13 +50,8 @@ ORDER BY b.account_id COLLATE "C", e.created_at, e.entry_id
 -- by model, provider, BYOK and price version, then one line per billable class with the unit
 -- price of that version. Events that occurred before the period are counted as late.
 WITH b AS MATERIALIZED (
-    SELECT a.account_id, a.name, coalesce(a.time_zone, 'UTC') AS time_zone, w.ledger_account_id,
-           make_timestamptz(%(year)s::int, %(month)s::int, 1, 0, 0, 0,
-                            coalesce(a.time_zone, 'UTC')) AS period_start,
-           make_timestamptz(%(end_year)s::int, %(end_month)s::int, 1, 0, 0, 0,
-                            coalesce(a.time_zone, 'UTC')) AS period_end
-    FROM accounts a JOIN wallets w USING (account_id)
-    WHERE %(account)s::text IS NULL OR a.account_id = %(account)s
+    SELECT * FROM billing_period_bounds(%(year)s, %(month)s, %(end_year)s, %(end_month)s,
+                                        %(account)s::text)
 ),
 g AS (
     SELECT u.account_id, u.model, u.provider, u.byok, u.price_effective_from,
@@ -172,13 +157,8 @@ WHERE t.topup_id = %(topup_id)s
 -- name: report_daily
 -- Usage per day (in each account's time zone) and model, by the time it was debited.
 WITH b AS MATERIALIZED (
-    SELECT a.account_id, coalesce(a.time_zone, 'UTC') AS time_zone,
-           make_timestamptz(%(year)s::int, %(month)s::int, 1, 0, 0, 0,
-                            coalesce(a.time_zone, 'UTC')) AS period_start,
-           make_timestamptz(%(end_year)s::int, %(end_month)s::int, 1, 0, 0, 0,
-                            coalesce(a.time_zone, 'UTC')) AS period_end
-    FROM accounts a
-    WHERE %(account)s::text IS NULL OR a.account_id = %(account)s
+    SELECT * FROM billing_period_bounds(%(year)s, %(month)s, %(end_year)s, %(end_month)s,
+                                        %(account)s::text)
 )
 SELECT (u.recorded_at AT TIME ZONE b.time_zone)::date AS day, u.model, u.byok,
        count(*) AS events,
@@ -196,13 +176,8 @@ ORDER BY 1, 2, 3
 -- Latency per model and provider: p50/p95 time to first token, p50 total latency, and p50
 -- throughput (output tokens per second after the first token).
 WITH b AS MATERIALIZED (
-    SELECT a.account_id,
-           make_timestamptz(%(year)s::int, %(month)s::int, 1, 0, 0, 0,
-                            coalesce(a.time_zone, 'UTC')) AS period_start,
-           make_timestamptz(%(end_year)s::int, %(end_month)s::int, 1, 0, 0, 0,
-                            coalesce(a.time_zone, 'UTC')) AS period_end
-    FROM accounts a
-    WHERE %(account)s::text IS NULL OR a.account_id = %(account)s
+    SELECT * FROM billing_period_bounds(%(year)s, %(month)s, %(end_year)s, %(end_month)s,
+                                        %(account)s::text)
 )
 SELECT u.model, u.provider, count(*) AS events,
        count(u.ttft_ms) AS with_ttft,
