@@ -380,61 +380,15 @@ def run_fleet(
     settings = scenario_settings(name)
     publisher = FastPublisher(settings)
     publisher.events(events, per_message)
-    procs: list[subprocess.Popen[bytes]] = []
-    sampler = Sampler(lambda: [p.pid for p in procs])
-    sampler.start()
+    command = [sys.executable, "-m", "billing.cli", "worker", "--loglevel=WARNING", "--no-migrate"]
     try:
-        for _ in range(workers):
-            procs.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "billing.cli",
-                        "worker",
-                        "--loglevel=WARNING",
-                        "--no-migrate",
-                    ],
-                    env=env_for(settings, **worker_env),
-                    cwd=ROOT,
-                )
-            )
-        unique = len({e.event_id for e in events})
-        wait_recorded(settings, unique, timeout=600, procs=procs)
-        rate, t10, t90, windows = commit_window(settings, events[0].event_id.split("-")[0])
-        cpu = sampler.usage_between(t10, t90)
-        lat_rate = rate / 2
-        p50, p99 = measure_latency(
-            settings,
-            lambda chunk: publisher.events(chunk, per_message),
-            latency_events,
-            lat_rate,
-            per_message,
-        )
-        wait_recorded(
-            settings,
-            unique + len({e.event_id for e in latency_events}),
-            timeout=120,
-            procs=procs,
-        )
+        return measure(
+            name, settings, events, latency_events, snap,
+            [command] * workers, env_for(settings, **worker_env),
+            lambda chunk: publisher.events(chunk, per_message), per_message, drain_timeout=600,
+        )  # fmt: skip
     finally:
-        _stop(procs, sampler)
         publisher.close()
-    audit_ok, balances_ok = verify(settings, events + latency_events, snap)
-    return _result(
-        name,
-        unique,
-        rate,
-        t90 - t10,
-        cpu,
-        sampler,
-        p50,
-        p99,
-        lat_rate,
-        audit_ok,
-        balances_ok,
-        windows,
-    )
 
 
 def run_baseline(
@@ -464,61 +418,66 @@ def run_baseline(
 
     Queue(settings.tasks_queue, durable=True)(conn.channel()).declare()
     send(events)
+    command = [
+        sys.executable, "-m", "celery", "-A", "workers.baseline", "worker", "--pool=prefork",
+        f"--concurrency={concurrency}", "-Q", settings.tasks_queue, "--without-gossip",
+        "--without-mingle", "--without-heartbeat", "--loglevel=WARNING",
+    ]  # fmt: skip
+    try:
+        return measure(
+            "baseline",
+            settings,
+            events,
+            latency_events,
+            snap,
+            [command],
+            env,
+            send,
+            1,
+            drain_timeout=900,
+        )
+    finally:
+        conn.release()
+
+
+def measure(
+    name: str,
+    settings: Settings,
+    events: list[UsageEvent],
+    latency_events: list[UsageEvent],
+    snap: catalog.Catalog,
+    commands: list[list[str]],
+    env: dict[str, str],
+    publish: Callable[[list[UsageEvent]], None],
+    per_message: int,
+    drain_timeout: float,
+) -> Result:
+    """The one measurement protocol every broker scenario goes through (a fair comparison).
+
+    The queue already holds ``events``. Start the worker processes, wait until every event is
+    recorded, take the sustained rate and CPU from the 10th-90th percentile of commit times, then
+    publish ``latency_events`` paced at half that rate and measure publish-to-commit latency.
+    Stop the workers, then audit and compare with the generator's expected totals.
+    """
     procs: list[subprocess.Popen[bytes]] = []
     sampler = Sampler(lambda: [p.pid for p in procs])
     sampler.start()
     try:
-        procs.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "celery",
-                    "-A",
-                    "workers.baseline",
-                    "worker",
-                    "--pool=prefork",
-                    f"--concurrency={concurrency}",
-                    "-Q",
-                    settings.tasks_queue,
-                    "--without-gossip",
-                    "--without-mingle",
-                    "--without-heartbeat",
-                    "--loglevel=WARNING",
-                ],
-                env=env,
-                cwd=ROOT,
-            )
-        )
+        procs.extend(subprocess.Popen(command, env=env, cwd=ROOT) for command in commands)
         unique = len({e.event_id for e in events})
-        wait_recorded(settings, unique, timeout=900, procs=procs)
+        wait_recorded(settings, unique, timeout=drain_timeout, procs=procs)
         rate, t10, t90, windows = commit_window(settings, events[0].event_id.split("-")[0])
         cpu = sampler.usage_between(t10, t90)
-        p50, p99 = measure_latency(settings, send, latency_events, rate / 2, 1)
-        wait_recorded(
-            settings,
-            unique + len({e.event_id for e in latency_events}),
-            timeout=120,
-            procs=procs,
-        )
+        p50, p99 = measure_latency(settings, publish, latency_events, rate / 2, per_message)
+        expected = unique + len({e.event_id for e in latency_events})
+        wait_recorded(settings, expected, timeout=120, procs=procs)
     finally:
         _stop(procs, sampler)
-        conn.release()
     audit_ok, balances_ok = verify(settings, events + latency_events, snap)
     return _result(
-        "baseline",
-        unique,
-        rate,
-        t90 - t10,
-        cpu,
-        sampler,
-        p50,
-        p99,
-        rate / 2,
-        audit_ok,
-        balances_ok,
+        name, unique, rate, t90 - t10, cpu, sampler, p50, p99, rate / 2, audit_ok, balances_ok,
         windows,
-    )
+    )  # fmt: skip
 
 
 def _stop(procs: Sequence[subprocess.Popen[bytes]], sampler: Sampler) -> None:
