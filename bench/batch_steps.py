@@ -62,20 +62,24 @@ def main() -> None:
                     q["known_accounts"], {"accounts": sorted({p.event.account_id for p in priced})}
                 )
                 posting_id = conn.execute(q["next_posting_id"]).fetchone()[0]  # type: ignore[index]
-                conn.execute(q["create_usage_staging"])
-                timed("accounts, posting id, staging", t)
+                timed("accounts check, posting id", t)
                 t = time.perf_counter()
-                data = "".join([copy_line(p, posting_id) for p in priced]).encode()
+                ids = sorted({p.event.event_id for p in priced})
+                seen = {r[0] for r in conn.execute(q["recorded_event_ids"], {"event_ids": ids})}
+                new = sorted(
+                    (p for p in priced if p.event.event_id not in seen),
+                    key=lambda p: p.event.event_id,
+                )
+                timed("look-up of known event ids", t)
+                t = time.perf_counter()
+                data = "".join([copy_line(p, posting_id) for p in new]).encode()
                 timed("COPY line formatting", t)
                 t = time.perf_counter()
-                with conn.cursor() as cur, cur.copy(q["copy_usage_staging"]) as copy:
+                with conn.cursor() as cur, cur.copy(q["copy_usage_events"]) as copy:
                     copy.write(data)
-                timed("COPY into staging", t)
+                timed("COPY into usage_events", t)
                 t = time.perf_counter()
-                inserted = conn.execute(q["insert_new_events"]).fetchall()
-                timed("INSERT .. ON CONFLICT .. RETURNING", t)
-                t = time.perf_counter()
-                touched = sorted({row[1] for row in inserted})
+                touched = sorted({p.event.account_id for p in new})
                 conn.execute(q["lock_wallets"], {"accounts": touched}).fetchall()
                 conn.execute(
                     q["update_wallet_balances"],

@@ -3,9 +3,12 @@
 ``process_batch`` decodes a batch of message bodies, prices each event at the version in force
 when it happened, and records everything in one transaction:
 
-1. COPY the priced events into a temporary staging table;
-2. ``INSERT .. ON CONFLICT (event_id) DO NOTHING RETURNING``: only events never seen before come
-   back, so redeliveries and gateway retries debit nothing (the exactly-once step);
+1. look up which event ids are already recorded (one indexed ``= ANY`` query) and drop them:
+   redeliveries and gateway retries debit nothing;
+2. COPY the new events straight into ``usage_events`` in ``event_id`` order. The primary key is
+   the exactly-once guarantee: if a concurrent worker commits one of the same events between the
+   look-up and the COPY, the COPY fails with a unique violation, the transaction rolls back, and
+   the batch is recorded again (the look-up then sees the other worker's rows);
 3. debit each wallet once by the sum of its new events, locking wallets in account order (no
    deadlock between workers), and write the balanced ledger entries (wallets against usage
    revenue) as one posting that every new event references;
@@ -219,20 +222,23 @@ def record_batch(
 
     if unique:
         posting_id = next_posting_id(conn, q)
-        conn.execute(q["create_usage_staging"])
-        data = "".join([copy_line(p, posting_id) for p in unique.values()]).encode()
-        with conn.cursor() as cur, cur.copy(q["copy_usage_staging"]) as copy:
-            copy.write(data)
-        inserted = conn.execute(q["insert_new_events"]).fetchall()
-        result.duplicates += len(unique) - len(inserted)
+        ids = sorted(unique)
+        seen = {row[0] for row in conn.execute(q["recorded_event_ids"], {"event_ids": ids})}
+        new = [unique[event_id] for event_id in ids if event_id not in seen]
+        result.duplicates += len(seen)
+        if new:
+            data = "".join([copy_line(p, posting_id) for p in new]).encode()
+            with conn.cursor() as cur, cur.copy(q["copy_usage_events"]) as copy:
+                copy.write(data)
 
         deltas: dict[str, Decimal] = defaultdict(lambda: ZERO)
-        for _event_id, account_id, byok, debited in inserted:
-            if byok:
+        for p in new:
+            if p.event.byok:
                 result.byok += 1
             else:
                 result.debited += 1
-                deltas[account_id] = EXACT.subtract(deltas[account_id], debited)
+                account_id = p.event.account_id
+                deltas[account_id] = EXACT.subtract(deltas[account_id], p.charge.total)
         changes = post_wallet_movement(
             conn,
             q,
@@ -247,9 +253,7 @@ def record_batch(
         # Parked dead letters whose event is now recorded are resolved; skipped (one cheap
         # EXISTS) in the common case where nothing is parked.
         if conn.execute(q["any_parked"]).fetchone() != (False,):
-            conn.execute(
-                q["resolve_recorded"], {"event_ids": sorted(unique), "resolution": resolution}
-            )
+            conn.execute(q["resolve_recorded"], {"event_ids": ids, "resolution": resolution})
 
     if rejected:
         park(conn, q, rejected, result)
@@ -304,22 +308,46 @@ def record_isolating(
     resolution: str = "recorded",
 ) -> BatchResult:
     """``record_batch`` in its own transaction; isolate and park items the database refuses."""
-    try:
-        with conn.transaction():
-            return record_batch(conn, q, priced, rejected, resolution=resolution)
-    except psycopg.Error as exc:
-        mapped = map_error(exc)
-        if isinstance(mapped, Transient) or conn.closed or conn.broken:
-            raise mapped from exc
-        assert isinstance(mapped, DatabaseRejected)
-        if len(priced) <= 1:
-            if not priced:
-                raise mapped from exc  # dead letters themselves were refused: nothing to split
-            bad = rejection_of(priced[0].event, Reason.DATABASE_REJECTED, "$", str(mapped)[:1000])
-            return record_isolating(conn, q, [], [*rejected, bad], resolution=resolution)
-        half = len(priced) // 2
-        first = record_isolating(conn, q, priced[:half], rejected, resolution=resolution)
-        return first.merge(record_isolating(conn, q, priced[half:], [], resolution=resolution))
+    for attempt in range(1, CONCURRENT_RECORD_ATTEMPTS + 1):
+        try:
+            with conn.transaction():
+                return record_batch(conn, q, priced, rejected, resolution=resolution)
+        except psycopg.errors.UniqueViolation as exc:
+            # Another worker committed some of these events after our look-up: record again,
+            # the look-up now sees them. It committed, so every retry makes progress.
+            if exc.diag.constraint_name != "usage_events_pkey" or conn.closed or conn.broken:
+                return _split_or_raise(conn, q, priced, rejected, resolution, exc)
+            if attempt == CONCURRENT_RECORD_ATTEMPTS:
+                raise Transient(f"events recorded concurrently {attempt} times: {exc}") from exc
+        except psycopg.Error as exc:
+            return _split_or_raise(conn, q, priced, rejected, resolution, exc)
+    raise AssertionError("unreachable")
+
+
+CONCURRENT_RECORD_ATTEMPTS = 5
+
+
+def _split_or_raise(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    priced: Sequence[PricedEvent],
+    rejected: Sequence[Rejected],
+    resolution: str,
+    exc: psycopg.Error,
+) -> BatchResult:
+    """A failed batch: raise if transient, else split it until the refused item is parked."""
+    mapped = map_error(exc)
+    if isinstance(mapped, Transient) or conn.closed or conn.broken:
+        raise mapped from exc
+    assert isinstance(mapped, DatabaseRejected)
+    if len(priced) <= 1:
+        if not priced:
+            raise mapped from exc  # dead letters themselves were refused: nothing to split
+        bad = rejection_of(priced[0].event, Reason.DATABASE_REJECTED, "$", str(mapped)[:1000])
+        return record_isolating(conn, q, [], [*rejected, bad], resolution=resolution)
+    half = len(priced) // 2
+    first = record_isolating(conn, q, priced[:half], rejected, resolution=resolution)
+    return first.merge(record_isolating(conn, q, priced[half:], [], resolution=resolution))
 
 
 def process_batch(

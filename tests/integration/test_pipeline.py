@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -419,8 +420,7 @@ def test_parallel_batches_with_overlapping_events_never_deadlock_or_double_debit
                 for start in range(0, len(order), 50):
                     chunk = [encode_event(e) for e in order[start : start + 50]]
                     priced, rejected = decode_and_price(chunk, snap, settings, now)
-                    with c.transaction():
-                        record_batch(c, q, priced, rejected)
+                    record_isolating(c, q, priced, rejected)
         except BaseException as exc:
             errors.append(exc)
 
@@ -437,6 +437,52 @@ def test_parallel_batches_with_overlapping_events_never_deadlock_or_double_debit
     assert conn.execute("SELECT count(*) FROM usage_events").fetchone() == (400,)
     expected = expected_debits(conn, q, events)
     assert {a: Decimal(100) - b for a, b in balances(conn).items()} == expected
+    assert_audit_clean(conn, q)
+
+
+def test_an_event_committed_by_another_worker_during_the_copy_is_not_debited_twice(
+    settings: Settings, conn: psycopg.Connection[Any], q: Queries
+) -> None:
+    """Guards the primary key as the exactly-once step: the look-up cannot see uncommitted rows.
+
+    Worker A records ``race`` and holds its transaction open; worker B's look-up misses it, its
+    COPY waits on A's key, A commits, B's COPY fails on the primary key and B records the batch
+    again (without that retry the batch would be bisected: still correct, only slower).
+    """
+    open_account(conn, q, "acme", "10")
+    snap = catalog.snapshot(conn, q)
+    now = datetime.now(UTC)
+    race = make_event("race", input_tokens=1_000_000)  # $1.10 at o4-mini's input rate
+    first, _ = decode_and_price([encode_event(race)], snap, settings, now)
+    second, _ = decode_and_price(
+        [encode_event(race), encode_event(make_event("other", input_tokens=1_000_000))],
+        snap,
+        settings,
+        now,
+    )
+    results: list[Any] = []
+    with db.connect(settings) as a, db.connect(settings) as b:
+        b_pid = b.info.backend_pid
+        with a.transaction():
+            record_batch(a, q, first, [])
+            thread = threading.Thread(
+                target=lambda: results.append(record_isolating(b, q, second, []))
+            )
+            thread.start()
+            for _ in range(200):  # until B waits on A's key
+                row = conn.execute(
+                    "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (b_pid,)
+                ).fetchone()
+                if row == ("Lock",):
+                    break
+                time.sleep(0.02)
+            else:
+                raise AssertionError("worker B never waited on worker A's row")
+        thread.join(timeout=10)
+    [result] = results
+    assert (result.debited, result.duplicates) == (1, 1)
+    assert conn.execute("SELECT count(*) FROM usage_events").fetchone() == (2,)
+    assert balances(conn)["acme"] == Decimal("7.80")  # 10 - 2 x 1.10: each event once
     assert_audit_clean(conn, q)
 
 

@@ -1,0 +1,35 @@
+-- The batch insert path before the direct COPY, kept so that `python -m bench.micro` can measure
+-- the two side by side: COPY into a temporary staging table, then INSERT .. ON CONFLICT DO NOTHING.
+
+-- name: create_usage_staging
+CREATE TEMP TABLE IF NOT EXISTS usage_staging
+    (LIKE usage_events INCLUDING DEFAULTS) ON COMMIT DELETE ROWS
+
+-- name: copy_usage_staging
+COPY usage_staging (
+    event_id, occurred_at, account_id, api_key_id, model, provider, byok, price_effective_from,
+    input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens,
+    image_count, web_search_count,
+    input_amount, cached_input_amount, cache_write_amount, output_amount, image_amount,
+    web_search_amount, request_amount, amount, debited, posting_id, latency_ms, ttft_ms
+) FROM STDIN
+
+-- name: insert_new_events
+-- The exactly-once step: a known event_id inserts nothing. Rows go in event_id order, so two
+-- workers holding the same redelivered events take the key locks in the same order.
+INSERT INTO usage_events (
+    event_id, occurred_at, account_id, api_key_id, model, provider, byok, price_effective_from,
+    input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens,
+    image_count, web_search_count,
+    input_amount, cached_input_amount, cache_write_amount, output_amount, image_amount,
+    web_search_amount, request_amount, amount, debited, posting_id, latency_ms, ttft_ms)
+SELECT
+    event_id, occurred_at, account_id, api_key_id, model, provider, byok, price_effective_from,
+    input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens,
+    image_count, web_search_count,
+    input_amount, cached_input_amount, cache_write_amount, output_amount, image_amount,
+    web_search_amount, request_amount, amount, debited, posting_id, latency_ms, ttft_ms
+FROM usage_staging
+ORDER BY event_id
+ON CONFLICT (event_id) DO NOTHING
+RETURNING event_id, account_id, byok, debited
