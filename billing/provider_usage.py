@@ -12,7 +12,7 @@ Rules common to every adapter:
   in OpenAI; never in Anthropic, where ``input_tokens`` already excludes cache reads and writes).
 * Nothing is guessed. A subset larger than its whole, a negative derived count, a reported total
   that disagrees with its parts, a split that disagrees with its sum, or a counter that has no
-  billable class (OpenAI 12-hour cache writes, Gemini cached audio) raises ``UsageConflict``
+  billable class (Gemini cached audio) raises ``UsageConflict``
   naming the field path (``$.provider_usage.prompt_tokens_details.cached_tokens``); the event is
   parked as ``provider_usage_conflict``. A field the adapter does not know is an error too
   (``invalid_event``): it may be a new billable counter, and billing it at zero would be a guess.
@@ -50,7 +50,7 @@ MAX_COUNT = 10**12
 Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_COUNT)]
 # SDKs type most detail counters Optional and send null: null is 0.
 Opt = Count | None
-Cost = Annotated[Decimal, msgspec.Meta(ge=0)]
+Cost = Decimal  # exact as sent (the event decoder reads JSON numbers here as Decimal)
 
 
 class ProviderFormat(StrEnum):
@@ -128,9 +128,12 @@ def _nonempty(counts: dict[str, int], status: RequestStatus) -> None:
 
 # ---- openai.chat ---------------------------------------------------------------------------
 # Chat Completions ``usage`` (CompletionUsage):
-# * prompt_tokens is ALL input. prompt_tokens_details.cached_tokens (cache reads),
-#   .audio_tokens (audio input) and .cache_write_tokens (written to cache, since SDK 2.45) are
-#   SUBSETS of it, taken as disjoint from each other: uncached text input = prompt - all three.
+# * prompt_tokens is ALL input. prompt_tokens_details.cached_tokens (cache reads) and
+#   .audio_tokens (audio input) are SUBSETS of it, disjoint from each other: uncached text input
+#   = prompt - cached - audio.
+# * .cache_write_tokens (written to the cache, since SDK 2.45) is a subset of the UNCACHED input
+#   and stays in input_tokens: OpenAI has no cache-write price (its price list has input and
+#   "cached input" only), written tokens are ordinary input. It is checked, not re-classed.
 #   (.text_tokens / .image_tokens are a modality breakdown, informational: images are input
 #   tokens at the input price.)
 # * completion_tokens is ALL output. completion_tokens_details.reasoning_tokens (billed as
@@ -168,20 +171,29 @@ def _chat_counts(
     total: int | None,
     pd: _ChatPromptDetails | None,
     cd: _ChatCompletionDetails | None,
+    *,
+    writes_priced: bool,
 ) -> dict[str, int]:
-    """The shared core of the CompletionUsage shape (OpenAI Chat and OpenRouter)."""
+    """The shared core of the CompletionUsage shape (OpenAI Chat and OpenRouter).
+
+    ``writes_priced``: cache writes are their own class (OpenRouter, whose upstreams such as
+    Anthropic price them) or ordinary input (OpenAI).
+    """
     cached = _n(pd.cached_tokens) if pd else 0
     audio_in = _n(pd.audio_tokens) if pd else 0
-    write = _n(pd.cache_write_tokens) if pd else 0
+    written = _n(pd.cache_write_tokens) if pd else 0
     uncached = _subset(
         {
             "prompt_tokens_details.cached_tokens": cached,
             "prompt_tokens_details.audio_tokens": audio_in,
-            "prompt_tokens_details.cache_write_tokens": write,
+            "prompt_tokens_details.cache_write_tokens": written,
         },
         prompt,
         "prompt_tokens",
     )
+    write = written if writes_priced else 0
+    if not writes_priced:
+        uncached += written
     reasoning = _n(cd.reasoning_tokens) if cd else 0
     audio_out = _n(cd.audio_tokens) if cd else 0
     _subset(
@@ -225,6 +237,7 @@ def openai_chat(usage: OpenAIChatUsage, status: RequestStatus) -> Derived:
         usage.total_tokens,
         usage.prompt_tokens_details,
         usage.completion_tokens_details,
+        writes_priced=False,
     )
     _nonempty(counts, status)
     return Derived(counts)
@@ -232,10 +245,10 @@ def openai_chat(usage: OpenAIChatUsage, status: RequestStatus) -> Derived:
 
 # ---- openai.responses ----------------------------------------------------------------------
 # Responses API ``usage`` (ResponseUsage), also the Batch object's usage (no cache_write_tokens):
-# * input_tokens is ALL input; input_tokens_details.cached_tokens and .cache_write_tokens are
-#   subsets of it. cache_write_tokens_details {ttl_30m_tokens, ttl_12h_tokens}, when present,
-#   must add up to cache_write_tokens; 30-minute writes are the short-TTL write class, 12-hour
-#   writes have no class in the catalog yet and are parked rather than priced as something else.
+# * input_tokens is ALL input; input_tokens_details.cached_tokens is a subset (cache reads).
+#   .cache_write_tokens is a subset of the uncached rest and stays ordinary input (OpenAI has no
+#   cache-write price, as in openai.chat); its cache_write_tokens_details {ttl_30m_tokens,
+#   ttl_12h_tokens}, when present, must add up to it.
 # * output_tokens is ALL output; output_tokens_details.reasoning_tokens is a subset (billed as
 #   output). No audio in this API.
 # * total_tokens = input_tokens + output_tokens.
@@ -275,11 +288,6 @@ def openai_responses(usage: OpenAIResponsesUsage, status: RequestStatus) -> Deri
             "input_tokens_details.cache_write_tokens",
             "ttl_30m_tokens + ttl_12h_tokens",
         )
-        if long:
-            raise UsageConflict(
-                f"{ROOT}.input_tokens_details.cache_write_tokens_details.ttl_12h_tokens",
-                "12-hour cache writes have no billable class in the catalog; not guessed",
-            )
     uncached = _subset(
         {
             "input_tokens_details.cached_tokens": cached,
@@ -288,6 +296,7 @@ def openai_responses(usage: OpenAIResponsesUsage, status: RequestStatus) -> Deri
         usage.input_tokens,
         "input_tokens",
     )
+    uncached += write  # written tokens are ordinary input at OpenAI
     o = usage.output_tokens_details
     reasoning = _n(o.reasoning_tokens) if o else 0
     _subset({"output_tokens_details.reasoning_tokens": reasoning}, usage.output_tokens, "output")
@@ -300,7 +309,7 @@ def openai_responses(usage: OpenAIResponsesUsage, status: RequestStatus) -> Deri
     counts = {
         "input_tokens": uncached,
         "cached_input_tokens": cached,
-        "cache_write_tokens": write,
+        "cache_write_tokens": 0,
         "cache_write_1h_tokens": 0,
         "audio_input_tokens": 0,
         "output_tokens": usage.output_tokens,
@@ -516,8 +525,11 @@ def openrouter(usage: OpenRouterUsage, status: RequestStatus) -> Derived:
         usage.total_tokens,
         as_chat,
         usage.completion_tokens_details,
+        writes_priced=True,
     )
     _nonempty(counts, status)
+    if usage.cost is not None and (not usage.cost.is_finite() or usage.cost < 0):
+        raise UsageConflict(f"{ROOT}.cost", f"must be a non-negative number, got {usage.cost}")
     return Derived(counts, byok=usage.is_byok, reported_cost=usage.cost)
 
 

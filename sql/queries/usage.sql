@@ -42,3 +42,16 @@ RETURNING event_id, account_id, byok, debited
 
 -- name: recorded_event_ids
 SELECT event_id FROM usage_events WHERE event_id = ANY(%(event_ids)s)
+
+-- name: provider_cost_comparison
+-- Our price vs. the cost the provider reported (OpenRouter), per model and provider, for events
+-- recorded in [since, until). The reported cost is recorded for comparison and never billed.
+SELECT model, provider, provider_usage_format, count(*) AS events,
+       sum(amount) AS our_amount, sum(provider_reported_cost) AS reported_cost,
+       sum(provider_reported_cost) - sum(amount) AS difference,
+       max(abs(provider_reported_cost - amount)) AS max_event_difference
+FROM usage_events
+WHERE provider_reported_cost IS NOT NULL
+  AND recorded_at >= %(since)s AND recorded_at < %(until)s
+GROUP BY model, provider, provider_usage_format
+ORDER BY model, provider, provider_usage_format
