@@ -316,6 +316,13 @@ def _with_provider_usage(event: UsageEvent) -> UsageEvent | tuple[Reason, str, s
     except pu.UsageConflict as conflict:
         return (Reason.PROVIDER_USAGE_CONFLICT, conflict.field, f"{fmt.value}: {conflict.reason}")
     given = event.usage
+    if pu.IMAGES_IN_TOKENS and given.image_count:
+        return (
+            Reason.PROVIDER_USAGE_CONFLICT,
+            "$.usage.image_count",
+            f"{fmt.value} counts input images in its prompt tokens; a per-image count beside "
+            "it would bill them twice",
+        )
     if given is not NO_USAGE:
         for name, count in derived.counts.items():
             if getattr(given, name) != count:
@@ -324,13 +331,6 @@ def _with_provider_usage(event: UsageEvent) -> UsageEvent | tuple[Reason, str, s
                     f"$.usage.{name}",
                     f"is {getattr(given, name)} but {fmt.value} provider_usage gives {count}",
                 )
-    if pu.IMAGES_IN_TOKENS and given.image_count:
-        return (
-            Reason.PROVIDER_USAGE_CONFLICT,
-            "$.usage.image_count",
-            f"{fmt.value} counts input images in its prompt tokens; a per-image count beside "
-            "it would bill them twice",
-        )
     tier = event.service_tier
     if derived.service_tier is not None:
         if tier is not None and tier is not derived.service_tier:
