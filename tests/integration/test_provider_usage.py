@@ -54,7 +54,7 @@ def publish(settings: Settings, *bodies: bytes) -> None:
 def row(conn: psycopg.Connection[Any], event_id: str) -> dict[str, Any]:
     [found] = db.fetch_dicts(
         conn,
-        "SELECT * FROM usage_events WHERE event_id = %s",  # type: ignore[arg-type]
+        "SELECT * FROM usage_events WHERE event_id = %s",
         (event_id,),
     )
     return found
@@ -295,3 +295,73 @@ def test_service_tiers_are_priced_from_their_own_sheet_and_shown_on_statements(
 
     report = run_audit(conn, q)
     assert report.ok, [c for c in report.checks if not c.ok]
+
+
+def test_cli_emits_a_provider_usage_object_and_refuses_a_conflicting_one(
+    settings: Settings, conn: psycopg.Connection[Any], q: Queries
+) -> None:
+    from billing.cli import main
+
+    open_account(conn, q, "acme", "10")
+    env = worker_env(settings)
+    usage_json = json.dumps(ISSUE_EXAMPLE)
+    base = ["usage", "emit", "--account", "acme", "--model", "openai/o4-mini", "--provider"]
+    ok = CliRunner().invoke(
+        main,
+        [
+            *base,
+            "openai",
+            "--event-id",
+            "cli-pu",
+            "--format",
+            "openai.chat",
+            "--provider-usage",
+            usage_json,
+        ],
+        env=env,
+    )
+    assert ok.exit_code == 0, ok.output
+    bad = CliRunner().invoke(
+        main,
+        [
+            *base,
+            "openai",
+            "--input",
+            "10000",
+            "--format",
+            "openai.chat",
+            "--provider-usage",
+            usage_json,
+        ],
+        env=env,
+    )
+    assert bad.exit_code == 2 and "$.usage.input_tokens" in bad.output
+    drain(settings)
+    assert row(conn, "cli-pu")["amount"] == Decimal("0.0132")
+
+
+def test_audit_finds_an_event_priced_in_a_tier_its_version_does_not_have(
+    settings: Settings, conn: psycopg.Connection[Any], q: Queries
+) -> None:
+    open_account(conn, q, "acme", "10")
+    publish(settings, body("a-1", "openai.chat", ISSUE_EXAMPLE, "openai/o4-mini", "openai"))
+    drain(settings)
+    assert run_audit(conn, q).ok
+    # A row no code path can write: a tier without prices, and an amount without its count.
+    conn.execute(
+        """INSERT INTO usage_events
+           SELECT (json_populate_record(u, json_build_object(
+               'event_id', 'forged', 'service_tier', 'priority', 'posting_id', NULL,
+               'input_amount', 0, 'cached_input_amount', 0, 'output_amount', 0, 'amount', 0,
+               'debited', 0, 'audio_input_amount', 0))).*
+           FROM usage_events u WHERE event_id = 'a-1'"""
+    )
+    conn.commit()
+    failed = {c.name: c.violations for c in run_audit(conn, q).checks if not c.ok}
+    assert [
+        v["event_id"]
+        for v in failed["events in a service tier were priced from that tier's prices"]
+    ] == ["forged"]
+    assert [v["event_id"] for v in failed["new classes have amounts exactly with counts"]] == [
+        "forged"
+    ]

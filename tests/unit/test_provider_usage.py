@@ -475,7 +475,7 @@ def test_tiers_and_new_classes_price_exactly(
 
 
 def test_the_issue_example_lands_in_disjoint_classes() -> None:
-    item, _ = charge_of(event(*CASES[0][1:3], *O4_MINI))  # type: ignore[misc]
+    item, _ = charge_of(event(*CASES[0][1:3], *O4_MINI))
     u = item.usage
     assert (u.input_tokens, u.cached_input_tokens, u.output_tokens, u.reasoning_tokens) == (
         2_000,
@@ -497,7 +497,7 @@ def test_openrouter_reported_cost_is_kept_exactly_and_never_billed() -> None:
 
 def test_a_decoded_provider_event_round_trips() -> None:
     """A parked provider event is replayed from its encoded form: it must decode the same."""
-    item = decode_one(event(*CASES[-3][1:3], *O4_MINI))  # type: ignore[misc]
+    item = decode_one(event(*CASES[-3][1:3], *O4_MINI))
     assert isinstance(item, UsageEvent)
     [again] = decode_message(encode_event(item), NOW, SKEW, 1_048_576)
     assert again == item
@@ -730,7 +730,7 @@ def test_one_hour_writes_before_their_price_exists_are_unpriced_not_guessed() ->
 
 
 def test_a_tier_the_version_does_not_price_is_unpriced() -> None:
-    item = decode_one(event(*CASES[6][1:3], *GPT_5, service_tier="batch"))  # type: ignore[misc]
+    item = decode_one(event(*CASES[6][1:3], *GPT_5, service_tier="batch"))
     assert isinstance(item, UsageEvent)
     version = CATALOG.in_force(*GPT_5, item.occurred_at)
     assert version is not None
@@ -741,7 +741,7 @@ def test_a_tier_the_version_does_not_price_is_unpriced() -> None:
 
 def test_a_class_missing_from_a_tier_sheet_is_unpriced_in_that_tier() -> None:
     # o4-mini's batch sheet has no cached-input price: not billed at the standard one.
-    payload = event(*CASES[0][1:3], *O4_MINI, at=TIERED_NOW, service_tier="batch")  # type: ignore[misc]
+    payload = event(*CASES[0][1:3], *O4_MINI, at=TIERED_NOW, service_tier="batch")
     item = decode_one(payload, TIERED_NOW)
     assert isinstance(item, UsageEvent)
     version = CATALOG.in_force(*O4_MINI, item.occurred_at)
@@ -997,7 +997,7 @@ def test_property_gemini(
 def test_property_a_subset_larger_than_its_whole_is_never_priced(
     whole: int, excess: int, fmt: ProviderFormat
 ) -> None:
-    raw: dict[str, Any] = {
+    raws: dict[ProviderFormat, dict[str, Any]] = {
         ProviderFormat.OPENAI_CHAT: {
             "prompt_tokens": whole,
             "completion_tokens": 1,
@@ -1024,7 +1024,8 @@ def test_property_a_subset_larger_than_its_whole_is_never_priced(
             "cachedContentTokenCount": whole + excess,
             "candidatesTokenCount": 1,
         },
-    }[fmt]
+    }
+    raw = raws[fmt]
     with pytest.raises(UsageConflict):
         pu.derive(fmt, raw, RequestStatus.COMPLETED)
 
@@ -1069,3 +1070,10 @@ def test_schema_accepts_a_1_0_event_and_the_new_optional_fields() -> None:
     for bad in (v1_event(service_tier="turbo"), v1_event(status="aborted")):
         [item] = decode_message(json.dumps(bad).encode(), NOW, SKEW, 1_048_576)
         assert isinstance(item, Rejected)
+
+
+def test_the_provider_usage_bench_quick_run_is_exact(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.provider_usage import main
+
+    main(["--quick"])
+    assert "derived the canonical classes and totals exactly" in capsys.readouterr().out
