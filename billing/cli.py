@@ -119,20 +119,28 @@ def prices_list(ctx: click.Context, model: str | None, at: str | None, as_json: 
             "model": v.model,
             "provider": v.provider,
             "effective_from": v.effective_from.isoformat(),
+            "tier": tier.value,
             "class": c.value,
             "usd": format_usd(p.unit_price),
             "per": f"{p.per:,}",
         }
         for v in versions
-        for c, p in sorted(v.prices.items())
+        for tier, sheet in v.sheets().items()
+        for c, p in sorted(sheet.items())
     ]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    table = Table("model", "provider", "effective from", "class", "USD", "per")
+    table = Table("model", "provider", "effective from", "tier", "class", "USD", "per")
     for r in rows:
         table.add_row(
-            r["model"], r["provider"], r["effective_from"], r["class"], r["usd"], r["per"]
+            r["model"],
+            r["provider"],
+            r["effective_from"],
+            r["tier"],
+            r["class"],
+            r["usd"],
+            r["per"],
         )
     console.print(table)
 
