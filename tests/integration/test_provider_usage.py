@@ -365,3 +365,49 @@ def test_audit_finds_an_event_priced_in_a_tier_its_version_does_not_have(
     assert [v["event_id"] for v in failed["new classes have amounts exactly with counts"]] == [
         "forged"
     ]
+
+
+def test_a_parked_provider_event_is_replayed_once_its_price_exists(
+    settings: Settings, conn: psycopg.Connection[Any], q: Queries
+) -> None:
+    open_account(conn, q, "acme", "10")
+    one_hour_writes = {
+        "input_tokens": 100,
+        "cache_creation_input_tokens": 6000,
+        "cache_creation": {"ephemeral_5m_input_tokens": 2000, "ephemeral_1h_input_tokens": 4000},
+        "output_tokens": 300,
+    }
+    sonnet = ("anthropic/claude-sonnet-4-5", "anthropic")
+    publish(settings, body("pu-1h", "anthropic.messages", one_hour_writes, *sonnet))
+    drain(settings)
+    [parked] = deadletters.list_dead_letters(conn, q, reason_code="unpriced")
+    assert parked["field"] == "$.usage.cache_write_1h_tokens"
+
+    # The operator prices 1-hour writes from an hour ago (a backdated version, knowingly).
+    start = (datetime.now(UTC) - timedelta(hours=1)).replace(microsecond=0)
+    [current] = [
+        v for v in catalog.snapshot(conn, q).versions[sonnet] if v.effective_from.year == 2025
+    ]
+    fixed = PriceVersion(
+        *sonnet,
+        start,
+        {**current.prices, BillableClass.CACHE_WRITE_1H: PriceComponent(Decimal("6"), 1_000_000)},
+        "test: 1-hour writes",
+    )
+    catalog.load_versions(
+        conn, q, [fixed], now=datetime.now(UTC), loaded_by="tests", allow_backdate=True
+    )
+    result = deadletters.replay(
+        conn, q, catalog.CatalogCache(q), settings, datetime.now(UTC), reason_code="unpriced"
+    )
+    assert result.debited == 1
+    # 100 x 3/M + 2,000 x 3.75/M + 4,000 x 6/M + 300 x 15/M = 0.0363
+    recorded = row(conn, "pu-1h")
+    assert recorded["amount"] == Decimal("0.0363")
+    assert recorded["cache_write_1h_tokens"] == 4000 and recorded["cache_write_tokens"] == 2000
+    assert balances(conn)["acme"] == Decimal("10") - Decimal("0.0363")
+    again = deadletters.replay(
+        conn, q, catalog.CatalogCache(q), settings, datetime.now(UTC), reason_code="unpriced"
+    )
+    assert again.debited == 0
+    assert run_audit(conn, q).ok
