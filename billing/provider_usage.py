@@ -50,6 +50,7 @@ MAX_COUNT = 10**12
 Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_COUNT)]
 # SDKs type most detail counters Optional and send null: null is 0.
 Opt = Count | None
+Enum = Annotated[str, msgspec.Meta(max_length=40)]  # an enumeration value (e.g. "AUDIO")
 Cost = Decimal  # exact as sent (the event decoder reads JSON numbers here as Decimal)
 
 
@@ -395,7 +396,7 @@ def anthropic_messages(usage: AnthropicUsage, status: RequestStatus) -> Derived:
 #   Cached AUDIO (cacheTokensDetails) has a price of its own that the catalog has no class for:
 #   parked, not priced as cached text.
 class _Modality(msgspec.Struct, frozen=True, forbid_unknown_fields=True, rename="camel"):
-    modality: str = "MODALITY_UNSPECIFIED"
+    modality: Enum = "MODALITY_UNSPECIFIED"
     token_count: Opt = None
 
 
@@ -410,7 +411,7 @@ class GeminiUsage(msgspec.Struct, frozen=True, forbid_unknown_fields=True, renam
     cache_tokens_details: list[_Modality] | None = None
     candidates_tokens_details: list[_Modality] | None = None
     tool_use_prompt_tokens_details: list[_Modality] | None = None
-    traffic_type: str | None = None
+    traffic_type: Enum | None = None
 
 
 def _audio(details: list[_Modality] | None) -> int:
