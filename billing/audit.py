@@ -29,6 +29,8 @@ CHECKS = (
     ("usage is recorded at its posting's time (statements)", "audit_event_recorded_at"),
     ("every invoice's content matches its hash", "audit_invoice_hashes"),
     ("invoice numbers run 1..N per issuer without gaps", "audit_invoice_numbers"),
+    ("events in a service tier were priced from that tier's prices", "audit_event_tier_prices"),
+    ("new classes have amounts exactly with counts", "audit_event_new_classes"),
 )
 
 

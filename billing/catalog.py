@@ -31,6 +31,7 @@ import psycopg
 from billing.db import Queries
 from billing.errors import CatalogError
 from billing.money import EXACT, SCALE, exact, is_exact_at_scale
+from billing.service_tier import ServiceTier
 
 
 class BillableClass(StrEnum):
@@ -43,6 +44,10 @@ class BillableClass(StrEnum):
     IMAGE = "image_count"
     WEB_SEARCH = "web_search_count"
     REQUEST = "request"
+    # Added with provider usage adapters (usage.v1.1); appended so existing positions stay put.
+    CACHE_WRITE_1H = "cache_write_1h_tokens"
+    AUDIO_INPUT = "audio_input_tokens"
+    AUDIO_OUTPUT = "audio_output_tokens"
 
 
 CLASS_ORDER: tuple[BillableClass, ...] = tuple(BillableClass)
@@ -79,6 +84,10 @@ class PriceVersion:
     effective_from: datetime
     prices: Mapping[BillableClass, PriceComponent]
     source: str = ""
+    # Non-standard service tiers this version prices explicitly (``prices`` is the standard one).
+    tiers: Mapping[ServiceTier, Mapping[BillableClass, PriceComponent]] = field(
+        default_factory=dict
+    )
 
     @property
     def key(self) -> tuple[str, str, datetime]:
@@ -95,10 +104,25 @@ class PriceVersion:
 
         Computed once per version, so pricing an event is a few exact multiplications.
         """
-        return tuple(self.prices[c].per_unit if c in self.prices else None for c in CLASS_ORDER)
+        return _rates(self.prices)
+
+    @cached_property
+    def tier_rates(self) -> Mapping[ServiceTier, tuple[Decimal | None, ...]]:
+        """``unit_rates`` of each service tier this version prices (standard included)."""
+        rates = {tier: _rates(sheet) for tier, sheet in self.tiers.items()}
+        rates[ServiceTier.STANDARD] = self.unit_rates
+        return rates
+
+    def sheets(self) -> dict[ServiceTier, Mapping[BillableClass, PriceComponent]]:
+        """Every price sheet of this version by tier, the standard one first."""
+        return {ServiceTier.STANDARD: self.prices, **self.tiers}
 
     def label(self) -> str:
         return f"{self.model}@{self.provider} from {self.effective_from.isoformat()}"
+
+
+def _rates(sheet: Mapping[BillableClass, PriceComponent]) -> tuple[Decimal | None, ...]:
+    return tuple(sheet[c].per_unit if c in sheet else None for c in CLASS_ORDER)
 
 
 @dataclass
@@ -163,31 +187,58 @@ def _parse_version(entry: Any, where: str) -> PriceVersion:
     raw_prices = entry.get("prices")
     if not isinstance(raw_prices, dict) or not raw_prices:
         raise CatalogError(f"{where}.prices: required, with at least one billable class")
-    prices: dict[BillableClass, PriceComponent] = {}
-    for name, spec in raw_prices.items():
+    prices = _parse_sheet(raw_prices, f"{where}.prices")
+    tiers: dict[ServiceTier, dict[BillableClass, PriceComponent]] = {}
+    raw_tiers = entry.get("tiers", {})
+    if not isinstance(raw_tiers, dict):
+        raise CatalogError(f"{where}.tiers: must be a table of tier price sheets")
+    for tier_name, raw_sheet in raw_tiers.items():
         try:
-            billable = BillableClass(name)
+            tier = ServiceTier(tier_name)
         except ValueError:
-            allowed = ", ".join(c.value for c in BillableClass)
-            raise CatalogError(f"{where}.prices.{name}: unknown class (one of {allowed})") from None
-        if not isinstance(spec, dict) or set(spec) != {"usd", "per"}:
-            raise CatalogError(f"{where}.prices.{name}: expected {{ usd = ..., per = ... }}")
-        usd, per = spec["usd"], spec["per"]
-        if isinstance(usd, bool) or not isinstance(usd, (Decimal, int)):
-            raise CatalogError(f"{where}.prices.{name}.usd: must be a number")
-        if isinstance(per, bool) or not isinstance(per, int):
-            raise CatalogError(f"{where}.prices.{name}.per: must be an integer")
-        try:
-            prices[billable] = PriceComponent(exact(usd), per)
-        except (CatalogError, ValueError) as exc:
-            raise CatalogError(f"{where}.prices.{name}: {exc}") from None
+            allowed = ", ".join(t.value for t in ServiceTier if t is not ServiceTier.STANDARD)
+            raise CatalogError(
+                f"{where}.tiers.{tier_name}: unknown tier (one of {allowed})"
+            ) from None
+        if tier is ServiceTier.STANDARD:
+            raise CatalogError(f"{where}.tiers.standard: the standard sheet is `prices`")
+        if not isinstance(raw_sheet, dict) or not raw_sheet:
+            raise CatalogError(f"{where}.tiers.{tier_name}: required, with at least one class")
+        sheet = _parse_sheet(raw_sheet, f"{where}.tiers.{tier_name}")
+        if BillableClass.REQUEST in prices and BillableClass.REQUEST not in sheet:
+            # A missing request fee would silently waive it: a tier sheet must say it.
+            raise CatalogError(f"{where}.tiers.{tier_name}.request: required (standard has one)")
+        tiers[tier] = sheet
     return PriceVersion(
         model=entry["model"],
         provider=entry["provider"],
         effective_from=effective_from,
         prices=prices,
         source=entry["source"],
+        tiers=tiers,
     )
+
+
+def _parse_sheet(raw_prices: dict[str, Any], where: str) -> dict[BillableClass, PriceComponent]:
+    prices: dict[BillableClass, PriceComponent] = {}
+    for name, spec in raw_prices.items():
+        try:
+            billable = BillableClass(name)
+        except ValueError:
+            allowed = ", ".join(c.value for c in BillableClass)
+            raise CatalogError(f"{where}.{name}: unknown class (one of {allowed})") from None
+        if not isinstance(spec, dict) or set(spec) != {"usd", "per"}:
+            raise CatalogError(f"{where}.{name}: expected {{ usd = ..., per = ... }}")
+        usd, per = spec["usd"], spec["per"]
+        if isinstance(usd, bool) or not isinstance(usd, (Decimal, int)):
+            raise CatalogError(f"{where}.{name}.usd: must be a number")
+        if isinstance(per, bool) or not isinstance(per, int):
+            raise CatalogError(f"{where}.{name}.per: must be an integer")
+        try:
+            prices[billable] = PriceComponent(exact(usd), per)
+        except (CatalogError, ValueError) as exc:
+            raise CatalogError(f"{where}.{name}: {exc}") from None
+    return prices
 
 
 def read_catalog_file(path: Path) -> list[PriceVersion]:
@@ -219,7 +270,7 @@ def load_versions(
             history = existing.versions.get((version.model, version.provider), [])
             same = next((v for v in history if v.effective_from == version.effective_from), None)
             if same is not None:
-                if dict(same.prices) != dict(version.prices):
+                if _sheets_of(same) != _sheets_of(version):
                     raise CatalogError(
                         f"{version.label()} is already loaded with different prices; "
                         "history is never rewritten: load a new version with a later effective_from"
@@ -242,17 +293,23 @@ def load_versions(
                             "model": version.model,
                             "provider": version.provider,
                             "effective_from": version.effective_from,
+                            "service_tier": tier.value,
                             "billable_class": billable.value,
                             "unit_price": component.unit_price,
                             "per": component.per,
                             "source": version.source,
                             "loaded_by": loaded_by,
                         }
-                        for billable, component in sorted(version.prices.items())
+                        for tier, sheet in version.sheets().items()
+                        for billable, component in sorted(sheet.items())
                     ],
                 )
             added.append(version)
     return LoadResult(added, unchanged)
+
+
+def _sheets_of(version: PriceVersion) -> dict[ServiceTier, dict[BillableClass, PriceComponent]]:
+    return {tier: dict(sheet) for tier, sheet in version.sheets().items()}
 
 
 def revision(conn: psycopg.Connection[Any], q: Queries) -> tuple[int, datetime | None]:
@@ -263,14 +320,24 @@ def revision(conn: psycopg.Connection[Any], q: Queries) -> tuple[int, datetime |
 
 def snapshot(conn: psycopg.Connection[Any], q: Queries) -> Catalog:
     """The whole catalog in memory (it is small: a row per model, provider, version and class)."""
-    grouped: dict[tuple[str, str, datetime], tuple[str, dict[BillableClass, PriceComponent]]] = {}
-    for model, provider, effective_from, billable, unit_price, per, source in conn.execute(
+    Sheets = dict[ServiceTier, dict[BillableClass, PriceComponent]]
+    grouped: dict[tuple[str, str, datetime], tuple[str, Sheets]] = {}
+    for model, provider, effective_from, tier, billable, unit_price, per, source in conn.execute(
         q["select_prices"]
     ):
-        _, prices = grouped.setdefault((model, provider, effective_from), (source, {}))
-        prices[BillableClass(billable)] = PriceComponent(exact(unit_price), int(per))
+        _, sheets = grouped.setdefault((model, provider, effective_from), (source, {}))
+        sheet = sheets.setdefault(ServiceTier(tier), {})
+        sheet[BillableClass(billable)] = PriceComponent(exact(unit_price), int(per))
     catalog = Catalog.of(
-        PriceVersion(m, p, t, prices, source) for (m, p, t), (source, prices) in grouped.items()
+        PriceVersion(
+            m,
+            p,
+            t,
+            sheets.pop(ServiceTier.STANDARD, {}),
+            source,
+            tiers=sheets,
+        )
+        for (m, p, t), (source, sheets) in grouped.items()
     )
     catalog.revision = revision(conn, q)
     return catalog

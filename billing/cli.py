@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,9 @@ from billing.cli_stripe import COMMANDS as STRIPE_COMMANDS
 from billing.errors import BillingError
 from billing.events import SCHEMA_V1, Usage, UsageEvent, decode_event
 from billing.money import format_usd
+from billing.provider_usage import ProviderFormat
+from billing.request_status import RequestStatus
+from billing.service_tier import ServiceTier
 from billing.settings import Settings
 
 
@@ -116,20 +119,28 @@ def prices_list(ctx: click.Context, model: str | None, at: str | None, as_json: 
             "model": v.model,
             "provider": v.provider,
             "effective_from": v.effective_from.isoformat(),
+            "tier": tier.value,
             "class": c.value,
             "usd": format_usd(p.unit_price),
             "per": f"{p.per:,}",
         }
         for v in versions
-        for c, p in sorted(v.prices.items())
+        for tier, sheet in v.sheets().items()
+        for c, p in sorted(sheet.items())
     ]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    table = Table("model", "provider", "effective from", "class", "USD", "per")
+    table = Table("model", "provider", "effective from", "tier", "class", "USD", "per")
     for r in rows:
         table.add_row(
-            r["model"], r["provider"], r["effective_from"], r["class"], r["usd"], r["per"]
+            r["model"],
+            r["provider"],
+            r["effective_from"],
+            r["tier"],
+            r["class"],
+            r["usd"],
+            r["per"],
         )
     console.print(table)
 
@@ -229,6 +240,35 @@ def usage() -> None:
 @click.option("--reasoning", "reasoning_tokens", type=int, default=0)
 @click.option("--images", "image_count", type=int, default=0)
 @click.option("--searches", "web_search_count", type=int, default=0)
+@click.option("--cache-write-1h", "cache_write_1h_tokens", type=int, default=0)
+@click.option("--audio-in", "audio_input_tokens", type=int, default=0)
+@click.option("--audio-out", "audio_output_tokens", type=int, default=0)
+@click.option(
+    "--tier",
+    "service_tier",
+    type=click.Choice([t.value for t in ServiceTier]),
+    default=None,
+    help="Service tier (default: standard).",
+)
+@click.option(
+    "--status",
+    type=click.Choice([s.value for s in RequestStatus]),
+    default=None,
+    help="How the request ended (default: completed).",
+)
+@click.option(
+    "--provider-usage",
+    "provider_usage",
+    default=None,
+    help="The provider's usage object as JSON (instead of the token options).",
+)
+@click.option(
+    "--format",
+    "provider_usage_format",
+    type=click.Choice([f.value for f in ProviderFormat]),
+    default=None,
+    help="Format of --provider-usage.",
+)
 @click.option("--byok", is_flag=True)
 @click.option("--repeat", type=int, default=1, help="Publish the same message N times.")
 @click.option(
@@ -257,14 +297,18 @@ def usage_emit(ctx: click.Context, /, file: Any, repeat: int, **fields: Any) -> 
         occurred = fields.pop("occurred_at") or datetime.now(UTC).isoformat()
         event_id = fields.pop("event_id") or str(uuid.uuid4())
         usage_fields = {k: fields.pop(k) for k in Usage.__struct_fields__}
+        extra = {k: v for k, v in fields.items() if v is not None}
+        if extra.get("provider_usage") is not None:
+            try:
+                extra["provider_usage"] = json.loads(extra["provider_usage"])
+            except json.JSONDecodeError as exc:
+                raise click.BadParameter(str(exc), param_hint="--provider-usage") from None
+            if any(usage_fields.values()):
+                extra["usage"] = usage_fields  # beside it: must agree (checked on decode)
+        else:
+            extra["usage"] = usage_fields
         body = json.dumps(
-            {
-                "schema": SCHEMA_V1,
-                "event_id": event_id,
-                "occurred_at": occurred,
-                **fields,
-                "usage": usage_fields,
-            }
+            {"schema": SCHEMA_V1, "event_id": event_id, "occurred_at": occurred, **extra}
         ).encode()
         checked = decode_event(body, datetime.now(UTC), settings.max_clock_skew)
         if not isinstance(checked, UsageEvent):
@@ -272,6 +316,40 @@ def usage_emit(ctx: click.Context, /, file: Any, repeat: int, **fields: Any) -> 
         for _ in range(repeat):
             publisher.publish_raw(body)
     click.echo(f"published {event_id} x{repeat}")
+
+
+@usage.command("provider-costs")
+@click.option("--since", default=None, help="RFC 3339 (default: 30 days ago).")
+@click.option("--until", default=None, help="RFC 3339 (default: now).")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@handles_errors
+def usage_provider_costs(
+    ctx: click.Context, since: str | None, until: str | None, as_json: bool
+) -> None:
+    """Our price vs. the cost the provider reported (OpenRouter), per model: never billed."""
+    settings = settings_of(ctx)
+    end = datetime.fromisoformat(until) if until else datetime.now(UTC)
+    start = datetime.fromisoformat(since) if since else end - timedelta(days=30)
+    with db.connect(settings) as conn:
+        rows = db.fetch_dicts(
+            conn, db.queries(settings)["provider_cost_comparison"], {"since": start, "until": end}
+        )
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, default=str))
+        return
+    table = Table("model", "provider", "format", "events", "our amount", "reported", "difference")
+    for r in rows:
+        table.add_row(
+            r["model"],
+            r["provider"],
+            r["provider_usage_format"],
+            str(r["events"]),
+            str(r["our_amount"]),
+            str(r["reported_cost"]),
+            str(r["difference"]),
+        )
+    console.print(table)
 
 
 # --- worker ---------------------------------------------------------------------------------

@@ -210,6 +210,9 @@ def _summary(
         "images",
         "web searches",
         "requests",
+        "1-hour cache write tokens",
+        "audio input tokens",
+        "audio output tokens",
     )
     for i, name in enumerate(names):
         quantity, amount = row[2 * i], row[2 * i + 1]

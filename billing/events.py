@@ -8,6 +8,13 @@ broker overhead. Each event in an envelope stands or falls on its own.
 (with a reason code, the JSON path of the offending field and a human reason). No prompt or
 response content is ever accepted: unknown fields are an error, and a rejected payload is stored
 with unknown fields redacted.
+
+Minor version 1.1 (backward compatible: every 1.0 event decodes and prices identically) adds the
+classes ``cache_write_1h_tokens``, ``audio_input_tokens`` and ``audio_output_tokens``, the
+optional ``service_tier`` and ``status`` (see ``billing.request_status`` for the policy on
+cancelled and failed requests), and ``provider_usage`` + ``provider_usage_format``: the
+provider's own usage object, converted here by ``billing.provider_usage`` into the canonical
+classes, so the rest of the pipeline never sees it.
 """
 
 from __future__ import annotations
@@ -16,11 +23,17 @@ import hashlib
 import re
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from decimal import Decimal
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 import msgspec
 import orjson
+
+from billing import provider_usage as pu
+from billing.provider_usage import ProviderFormat
+from billing.request_status import RequestStatus
+from billing.service_tier import ServiceTier
 
 SCHEMA_V1 = "usage.v1"
 SCHEMA_BATCH_V1 = "usage.batch.v1"
@@ -46,13 +59,15 @@ class Reason(StrEnum):
     UNKNOWN_ACCOUNT = "unknown_account"
     UNPRICED = "unpriced"
     DATABASE_REJECTED = "database_rejected"
+    PROVIDER_USAGE_CONFLICT = "provider_usage_conflict"
 
 
 class Usage(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Disjoint billable classes: no token is counted in two of them.
 
     ``reasoning_tokens`` is a subset of ``output_tokens``, reported for analysis, never billed on
-    its own.
+    its own. ``cache_write_tokens`` are short-TTL (Anthropic 5-minute) cache writes,
+    ``cache_write_1h_tokens`` 1-hour ones; audio tokens are not in the text classes.
     """
 
     input_tokens: Count = 0
@@ -62,9 +77,17 @@ class Usage(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     reasoning_tokens: Count = 0
     image_count: Count = 0
     web_search_count: Count = 0
+    cache_write_1h_tokens: Count = 0
+    audio_input_tokens: Count = 0
+    audio_output_tokens: Count = 0
 
 
-class UsageEvent(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+NO_USAGE = Usage()  # the default of UsageEvent.usage: "not sent" (identity-checked)
+
+
+class UsageEvent(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """One request's usage. Encoded without the fields left at their defaults (1.0 stays 1.0)."""
+
     schema: Literal["usage.v1"]
     event_id: Ident
     occurred_at: datetime
@@ -73,9 +96,13 @@ class UsageEvent(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     model: Name
     provider: Name
     byok: bool
-    usage: Usage
+    usage: Usage = NO_USAGE
     latency_ms: Count | None = None
     ttft_ms: Count | None = None
+    service_tier: ServiceTier | None = None  # None: standard, unless provider_usage says
+    status: RequestStatus = RequestStatus.COMPLETED
+    provider_usage_format: ProviderFormat | None = None
+    provider_usage: dict[str, Any] | None = None
 
 
 class _Envelope(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -108,7 +135,8 @@ def dedup_key_for(event_id: str | None, original_payload: bytes) -> str:
     return "sha256:" + hashlib.sha256(original_payload).hexdigest()
 
 
-_decode_event = msgspec.json.Decoder(UsageEvent).decode
+# float_hook: numbers inside provider_usage (OpenRouter's cost) are read as exact Decimals.
+_decode_event = msgspec.json.Decoder(UsageEvent, float_hook=Decimal).decode
 _decode_envelope = msgspec.json.Decoder(_Envelope).decode
 _decode_probe = msgspec.json.Decoder(_Probe).decode
 _PATH = re.compile(r" - at `(\$[^`]*)`$")
@@ -147,9 +175,33 @@ def redact(payload: bytes) -> bytes:
     if isinstance(usage, dict):
         kept["usage"] = {k: v for k, v in usage.items() if k in _KNOWN_USAGE_FIELDS}
         dropped += sorted(f"usage.{k}" for k in usage if k not in _KNOWN_USAGE_FIELDS)
+    if "provider_usage" in obj:
+        kept["provider_usage"] = _numbers_only(obj["provider_usage"], "provider_usage", dropped)
     if dropped:
         kept["_redacted_fields"] = dropped
     return orjson.dumps(kept)
+
+
+_ENUM_KEYS = frozenset({"service_tier", "modality", "trafficType"})
+
+
+def _numbers_only(value: Any, path: str, dropped: list[str]) -> Any:
+    """A provider usage object as stored when parked: numbers, booleans and nulls, nested objects
+    and lists of them; strings only under the few enumeration keys (no text can leak)."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    if isinstance(value, dict):
+        kept = {}
+        for k, v in value.items():
+            if isinstance(v, str) and not (k in _ENUM_KEYS and len(v) <= 40):
+                dropped.append(f"{path}.{k}")
+                continue
+            kept[k] = _numbers_only(v, f"{path}.{k}", dropped)
+        return kept
+    if isinstance(value, list):
+        return [_numbers_only(v, f"{path}[{i}]", dropped) for i, v in enumerate(value)]
+    dropped.append(path)
+    return None
 
 
 def _ids_of(payload: bytes) -> tuple[str | None, str | None]:
@@ -222,6 +274,18 @@ def decode_event(payload: bytes, now: datetime, max_skew: timedelta) -> UsageEve
             f"is more than {int(max_skew.total_seconds())}s in the future",
             payload,
         )
+    if event.provider_usage is not None or event.provider_usage_format is not None:
+        converted = _with_provider_usage(event)
+        if isinstance(converted, tuple):
+            return _reject(*converted, payload)
+        event = converted
+    elif event.usage is NO_USAGE:
+        return _reject(
+            Reason.INVALID_EVENT,
+            "$",
+            "Object missing required field `usage` (or `provider_usage` with its format)",
+            payload,
+        )
     if event.usage.reasoning_tokens > event.usage.output_tokens:
         return _reject(
             Reason.INVALID_EVENT,
@@ -230,6 +294,61 @@ def decode_event(payload: bytes, now: datetime, max_skew: timedelta) -> UsageEve
             payload,
         )
     return event
+
+
+def _with_provider_usage(event: UsageEvent) -> UsageEvent | tuple[Reason, str, str]:
+    """The event with its canonical ``usage`` derived from ``provider_usage``, or why not.
+
+    A canonical ``usage`` sent beside the provider's object must agree with it on every class
+    the format determines; the classes it cannot determine (e.g. web searches in OpenAI Chat)
+    come from ``usage``. Images are in the provider's token counts, so ``image_count`` must be 0.
+    """
+    fmt, raw = event.provider_usage_format, event.provider_usage
+    if fmt is None:
+        return (Reason.INVALID_EVENT, "$.provider_usage_format", "required with provider_usage")
+    if raw is None:
+        return (Reason.INVALID_EVENT, "$.provider_usage", f"required with format {fmt.value!r}")
+    try:
+        derived = pu.derive(fmt, raw, event.status)
+    except msgspec.ValidationError as error:
+        field, reason = _field_of(error)
+        return (Reason.INVALID_EVENT, "$.provider_usage" + field[1:], f"{fmt.value}: {reason}")
+    except pu.UsageConflict as conflict:
+        return (Reason.PROVIDER_USAGE_CONFLICT, conflict.field, f"{fmt.value}: {conflict.reason}")
+    given = event.usage
+    if pu.IMAGES_IN_TOKENS and given.image_count:
+        return (
+            Reason.PROVIDER_USAGE_CONFLICT,
+            "$.usage.image_count",
+            f"{fmt.value} counts input images in its prompt tokens; a per-image count beside "
+            "it would bill them twice",
+        )
+    if given is not NO_USAGE:
+        for name, count in derived.counts.items():
+            if getattr(given, name) != count:
+                return (
+                    Reason.PROVIDER_USAGE_CONFLICT,
+                    f"$.usage.{name}",
+                    f"is {getattr(given, name)} but {fmt.value} provider_usage gives {count}",
+                )
+    tier = event.service_tier
+    if derived.service_tier is not None:
+        if tier is not None and tier is not derived.service_tier:
+            return (
+                Reason.PROVIDER_USAGE_CONFLICT,
+                "$.service_tier",
+                f"is {tier.value!r} but provider_usage.service_tier is "
+                f"{derived.service_tier.value!r}",
+            )
+        tier = derived.service_tier
+    if derived.byok is not None and derived.byok != event.byok:
+        return (
+            Reason.PROVIDER_USAGE_CONFLICT,
+            "$.byok",
+            f"is {event.byok} but provider_usage.is_byok is {derived.byok}",
+        )
+    usage = msgspec.structs.replace(given, **derived.counts)
+    return msgspec.structs.replace(event, usage=usage, service_tier=tier)
 
 
 def decode_message(
@@ -270,9 +389,12 @@ def decode_message(
     return items
 
 
+_encode = msgspec.json.Encoder(decimal_format="number").encode
+
+
 def encode_event(event: UsageEvent) -> bytes:
-    return msgspec.json.encode(event)
+    return _encode(event)
 
 
 def encode_envelope(events: list[UsageEvent]) -> bytes:
-    return msgspec.json.encode({"schema": SCHEMA_BATCH_V1, "events": events})
+    return _encode({"schema": SCHEMA_BATCH_V1, "events": events})

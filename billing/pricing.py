@@ -4,7 +4,11 @@ No I/O, no rounding: ``amount = quantity * (unit_price / per)`` is exact at 12 d
 price the catalog accepts (the per-unit rate is exact by construction), and each multiplication
 runs in ``money.EXACT``, which raises rather than round. ``reasoning_tokens`` are inside
 ``output_tokens`` and are never billed twice; a flat ``request`` fee, when the version has one,
-applies once per event.
+applies once per event (not on a failed request: ``billing.request_status``).
+
+A version prices the standard service tier in ``prices`` and may price other tiers explicitly;
+an event in a tier its version does not price is ``Unpriced`` (field ``$.service_tier``), never
+billed at another tier's price.
 
 This is on the hot path (every event), so a version's per-unit rates are computed once
 (``PriceVersion.unit_rates``) and amounts are a fixed-order tuple, not a mapping.
@@ -20,6 +24,8 @@ from billing.catalog import CLASS_ORDER, BillableClass, PriceVersion
 from billing.errors import Unpriced
 from billing.events import Usage
 from billing.money import EXACT, ZERO
+from billing.request_status import RequestStatus, request_fee_applies
+from billing.service_tier import ServiceTier
 
 _INDEX = {billable: i for i, billable in enumerate(CLASS_ORDER)}
 _REQUEST = _INDEX[BillableClass.REQUEST]
@@ -57,7 +63,7 @@ class Charge(NamedTuple):
         )
 
 
-def quantities(usage: Usage) -> tuple[int, ...]:
+def quantities(usage: Usage, requests: int = 1) -> tuple[int, ...]:
     """The billable quantity of each class in ``CLASS_ORDER`` for one request."""
     return (
         usage.input_tokens,
@@ -66,21 +72,40 @@ def quantities(usage: Usage) -> tuple[int, ...]:
         usage.output_tokens,
         usage.image_count,
         usage.web_search_count,
-        1,  # one request
+        requests,  # one request (0: its fee is not charged)
+        usage.cache_write_1h_tokens,
+        usage.audio_input_tokens,
+        usage.audio_output_tokens,
     )
 
 
-def price(usage: Usage, version: PriceVersion) -> Charge:
-    """Price one request. Raises ``Unpriced`` when a used class has no price in ``version``."""
-    counts = quantities(usage)
+def price(
+    usage: Usage,
+    version: PriceVersion,
+    tier: ServiceTier | None = None,
+    status: RequestStatus = RequestStatus.COMPLETED,
+) -> Charge:
+    """Price one request. Raises ``Unpriced`` when a used class has no price in ``version``
+    (at ``tier``, when given and not standard)."""
+    if tier is None or tier is ServiceTier.STANDARD:
+        rates = version.unit_rates
+        sheet = ""
+    else:
+        found = version.tier_rates.get(tier)
+        if found is None:
+            raise Unpriced(
+                f"{version.label()} has no {tier.value} tier prices", field="$.service_tier"
+            )
+        rates, sheet = found, f" in the {tier.value} tier"
+    counts = quantities(usage, 1 if request_fee_applies(status) else 0)
     amounts: list[Decimal] = []
     total = ZERO
-    for index, (quantity, rate) in enumerate(zip(counts, version.unit_rates, strict=True)):
+    for index, (quantity, rate) in enumerate(zip(counts, rates, strict=True)):
         if not quantity or rate is None:
             if quantity and index != _REQUEST:
                 billable = CLASS_ORDER[index]
                 raise Unpriced(
-                    f"{version.label()} has no price for {billable.value}",
+                    f"{version.label()} has no price for {billable.value}{sheet}",
                     field=f"$.usage.{billable.value}",
                 )
             amounts.append(ZERO)

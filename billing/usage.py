@@ -40,6 +40,9 @@ from billing.events import Reason, Rejected, UsageEvent, decode_message, encode_
 from billing.ledger import PostingKind, SystemAccount, next_posting_id, post_wallet_movement
 from billing.money import EXACT, ZERO, sum_exact
 from billing.pricing import Charge, price
+from billing.provider_usage import reported_cost
+from billing.request_status import RequestStatus
+from billing.service_tier import ServiceTier
 from billing.settings import Settings
 from billing.wallets import record_crossings
 
@@ -96,7 +99,8 @@ def price_events(
                     f"{event.occurred_at.isoformat()}",
                     field="$.model",
                 )
-            priced.append(PricedEvent(event, version, price(event.usage, version)))
+            charge = price(event.usage, version, event.service_tier, event.status)
+            priced.append(PricedEvent(event, version, charge))
         except Unpriced as exc:
             unpriced.append(rejection_of(event, Reason.UNPRICED, exc.field, str(exc)))
     return priced, unpriced
@@ -153,9 +157,49 @@ def staging_row(p: PricedEvent, posting_id: int) -> tuple[Any, ...]:
         p.version.effective_from,
         u.input_tokens, u.cached_input_tokens, u.cache_write_tokens, u.output_tokens,
         u.reasoning_tokens, u.image_count, u.web_search_count,
-        *c.amounts,  # input, cached input, cache write, output, image, web search, request
+        *c.amounts[:7],  # input, cached input, cache write, output, image, web search, request
         c.total, debited, posting_id if debited > 0 else None, e.latency_ms, e.ttft_ms,
+        *extension_values(p),
     )  # fmt: skip
+
+
+# Columns added by migration 0004 (provider usage adapters), last in the COPY column list. They
+# are NULL in the common case (NULL = 0 / standard / completed / none), so an event with only the
+# 1.0 classes costs one constant string here.
+_NO_EXTENSION = "\t\\N" * 10
+_STANDARD, _COMPLETED = ServiceTier.STANDARD, RequestStatus.COMPLETED
+
+
+def _has_extension(e: UsageEvent) -> bool:
+    u = e.usage
+    return bool(
+        u.cache_write_1h_tokens
+        or u.audio_input_tokens
+        or u.audio_output_tokens
+        or e.provider_usage_format is not None
+        or (e.service_tier is not None and e.service_tier is not _STANDARD)
+        or e.status is not _COMPLETED
+    )
+
+
+def extension_values(p: PricedEvent) -> tuple[Any, ...]:
+    """Values of the 0004 columns, in COPY order (None = NULL)."""
+    e, u, a = p.event, p.event.usage, p.charge.amounts
+    counts = (u.cache_write_1h_tokens, u.audio_input_tokens, u.audio_output_tokens)
+    return (
+        *(n or None for n in counts),
+        *(amount if n else None for n, amount in zip(counts, a[7:10], strict=True)),
+        None if e.service_tier is None or e.service_tier is _STANDARD else e.service_tier.value,
+        None if e.status is _COMPLETED else e.status.value,
+        None if e.provider_usage_format is None else e.provider_usage_format.value,
+        reported_cost(e.provider_usage_format, e.provider_usage),
+    )
+
+
+def _extension_text(p: PricedEvent) -> str:
+    if not _has_extension(p.event):
+        return _NO_EXTENSION
+    return "".join("\t\\N" if v is None else f"\t{v!s}" for v in extension_values(p))
 
 
 def _text(value: str) -> str:
@@ -182,7 +226,7 @@ def copy_line(p: PricedEvent, posting_id: int) -> str:
         f"{a[0]!s}\t{a[1]!s}\t{a[2]!s}\t{a[3]!s}\t{a[4]!s}\t{a[5]!s}\t{a[6]!s}\t{c.total!s}\t"
         f"{c.total if not e.byok else 0!s}\t{posting_id if charged else _NULL}\t"
         f"{_NULL if e.latency_ms is None else e.latency_ms}\t"
-        f"{_NULL if e.ttft_ms is None else e.ttft_ms}\n"
+        f"{_NULL if e.ttft_ms is None else e.ttft_ms}{_extension_text(p)}\n"
     )
 
 

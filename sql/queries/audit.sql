@@ -185,3 +185,28 @@ FROM invoice_issuers s LEFT JOIN invoices i USING (issuer)
 GROUP BY s.issuer, s.last_number
 HAVING count(i.invoice_id) <> s.last_number OR coalesce(max(i.number), 0) <> s.last_number
 ORDER BY s.issuer
+
+-- name: audit_event_tier_prices
+-- Every event priced in a non-standard service tier has that tier's prices in its price version
+-- (migration 0004: NULL service_tier = standard).
+SELECT u.event_id, u.model, u.provider, u.price_effective_from, u.service_tier
+FROM usage_events u
+WHERE u.service_tier IS NOT NULL
+  AND NOT EXISTS (SELECT 1 FROM prices p
+                  WHERE p.model = u.model AND p.provider = u.provider
+                    AND p.effective_from = u.price_effective_from
+                    AND p.service_tier = u.service_tier)
+ORDER BY u.event_id
+LIMIT 1000
+
+-- name: audit_event_new_classes
+-- The classes of migration 0004 carry an amount exactly when they carry a count, and a
+-- provider-reported cost only comes with the provider usage object that reported it.
+SELECT u.event_id
+FROM usage_events u
+WHERE (u.cache_write_1h_tokens IS NULL) <> (u.cache_write_1h_amount IS NULL)
+   OR (u.audio_input_tokens IS NULL) <> (u.audio_input_amount IS NULL)
+   OR (u.audio_output_tokens IS NULL) <> (u.audio_output_amount IS NULL)
+   OR (u.provider_reported_cost IS NOT NULL AND u.provider_usage_format IS NULL)
+ORDER BY u.event_id
+LIMIT 1000

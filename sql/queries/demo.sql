@@ -21,7 +21,10 @@ GROUP BY 1, 2 ORDER BY 4 DESC
 SELECT sum(input_tokens), sum(input_amount), sum(cached_input_tokens), sum(cached_input_amount),
        sum(cache_write_tokens), sum(cache_write_amount), sum(output_tokens), sum(output_amount),
        sum(image_count), sum(image_amount), sum(web_search_count), sum(web_search_amount),
-       count(*), sum(request_amount)
+       count(*), sum(request_amount),
+       sum(cache_write_1h_tokens), sum(cache_write_1h_amount),
+       sum(audio_input_tokens), sum(audio_input_amount),
+       sum(audio_output_tokens), sum(audio_output_amount)
 FROM usage_events WHERE recorded_at >= %(t)s AND NOT byok
 
 -- name: demo_busiest_wallets

@@ -47,49 +47,78 @@ ORDER BY b.account_id COLLATE "C", e.created_at, e.entry_id
 
 -- name: statement_usage
 -- Usage of the period by the time it was debited (recorded_at, the posting's time), aggregated
--- by model, provider, BYOK and price version, then one line per billable class with the unit
--- price of that version. Events that occurred before the period are counted as late.
+-- by model, provider, BYOK and price version, then one line per billable class (and service tier:
+-- a non-standard tier's lines read "input_tokens [batch]") with the unit price of that version
+-- and tier. `events`, `late_events` and `late_amount` are per (model, provider, BYOK, version),
+-- the same on each of its lines. Events that occurred before the period are counted as late.
+-- NULL in the columns of migration 0004 means 0 / standard / completed.
 WITH b AS MATERIALIZED (
     SELECT * FROM billing_period_bounds(%(year)s, %(month)s, %(end_year)s, %(end_month)s,
                                         %(account)s::text)
 ),
-g AS (
+t AS (
     SELECT u.account_id, u.model, u.provider, u.byok, u.price_effective_from,
-           count(*) AS events,
-           count(*) FILTER (WHERE u.occurred_at < b.period_start) AS late_events,
-           coalesce(sum(u.amount) FILTER (WHERE u.occurred_at < b.period_start), 0) AS late_amount,
+           coalesce(u.service_tier, 'standard') AS service_tier,
+           count(*) AS tier_events,
+           count(*) FILTER (WHERE u.status IS DISTINCT FROM 'failed') AS requests,
+           count(*) FILTER (WHERE u.occurred_at < b.period_start) AS tier_late_events,
+           coalesce(sum(u.amount) FILTER (WHERE u.occurred_at < b.period_start), 0)
+               AS tier_late_amount,
            sum(u.input_tokens) AS input_tokens, sum(u.input_amount) AS input_amount,
            sum(u.cached_input_tokens) AS cached_input_tokens,
            sum(u.cached_input_amount) AS cached_input_amount,
            sum(u.cache_write_tokens) AS cache_write_tokens,
            sum(u.cache_write_amount) AS cache_write_amount,
+           coalesce(sum(u.cache_write_1h_tokens), 0) AS cache_write_1h_tokens,
+           coalesce(sum(u.cache_write_1h_amount), 0) AS cache_write_1h_amount,
            sum(u.output_tokens) AS output_tokens, sum(u.output_amount) AS output_amount,
+           coalesce(sum(u.audio_input_tokens), 0) AS audio_input_tokens,
+           coalesce(sum(u.audio_input_amount), 0) AS audio_input_amount,
+           coalesce(sum(u.audio_output_tokens), 0) AS audio_output_tokens,
+           coalesce(sum(u.audio_output_amount), 0) AS audio_output_amount,
            sum(u.image_count) AS image_count, sum(u.image_amount) AS image_amount,
            sum(u.web_search_count) AS web_search_count, sum(u.web_search_amount) AS web_search_amount,
            sum(u.request_amount) AS request_amount
     FROM b
     JOIN usage_events u ON u.account_id = b.account_id
                        AND u.recorded_at >= b.period_start AND u.recorded_at < b.period_end
-    GROUP BY u.account_id, u.model, u.provider, u.byok, u.price_effective_from
+    GROUP BY u.account_id, u.model, u.provider, u.byok, u.price_effective_from,
+             coalesce(u.service_tier, 'standard')
+),
+g AS (
+    SELECT t.*,
+           sum(t.tier_events) OVER w AS events,
+           sum(t.tier_late_events) OVER w AS late_events,
+           sum(t.tier_late_amount) OVER w AS late_amount
+    FROM t
+    WINDOW w AS (PARTITION BY t.account_id, t.model, t.provider, t.byok, t.price_effective_from)
 )
 SELECT g.account_id, g.model, g.provider, g.byok, g.price_effective_from, g.events,
-       g.late_events, g.late_amount, l.billable_class, l.quantity, l.amount,
-       pr.unit_price, pr.per
+       g.late_events, g.late_amount,
+       l.billable_class || CASE WHEN g.service_tier = 'standard' THEN ''
+                                ELSE ' [' || g.service_tier || ']' END AS billable_class,
+       l.quantity, l.amount, pr.unit_price, pr.per
 FROM g
 CROSS JOIN LATERAL (VALUES
     (1, 'input_tokens', g.input_tokens, g.input_amount),
     (2, 'cached_input_tokens', g.cached_input_tokens, g.cached_input_amount),
     (3, 'cache_write_tokens', g.cache_write_tokens, g.cache_write_amount),
-    (4, 'output_tokens', g.output_tokens, g.output_amount),
-    (5, 'image_count', g.image_count, g.image_amount),
-    (6, 'web_search_count', g.web_search_count, g.web_search_amount),
-    (7, 'request', g.events, g.request_amount)
+    (4, 'cache_write_1h_tokens', g.cache_write_1h_tokens, g.cache_write_1h_amount),
+    (5, 'output_tokens', g.output_tokens, g.output_amount),
+    (6, 'audio_input_tokens', g.audio_input_tokens, g.audio_input_amount),
+    (7, 'audio_output_tokens', g.audio_output_tokens, g.audio_output_amount),
+    (8, 'image_count', g.image_count, g.image_amount),
+    (9, 'web_search_count', g.web_search_count, g.web_search_amount),
+    (10, 'request', g.requests, g.request_amount)
 ) AS l(ord, billable_class, quantity, amount)
 LEFT JOIN prices pr ON pr.model = g.model AND pr.provider = g.provider
                    AND pr.effective_from = g.price_effective_from
+                   AND pr.service_tier = g.service_tier
                    AND pr.billable_class = l.billable_class
-WHERE l.amount <> 0 OR (l.ord = 7 AND pr.unit_price IS NOT NULL) OR (l.ord < 7 AND l.quantity > 0)
-ORDER BY g.account_id COLLATE "C", g.byok, g.model, g.provider, g.price_effective_from, l.ord
+WHERE l.amount <> 0 OR (l.ord = 10 AND pr.unit_price IS NOT NULL)
+   OR (l.ord < 10 AND l.quantity > 0)
+ORDER BY g.account_id COLLATE "C", g.byok, g.model, g.provider, g.price_effective_from,
+         g.service_tier <> 'standard', g.service_tier, l.ord
 
 -- name: set_account_time_zone
 UPDATE accounts SET time_zone = %(time_zone)s WHERE account_id = %(account_id)s
@@ -162,8 +191,9 @@ WITH b AS MATERIALIZED (
 )
 SELECT (u.recorded_at AT TIME ZONE b.time_zone)::date AS day, u.model, u.byok,
        count(*) AS events,
-       sum(u.input_tokens + u.cached_input_tokens + u.cache_write_tokens + u.output_tokens)
-           AS tokens,
+       sum(u.input_tokens + u.cached_input_tokens + u.cache_write_tokens + u.output_tokens
+           + coalesce(u.cache_write_1h_tokens, 0) + coalesce(u.audio_input_tokens, 0)
+           + coalesce(u.audio_output_tokens, 0)) AS tokens,
        sum(u.debited) AS spend,
        sum(u.amount) AS priced
 FROM b

@@ -7,8 +7,24 @@ COPY usage_events (
     input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens,
     image_count, web_search_count,
     input_amount, cached_input_amount, cache_write_amount, output_amount, image_amount,
-    web_search_amount, request_amount, amount, debited, posting_id, latency_ms, ttft_ms
+    web_search_amount, request_amount, amount, debited, posting_id, latency_ms, ttft_ms,
+    cache_write_1h_tokens, audio_input_tokens, audio_output_tokens, cache_write_1h_amount,
+    audio_input_amount, audio_output_amount, service_tier, status, provider_usage_format,
+    provider_reported_cost
 ) FROM STDIN
 
 -- name: recorded_event_ids
 SELECT event_id FROM usage_events WHERE event_id = ANY(%(event_ids)s)
+
+-- name: provider_cost_comparison
+-- Our price vs. the cost the provider reported (OpenRouter), per model and provider, for events
+-- recorded in [since, until). The reported cost is recorded for comparison and never billed.
+SELECT model, provider, provider_usage_format, count(*) AS events,
+       sum(amount) AS our_amount, sum(provider_reported_cost) AS reported_cost,
+       sum(provider_reported_cost) - sum(amount) AS difference,
+       max(abs(provider_reported_cost - amount)) AS max_event_difference
+FROM usage_events
+WHERE provider_reported_cost IS NOT NULL
+  AND recorded_at >= %(since)s AND recorded_at < %(until)s
+GROUP BY model, provider, provider_usage_format
+ORDER BY model, provider, provider_usage_format

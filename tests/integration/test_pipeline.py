@@ -143,24 +143,35 @@ def test_price_change_mid_stream_prices_late_events_at_the_old_version(
     open_account(conn, q, "acme", "10")
     now = datetime.now(UTC)
     change_at = (now + timedelta(seconds=60)).replace(microsecond=0)
+    # (on Azure: the shipped catalog already has a later, 2026-12-01 version of o4-mini on OpenAI)
     new_price = f"""
 [[version]]
 model = "openai/o4-mini"
-provider = "openai"
+provider = "azure"
 effective_from = {change_at.isoformat().replace("+00:00", "Z")}
 source = "test: price cut"
 [version.prices]
 input_tokens = {{ usd = 0.55, per = 1_000_000 }}
 output_tokens = {{ usd = 2.20, per = 1_000_000 }}
 """
-    before = make_event("before", occurred_at=now - timedelta(seconds=1), input_tokens=1_000_000)
+    before = make_event(
+        "before", provider="azure", occurred_at=now - timedelta(seconds=1), input_tokens=1_000_000
+    )
     publish(settings, before)
     drain(settings)
     catalog.load_versions(conn, q, catalog.parse_catalog(new_price), now=now, loaded_by="tests")
     after = make_event(
-        "after", occurred_at=change_at + timedelta(seconds=1), input_tokens=1_000_000
+        "after",
+        provider="azure",
+        occurred_at=change_at + timedelta(seconds=1),
+        input_tokens=1_000_000,
     )
-    late = make_event("late", occurred_at=change_at - timedelta(seconds=1), input_tokens=1_000_000)
+    late = make_event(
+        "late",
+        provider="azure",
+        occurred_at=change_at - timedelta(seconds=1),
+        input_tokens=1_000_000,
+    )
     publish(settings, after, late)  # the late event arrives after the new price is loaded
     drain(settings)
     assert event_row(conn, "before")["input_amount"] == Decimal("1.10")
