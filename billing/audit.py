@@ -29,6 +29,9 @@ CHECKS = (
     ("usage is recorded at its posting's time (statements)", "audit_event_recorded_at"),
     ("every invoice's content matches its hash", "audit_invoice_hashes"),
     ("invoice numbers run 1..N per issuer without gaps", "audit_invoice_numbers"),
+    # sql/queries/partitions.sql (migration 0006)
+    ("every event holds its idempotency key, each key its event", "audit_event_keys"),
+    ("usage_events has partitions for this month and next", "audit_partitions_ahead"),
 )
 
 

@@ -1,12 +1,28 @@
 -- name: baseline_insert_event
--- The per-event baseline (workers/baseline.py): one row, one statement, one transaction.
+-- The per-event baseline (workers/baseline.py): one row, one statement, one transaction. The
+-- idempotency key is claimed first (usage_event_keys); a known event_id inserts nothing.
+WITH v (event_id, occurred_at, account_id, api_key_id, model, provider, byok,
+        price_effective_from, input_tokens, cached_input_tokens, cache_write_tokens,
+        output_tokens, reasoning_tokens, image_count, web_search_count, input_amount,
+        cached_input_amount, cache_write_amount, output_amount, image_amount, web_search_amount,
+        request_amount, amount, debited, posting_id, latency_ms, ttft_ms) AS (
+    VALUES (%s::text, %s::timestamptz, %s::text, %s::text, %s::text, %s::text, %s::boolean,
+            %s::timestamptz, %s::bigint, %s::bigint, %s::bigint, %s::bigint, %s::bigint,
+            %s::bigint, %s::bigint, %s::numeric, %s::numeric, %s::numeric, %s::numeric,
+            %s::numeric, %s::numeric, %s::numeric, %s::numeric, %s::numeric, %s::bigint,
+            %s::bigint, %s::bigint)
+), claimed AS (
+    INSERT INTO usage_event_keys (event_id, recorded_at)
+    SELECT event_id, now() FROM v
+    ON CONFLICT (event_id) DO NOTHING
+    RETURNING event_id, recorded_at
+)
 INSERT INTO usage_events (
     event_id, occurred_at, account_id, api_key_id, model, provider, byok, price_effective_from,
     input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens,
     image_count, web_search_count,
     input_amount, cached_input_amount, cache_write_amount, output_amount, image_amount,
-    web_search_amount, request_amount, amount, debited, posting_id, latency_ms, ttft_ms)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s,
-        %s, %s, %s, %s, %s)
-ON CONFLICT (event_id) DO NOTHING
+    web_search_amount, request_amount, amount, debited, posting_id, latency_ms, ttft_ms,
+    recorded_at)
+SELECT v.*, c.recorded_at FROM v JOIN claimed c USING (event_id)
 RETURNING debited
