@@ -68,6 +68,7 @@ DO $$
 DECLARE
     indexes text[];
     triggers text[];
+    enabling text[];
     def text;
     oldest timestamptz;
 BEGIN
@@ -75,7 +76,13 @@ BEGIN
     -- other branch's), to re-create on the partitioned table. Their text names usage_events.
     SELECT coalesce(array_agg(pg_get_indexdef(i.indexrelid)), '{}') INTO indexes
         FROM pg_index i WHERE i.indrelid = 'usage_events'::regclass AND NOT i.indisprimary;
-    SELECT coalesce(array_agg(pg_get_triggerdef(t.oid)), '{}') INTO triggers
+    SELECT coalesce(array_agg(pg_get_triggerdef(t.oid)), '{}'),
+           coalesce(array_agg(format('ALTER TABLE usage_events %s TRIGGER %I',
+                                     CASE t.tgenabled WHEN 'D' THEN 'DISABLE'
+                                                      WHEN 'R' THEN 'ENABLE REPLICA'
+                                                      WHEN 'A' THEN 'ENABLE ALWAYS' END,
+                                     t.tgname)) FILTER (WHERE t.tgenabled <> 'O'), '{}')
+        INTO triggers, enabling
         FROM pg_trigger t WHERE t.tgrelid = 'usage_events'::regclass AND NOT t.tgisinternal;
 
     ALTER TABLE usage_events RENAME TO usage_events_unpartitioned;
@@ -97,7 +104,7 @@ BEGIN
         END IF;
         EXECUTE def;
     END LOOP;
-    FOREACH def IN ARRAY triggers LOOP
+    FOREACH def IN ARRAY triggers || enabling LOOP
         EXECUTE def;
     END LOOP;
 END $$;
