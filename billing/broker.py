@@ -29,6 +29,7 @@ from typing import Any
 import orjson
 from amqp.exceptions import MessageNacked
 from kombu import Connection, Exchange, Producer, Queue
+from kombu.exceptions import OperationalError
 
 from billing.errors import QueueFull
 from billing.events import UsageEvent, encode_envelope, encode_event
@@ -182,16 +183,19 @@ class UsagePublisher:
                     retry_policy=RETRY_POLICY,
                 )
                 return
-            except MessageNacked:
+            except (MessageNacked, OperationalError) as exc:
+                if not _nacked(exc):
+                    raise
                 self.refusals += 1
-                if time.monotonic() + delay > deadline:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
                     raise QueueFull(
                         f"the broker refused the message: queue {self.settings.usage_queue!r} is "
                         f"full (x-max-length {self.settings.usage_queue_max_length}, "
                         f"reject-publish); gave up after "
                         f"{self.settings.publish_backpressure_timeout_s} s of retries"
                     ) from None
-                time.sleep(delay)
+                time.sleep(min(delay, remaining))
                 delay = min(delay * 2, BACKPRESSURE_MAX_S)
 
     def publish(self, event: UsageEvent) -> None:
@@ -249,6 +253,11 @@ class WalletEventPublisher:
             retry=True,
             retry_policy=RETRY_POLICY,
         )
+
+
+def _nacked(exc: BaseException) -> bool:
+    """A broker nack of a confirmed publish (kombu may wrap it in ``OperationalError``)."""
+    return isinstance(exc, MessageNacked) or isinstance(exc.__cause__, MessageNacked)
 
 
 def _chunks(events: Iterable[UsageEvent], size: int) -> Iterator[list[UsageEvent]]:
