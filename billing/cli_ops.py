@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from datetime import UTC, datetime
+from pathlib import Path
 
 import click
 
@@ -123,4 +124,33 @@ def broker_replay(ctx: click.Context, limit: int | None) -> None:
     console.print(f"republished {moved} message(s)")
 
 
-COMMANDS = (partitions, retention, broker_group)
+@click.command()
+@click.option("--loglevel", default="INFO", show_default=True)
+@click.option(
+    "--schedule",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Celery beat's schedule state file. Default: BILLING_DATA_DIR/celerybeat-schedule.",
+)
+@click.option(
+    "--heartbeat-file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Touched every few seconds while the lock is held (for health checks).",
+)
+@click.pass_context
+@handles_errors
+def beat(
+    ctx: click.Context, loglevel: str, schedule: Path | None, heartbeat_file: Path | None
+) -> None:
+    """Run Celery beat under a PostgreSQL lock: a second beat waits as a standby."""
+    from workers.beat import run_beat  # Celery stays out of billing/ (imported on use)
+
+    settings = settings_of(ctx)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    run_beat(
+        settings, loglevel, schedule or settings.data_dir / "celerybeat-schedule", heartbeat_file
+    )
+
+
+COMMANDS = (partitions, retention, broker_group, beat)
