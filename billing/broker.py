@@ -22,7 +22,10 @@ the consumer's memory, so a SIGKILLed consumer loses what it held. RabbitMQ rede
 
 from __future__ import annotations
 
+import base64
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -31,7 +34,7 @@ from amqp.exceptions import MessageNacked
 from kombu import Connection, Exchange, Producer, Queue
 from kombu.exceptions import OperationalError
 
-from billing.errors import QueueFull
+from billing.errors import BillingError, ConfigError, QueueFull
 from billing.events import UsageEvent, encode_envelope, encode_event
 from billing.settings import Settings
 
@@ -317,6 +320,37 @@ def _account_of(body: bytes) -> str:
         return account if isinstance(account, str) else ""
     except Exception:
         return ""
+
+
+def import_definitions(
+    url: str, user: str, password: str, definitions: bytes, wait_s: float = 120
+) -> None:
+    """POST a definitions file to RabbitMQ's management API (``/api/definitions``).
+
+    Retried while the API is not up yet (a node still booting); a refusal (bad credentials, an
+    invalid file, a queue redeclared with other arguments) is a ``BillingError`` with the answer.
+    """
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"management URL must be http(s)://..., got {url!r}")
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    request = urllib.request.Request(  # noqa: S310 (http/https checked above)
+        url.rstrip("/") + "/api/definitions",
+        data=definitions,
+        method="POST",
+        headers={"Content-Type": "application/json", "Authorization": f"Basic {token}"},
+    )
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            with urllib.request.urlopen(request, timeout=30):  # noqa: S310 (scheme checked)
+                return
+        except urllib.error.HTTPError as exc:
+            detail = exc.read()[:500].decode(errors="replace")
+            raise BillingError(f"RabbitMQ refused the definitions ({exc.code}): {detail}") from None
+        except OSError as exc:
+            if time.monotonic() > deadline:
+                raise BillingError(f"RabbitMQ management API unreachable at {url}: {exc}") from None
+            time.sleep(2)
 
 
 def wait_for_broker(settings: Settings, timeout: float = 30) -> None:

@@ -99,6 +99,23 @@ def broker_declare(ctx: click.Context) -> None:
     console.print("declared " + ", ".join(broker.usage_queue_names(settings)))
 
 
+@broker_group.command("import-definitions")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--url", default="http://127.0.0.1:15672", show_default=True, help="Management API.")
+@click.option(
+    "--user", envvar="RABBITMQ_DEFAULT_USER", required=True, help="Env: RABBITMQ_DEFAULT_USER."
+)
+@click.option(
+    "--password", envvar="RABBITMQ_DEFAULT_PASS", required=True, help="Env: RABBITMQ_DEFAULT_PASS."
+)
+@click.option("--wait", default=120, show_default=True, help="Seconds to wait for the API.")
+@handles_errors
+def broker_import_definitions(file: Path, url: str, user: str, password: str, wait: int) -> None:
+    """Import a RabbitMQ definitions file (vhosts, exchanges, queues, bindings); idempotent."""
+    broker.import_definitions(url, user, password, file.read_bytes(), wait_s=wait)
+    console.print(f"imported {file.name} into {url}")
+
+
 @broker_group.command("depth")
 @click.pass_context
 @handles_errors
