@@ -106,6 +106,8 @@ def test_compose_runs_the_whole_fleet_with_health_checks() -> None:
     assert services["usage-worker"]["command"] == ["worker", "--no-migrate"]
     assert "--no-usage" in services["general-worker"]["command"]
     assert "9808/readyz" in " ".join(services["usage-worker"]["healthcheck"]["test"])
+    # longer than a batch plus the 60 s the worker waits for the consumer to drain on SIGTERM
+    assert int(services["usage-worker"]["stop_grace_period"].rstrip("s")) > 60
 
 
 def test_compose_env_files_have_committed_examples() -> None:
