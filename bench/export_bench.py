@@ -66,12 +66,8 @@ WHERE i.unit_price > 0 AND o.unit_price > 0 AND NOT EXISTS (
 ORDER BY l.model, l.provider
 LIMIT %(models)s;
 
--- usage_events is partitioned by month and every event claims its idempotency key (0006).
+-- usage_events is partitioned by month (0006): the period's partitions must exist.
 SELECT billing_ensure_usage_partitions(%(start)s, 3);
-INSERT INTO usage_event_keys (event_id, recorded_at)
-SELECT 'ev-' || i, %(start)s::timestamptz + ((i / %(accounts)s) %% %(days)s) * interval '1 day'
-                   + (i %% %(accounts)s) * interval '1 second'
-FROM generate_series(0::bigint, %(events)s - 1) i;
 
 INSERT INTO usage_events (
     event_id, occurred_at, recorded_at, account_id, api_key_id, model, provider, byok,

@@ -3,18 +3,22 @@
 -- table: docs/operations.md "PostgreSQL: partitions and idempotency".
 --
 -- * usage_event_keys (event_id PRIMARY KEY, recorded_at): the exactly-once key. A partitioned
---   table cannot have a unique index without its partition key, so the key lives here; the insert
---   (sql/queries/usage.sql insert_new_events) claims keys with ON CONFLICT DO NOTHING and inserts
---   only the rows whose key it claimed.
--- * usage_events: PRIMARY KEY (event_id, recorded_at), plus a statement trigger refusing any row
---   without its key at the same recorded_at. Together: one key per event_id, and at most one row
---   per (event_id, recorded_at), hence at most one row per event_id on every insert path.
+--   table cannot have a unique index without its partition key, so the key lives here.
+-- * usage_events: PRIMARY KEY (event_id, recorded_at), and a statement trigger that claims the
+--   key of every inserted row (one INSERT .. SELECT per statement, from the transition table).
+--   An insert path may claim keys first (INSERT .. ON CONFLICT (event_id) DO NOTHING on
+--   usage_event_keys, then insert the rows it claimed: sql/queries/usage.sql); the trigger then
+--   finds them. Any other path (COPY, a plain INSERT) gets its keys claimed by the trigger, and a
+--   duplicate of an event recorded by another transaction fails with unique_violation on
+--   usage_event_keys_pkey; in the one case the trigger skips (a key with the very same
+--   recorded_at, i.e. the same transaction timestamp) the partition's own primary key
+--   (event_id, recorded_at) refuses the row. At most one row per event_id, on every path.
 -- * The new table is created LIKE the old one, so every column earlier migrations added is kept;
 --   secondary indexes and triggers are re-created from their definitions.
 
 CREATE TABLE usage_event_keys (
     event_id     text PRIMARY KEY,
-    recorded_at  timestamptz NOT NULL
+    recorded_at  timestamptz NOT NULL DEFAULT now()   -- the transaction's, as usage_events'
 );
 CREATE TRIGGER usage_event_keys_append_only BEFORE UPDATE OR DELETE ON usage_event_keys
     FOR EACH ROW EXECUTE FUNCTION billing_forbid_change();
@@ -47,20 +51,15 @@ BEGIN
     END LOOP;
 END $$;
 
--- Every inserted event must hold its idempotency key at the same recorded_at (one join per
--- statement, not a per-row trigger).
-CREATE FUNCTION billing_check_event_keys() RETURNS trigger LANGUAGE plpgsql AS $$
-DECLARE
-    missing text;
+-- Claim the idempotency key of every inserted event that does not hold it yet (one statement per
+-- insert statement, keys in event_id order so concurrent writers lock them in the same order).
+CREATE FUNCTION billing_claim_event_keys() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    SELECT n.event_id INTO missing FROM new_events n
-        LEFT JOIN usage_event_keys k ON k.event_id = n.event_id AND k.recorded_at = n.recorded_at
-        WHERE k.event_id IS NULL LIMIT 1;
-    IF missing IS NOT NULL THEN
-        RAISE EXCEPTION 'usage event % has no usage_event_keys row at its recorded_at: claim the '
-                        'key in the same statement (see insert_new_events)', missing
-            USING ERRCODE = 'unique_violation';
-    END IF;
+    INSERT INTO usage_event_keys (event_id, recorded_at)
+    SELECT n.event_id, n.recorded_at FROM new_events n
+    WHERE NOT EXISTS (SELECT 1 FROM usage_event_keys k
+                      WHERE k.event_id = n.event_id AND k.recorded_at = n.recorded_at)
+    ORDER BY n.event_id;
     RETURN NULL;
 END $$;
 
@@ -109,8 +108,8 @@ BEGIN
     END LOOP;
 END $$;
 
-CREATE TRIGGER usage_events_keys_claimed AFTER INSERT ON usage_events
-    REFERENCING NEW TABLE AS new_events FOR EACH STATEMENT EXECUTE FUNCTION billing_check_event_keys();
+CREATE TRIGGER usage_events_claim_keys AFTER INSERT ON usage_events
+    REFERENCING NEW TABLE AS new_events FOR EACH STATEMENT EXECUTE FUNCTION billing_claim_event_keys();
 
 -- The index exports need is (account_id, recorded_at) (statements, reports, the fleet export),
 -- re-created above on every partition; their period filter on recorded_at also prunes partitions.

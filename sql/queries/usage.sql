@@ -13,8 +13,10 @@ COPY usage_staging (
 
 -- name: insert_new_events
 -- The exactly-once step: claim each event's idempotency key (usage_event_keys, not partitioned);
--- a known event_id claims nothing, so its row is not inserted. Keys go in event_id order, so two
--- workers holding the same redelivered events take the key locks in the same order.
+-- a known event_id claims nothing, so its row is not inserted (a concurrent writer of the same
+-- event waits for the other's commit, then claims nothing). Keys go in event_id order, so two
+-- workers holding the same redelivered events take the key locks in the same order. The insert
+-- trigger (billing_claim_event_keys) finds these keys already claimed.
 WITH claimed AS (
     INSERT INTO usage_event_keys (event_id, recorded_at)
     SELECT event_id, recorded_at FROM usage_staging ORDER BY event_id
@@ -40,4 +42,5 @@ FROM usage_staging s JOIN claimed c USING (event_id)
 RETURNING event_id, account_id, byok, debited
 
 -- name: recorded_event_ids
-SELECT event_id FROM usage_events WHERE event_id = ANY(%(event_ids)s)
+-- The key table: one index, whatever the number of monthly partitions of usage_events.
+SELECT event_id FROM usage_event_keys WHERE event_id = ANY(%(event_ids)s)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import threading
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -93,14 +94,28 @@ def test_a_duplicate_of_an_event_recorded_in_an_earlier_month_debits_nothing(
     assert report.states["debited"] == 1 and report.states["byok"] == 1
 
 
-def test_a_row_without_its_idempotency_key_is_refused(
+COPY_ROW = (
+    "{id}\t2026-01-01T00:00:00+00:00\tacme\tkey-1\topenai/o4-mini\topenai\tt\t"
+    "2020-01-01T00:00:00+00:00\t1\t0\t0\t1\t0\t0\t0\t0\t0\t0\t0\t0\t0\t0\t0\t0"
+    "\t\\N\t\\N\t\\N\n"
+)
+COPY_SQL = f"COPY usage_events ({COLUMNS_0001.replace('recorded_at, ', '')}) FROM STDIN"
+
+
+def copy_events(conn: psycopg.Connection[Any], *event_ids: str) -> None:
+    """Insert BYOK events the way a COPY path does: no key claimed by the caller."""
+    with conn.cursor() as cur, cur.copy(COPY_SQL) as copy:  # type: ignore[arg-type]
+        copy.write("".join(COPY_ROW.format(id=e) for e in event_ids))
+
+
+def test_every_insert_path_records_an_event_at_most_once(
     conn: psycopg.Connection[Any], q: Queries, settings: Settings
 ) -> None:
     open_account(conn, q, "acme", "10")
     record(conn, q, settings, make_event("ev-1"))
-    # A second copy at another recorded_at (another partition's range) without claiming the key:
-    # the primary key (event_id, recorded_at) alone would allow it; the key check refuses it.
-    with pytest.raises(psycopg.errors.UniqueViolation, match="no usage_event_keys row"):
+    # A second copy at another recorded_at (another partition's range) by a plain INSERT: the
+    # primary key (event_id, recorded_at) alone would allow it; the key the trigger claims refuses.
+    with pytest.raises(psycopg.errors.UniqueViolation, match="usage_event_keys_pkey"):
         conn.execute(
             f"""INSERT INTO usage_events ({COLUMNS_0001})
                 SELECT event_id, occurred_at, recorded_at + interval '1 month', account_id,
@@ -111,14 +126,57 @@ def test_a_row_without_its_idempotency_key_is_refused(
                        request_amount, amount, debited, posting_id, latency_ms, ttft_ms
                 FROM usage_events WHERE event_id = 'ev-1'"""  # type: ignore[arg-type]
         )
-    # Claiming the key again claims nothing.
-    with pytest.raises(psycopg.errors.UniqueViolation):
-        conn.execute("INSERT INTO usage_event_keys VALUES ('ev-1', now() + interval '1 month')")
+    # A COPY (no key claimed by the caller) gets its keys from the trigger, and a duplicate of a
+    # recorded event in a COPY is refused.
+    copy_events(conn, "ev-2", "ev-3")
+    keys = conn.execute("SELECT event_id FROM usage_event_keys ORDER BY 1").fetchall()
+    assert keys == [("ev-1",), ("ev-2",), ("ev-3",)]
+    with pytest.raises(psycopg.errors.UniqueViolation, match="usage_event_keys_pkey"):
+        copy_events(conn, "ev-4", "ev-2")
+    # Even with the key pre-claimed at the same recorded_at (the trigger then skips it), a second
+    # row in the same partition is refused by the partition's primary key.
+    with conn.transaction():
+        copy_events(conn, "ev-5")
+        with pytest.raises(psycopg.errors.UniqueViolation, match="pkey"), conn.transaction():
+            copy_events(conn, "ev-5")
     with pytest.raises(psycopg.errors.RestrictViolation, match="append-only"):
         conn.execute("DELETE FROM usage_event_keys")
     with pytest.raises(psycopg.errors.RestrictViolation, match="append-only"):
         conn.execute("UPDATE usage_events SET debited = 0")
+    rows = conn.execute("SELECT event_id FROM usage_events ORDER BY 1").fetchall()
+    assert rows == [("ev-1",), ("ev-2",), ("ev-3",), ("ev-5",)]
+    assert run_audit(conn, q).ok
+
+
+def test_two_writers_of_one_event_across_partitions_record_it_once(
+    conn: psycopg.Connection[Any], q: Queries, settings: Settings
+) -> None:
+    """Writer A holds the event uncommitted; writer B (another transaction, so another
+    recorded_at) inserts the same event by COPY: B waits on A's key, then is refused."""
+    outcome: list[object] = []
+    with db.connect(settings) as other:
+        with conn.transaction():
+            copy_events(conn, "ev-x")
+
+            def writer_b() -> None:
+                try:
+                    with other.transaction():
+                        copy_events(other, "ev-x")
+                    outcome.append("recorded")
+                except psycopg.errors.UniqueViolation as exc:
+                    outcome.append(exc.diag.constraint_name)
+
+            thread = threading.Thread(target=writer_b)
+            thread.start()
+            thread.join(timeout=1.0)
+            assert thread.is_alive(), "B must wait for A's uncommitted key"
+        thread.join(timeout=30)
+    assert outcome == ["usage_event_keys_pkey"]
     assert conn.execute("SELECT count(*) FROM usage_events").fetchone() == (1,)
+    # The batch path (keys claimed with ON CONFLICT DO NOTHING) skips instead of failing.
+    open_account(conn, q, "acme", "10")
+    result = record(conn, q, settings, make_event("ev-x"), make_event("ev-y"))
+    assert (result.debited, result.duplicates) == (1, 1)
 
 
 def test_the_audit_finds_an_event_without_its_key(
@@ -126,7 +184,7 @@ def test_the_audit_finds_an_event_without_its_key(
 ) -> None:
     open_account(conn, q, "acme", "10")
     record(conn, q, settings, make_event("ev-1"))
-    conn.execute("ALTER TABLE usage_events DISABLE TRIGGER usage_events_keys_claimed")
+    conn.execute("ALTER TABLE usage_events DISABLE TRIGGER usage_events_claim_keys")
     conn.execute(
         f"""INSERT INTO usage_events ({COLUMNS_0001})
             SELECT 'ev-forged', occurred_at, recorded_at, account_id, api_key_id, model,
@@ -223,7 +281,7 @@ def test_migration_0006_keeps_every_row_column_index_and_trigger(tmp_path: Path)
             assert {
                 ("usage_events_append_only", "O"),
                 ("usage_events_no_truncate", "O"),
-                ("usage_events_keys_claimed", "O"),
+                ("usage_events_claim_keys", "O"),
                 ("usage_events_extra", "D"),
             } <= triggers
             with pytest.raises(psycopg.errors.RestrictViolation):
