@@ -201,3 +201,19 @@ def test_consistent_hash_partitions_keep_each_account_on_one_queue(
 
 def _bytes(body: bytes | str) -> bytes:
     return body if isinstance(body, bytes) else body.encode()
+
+
+def test_broker_declare_and_depth_commands(quorum: Settings) -> None:
+    env = worker_env(
+        quorum,
+        BILLING_USAGE_QUEUE_TYPE="quorum",
+        BILLING_USAGE_QUEUE_MAX_LENGTH="3",
+        BILLING_USAGE_DEAD_LETTER_EXCHANGE=quorum.usage_dead_letter_exchange,
+    )
+    cli = CliRunner(env=env)
+    declared = cli.invoke(main, ["broker", "declare"], catch_exceptions=False)
+    assert declared.exit_code == 0 and quorum.usage_queue in declared.output
+    with broker.UsagePublisher(quorum) as publisher:
+        publisher.publish_many([make_event("ev-1"), make_event("ev-2")])
+    depth = cli.invoke(main, ["broker", "depth"], catch_exceptions=False)
+    assert depth.output.strip() == "2"
