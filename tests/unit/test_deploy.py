@@ -205,6 +205,37 @@ def test_kubernetes_fleet_shape() -> None:
     ] == ["migrate"]
 
 
+def test_every_referenced_config_map_and_secret_exists() -> None:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    config_maps = set(by_kind("ConfigMap")) | {
+        g["name"] for g in kustomization["configMapGenerator"]
+    }
+    secrets = set(by_kind("Secret"))
+    referenced: list[tuple[str, str]] = []
+    for kind in ("Deployment", "Job"):
+        for name, doc in by_kind(kind).items():
+            pod = doc["spec"]["template"]["spec"]
+            for container in pod["containers"]:
+                for source in container.get("envFrom", []):
+                    for ref_kind in ("configMapRef", "secretRef"):
+                        if ref_kind in source:
+                            referenced.append((ref_kind, source[ref_kind]["name"]))
+            for volume in pod.get("volumes", []):
+                if "configMap" in volume:
+                    referenced.append(("configMapRef", volume["configMap"]["name"]))
+    assert referenced
+    for ref_kind, name in referenced:
+        assert name in (config_maps if ref_kind == "configMapRef" else secrets), name
+    # the RabbitMQ administrator's credentials reach only the definitions Job
+    users = {
+        name
+        for kind in ("Deployment", "Job")
+        for name, doc in by_kind(kind).items()
+        if "billing-rabbitmq-admin" in json.dumps(doc)
+    }
+    assert users == {"billing-rabbitmq-definitions"}
+
+
 def test_kustomization_lists_every_manifest() -> None:
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     listed = set(kustomization["resources"])
