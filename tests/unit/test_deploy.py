@@ -213,7 +213,7 @@ def test_every_referenced_config_map_and_secret_exists() -> None:
     secrets = set(by_kind("Secret"))
     referenced: list[tuple[str, str]] = []
     for kind in ("Deployment", "Job"):
-        for name, doc in by_kind(kind).items():
+        for doc in by_kind(kind).values():
             pod = doc["spec"]["template"]["spec"]
             for container in pod["containers"]:
                 for source in container.get("envFrom", []):
