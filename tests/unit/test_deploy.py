@@ -212,24 +212,28 @@ def test_every_referenced_config_map_and_secret_exists() -> None:
     }
     secrets = set(by_kind("Secret"))
     referenced: list[tuple[str, str]] = []
-    for kind in ("Deployment", "Job"):
-        for doc in by_kind(kind).values():
-            pod = doc["spec"]["template"]["spec"]
-            for container in pod["containers"]:
-                for source in container.get("envFrom", []):
-                    for ref_kind in ("configMapRef", "secretRef"):
-                        if ref_kind in source:
-                            referenced.append((ref_kind, source[ref_kind]["name"]))
-            for volume in pod.get("volumes", []):
-                if "configMap" in volume:
-                    referenced.append(("configMapRef", volume["configMap"]["name"]))
+    pods = [
+        d["spec"]["template"]["spec"] for k in ("Deployment", "Job") for d in by_kind(k).values()
+    ]
+    pods += [
+        d["spec"]["jobTemplate"]["spec"]["template"]["spec"] for d in by_kind("CronJob").values()
+    ]
+    for pod in pods:
+        for container in pod["containers"]:
+            for source in container.get("envFrom", []):
+                for ref_kind in ("configMapRef", "secretRef"):
+                    if ref_kind in source:
+                        referenced.append((ref_kind, source[ref_kind]["name"]))
+        for volume in pod.get("volumes", []):
+            if "configMap" in volume:
+                referenced.append(("configMapRef", volume["configMap"]["name"]))
     assert referenced
     for ref_kind, name in referenced:
         assert name in (config_maps if ref_kind == "configMapRef" else secrets), name
     # the RabbitMQ administrator's credentials reach only the definitions Job
     users = {
         name
-        for kind in ("Deployment", "Job")
+        for kind in ("Deployment", "Job", "CronJob")
         for name, doc in by_kind(kind).items()
         if "billing-rabbitmq-admin" in json.dumps(doc)
     }
