@@ -66,6 +66,9 @@ WHERE i.unit_price > 0 AND o.unit_price > 0 AND NOT EXISTS (
 ORDER BY l.model, l.provider
 LIMIT %(models)s;
 
+-- usage_events is partitioned by month (0006): the period's partitions must exist.
+SELECT billing_ensure_usage_partitions(%(start)s, 3);
+
 INSERT INTO usage_events (
     event_id, occurred_at, recorded_at, account_id, api_key_id, model, provider, byok,
     price_effective_from, input_tokens, cached_input_tokens, cache_write_tokens, output_tokens,

@@ -2,8 +2,9 @@
 
 Each check is one query whose rows are violations (see ``sql/queries/audit.sql``): wallet balance
 vs. its ledger, balanced postings, usage debits vs. the events behind them, usage revenue vs.
-events, and no event both recorded and parked. The primary key on ``usage_events.event_id`` is the
-exactly-once guarantee; these checks prove each recorded amount reached the ledger once.
+events, and no event both recorded and parked. The primary key of ``usage_event_keys.event_id``
+is the exactly-once guarantee; these checks prove each recorded amount reached the ledger once
+(and ``audit_event_keys`` that every event holds exactly its key).
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ CHECKS = (
     ("invoice numbers run 1..N per issuer without gaps", "audit_invoice_numbers"),
     ("events in a service tier were priced from that tier's prices", "audit_event_tier_prices"),
     ("new classes have amounts exactly with counts", "audit_event_new_classes"),
+    # sql/queries/partitions.sql (migration 0006)
+    ("every event holds its idempotency key, each key its event", "audit_event_keys"),
+    ("usage_events has partitions for this month and next", "audit_partitions_ahead"),
 )
 
 

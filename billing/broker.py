@@ -5,6 +5,16 @@
 * ``billing.wallet-events`` (topic exchange): ``wallet.exhausted`` / ``wallet.replenished`` for the
   gateway to subscribe to.
 
+Production topology (settings, see docs/operations.md): the usage queue as a quorum queue
+(``BILLING_USAGE_QUEUE_TYPE=quorum``) with a dead-letter exchange (``..._DEAD_LETTER_EXCHANGE``,
+fanout, bound to the queue ``<exchange>.queue``) for messages past ``BILLING_USAGE_DELIVERY_LIMIT``
+deliveries, and a length limit (``BILLING_USAGE_QUEUE_MAX_LENGTH``) with ``x-overflow:
+reject-publish``: a full queue nacks new publishes, which ``UsagePublisher`` treats as
+back-pressure (retry with backoff, then ``QueueFull``), never dropping queued messages.
+``BILLING_USAGE_PARTITIONS=N`` makes the usage exchange a consistent-hash exchange (plugin
+``rabbitmq_consistent_hash_exchange``) routing by account id to ``<queue>.0`` .. ``<queue>.N-1``;
+each worker consumes ``BILLING_USAGE_CONSUME_PARTITIONS`` (default: all).
+
 Embedded mode uses kombu's filesystem transport in ``BILLING_DATA_DIR/queue``. It is for demos and
 local work only: it removes a message file when delivering it and keeps unacknowledged messages in
 the consumer's memory, so a SIGKILLed consumer loses what it held. RabbitMQ redelivers instead.
@@ -12,17 +22,26 @@ the consumer's memory, so a SIGKILLed consumer loses what it held. RabbitMQ rede
 
 from __future__ import annotations
 
+import base64
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import orjson
+from amqp.exceptions import MessageNacked
 from kombu import Connection, Exchange, Producer, Queue
+from kombu.exceptions import OperationalError
 
+from billing.errors import BillingError, ConfigError, QueueFull
 from billing.events import UsageEvent, encode_envelope, encode_event
 from billing.settings import Settings
 
 USAGE_ROUTING_KEY = "usage"
 RETRY_POLICY = {"max_retries": 30, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 5}
+BACKPRESSURE_START_S = 0.05
+BACKPRESSURE_MAX_S = 2.0
 
 
 def connection_params(settings: Settings) -> tuple[str, dict[str, Any]]:
@@ -47,16 +66,69 @@ def connect(settings: Settings) -> Connection:
 
 
 def usage_exchange(settings: Settings) -> Exchange:
+    if settings.usage_partitions > 1:
+        return Exchange(settings.usage_exchange, type="x-consistent-hash", durable=True)
     return Exchange(settings.usage_exchange, type="direct", durable=True)
 
 
+def usage_queue_arguments(settings: Settings) -> dict[str, Any]:
+    """The usage queue's ``x-`` arguments (ignored by the embedded filesystem transport)."""
+    args: dict[str, Any] = {}
+    if settings.usage_queue_type == "quorum":
+        args["x-queue-type"] = "quorum"
+        if settings.usage_delivery_limit:
+            args["x-delivery-limit"] = settings.usage_delivery_limit
+    if settings.usage_dead_letter_exchange:
+        args["x-dead-letter-exchange"] = settings.usage_dead_letter_exchange
+    if settings.usage_queue_max_length:
+        args["x-max-length"] = settings.usage_queue_max_length
+        args["x-overflow"] = "reject-publish"
+    return args
+
+
+def usage_queue_names(settings: Settings) -> list[str]:
+    """Every usage queue: the one queue, or ``<queue>.0`` .. ``<queue>.N-1`` when partitioned."""
+    if settings.usage_partitions <= 1:
+        return [settings.usage_queue]
+    return [f"{settings.usage_queue}.{i}" for i in range(settings.usage_partitions)]
+
+
+def usage_queues(settings: Settings, *, consumed: bool = False) -> list[Queue]:
+    """The usage queues; ``consumed=True``: only the partitions this worker consumes."""
+    names = usage_queue_names(settings)
+    if consumed and settings.usage_partitions > 1 and settings.usage_consume_partitions:
+        names = [names[i] for i in settings.usage_consume_partitions]
+    partitioned = settings.usage_partitions > 1
+    return [
+        Queue(
+            name,
+            exchange=usage_exchange(settings),
+            # consistent hash: the binding key is the queue's weight in the hash ring
+            routing_key="1" if partitioned else USAGE_ROUTING_KEY,
+            durable=True,
+            queue_arguments=usage_queue_arguments(settings) or None,
+        )
+        for name in names
+    ]
+
+
 def usage_queue(settings: Settings) -> Queue:
-    return Queue(
-        settings.usage_queue,
-        exchange=usage_exchange(settings),
-        routing_key=USAGE_ROUTING_KEY,
-        durable=True,
-    )
+    """The single usage queue (unpartitioned topology); see ``usage_queues``."""
+    return usage_queues(settings)[0]
+
+
+def dead_letter_exchange(settings: Settings) -> Exchange | None:
+    if not settings.usage_dead_letter_exchange:
+        return None
+    return Exchange(settings.usage_dead_letter_exchange, type="fanout", durable=True)
+
+
+def dead_letter_queue(settings: Settings) -> Queue | None:
+    exchange = dead_letter_exchange(settings)
+    if exchange is None:
+        return None
+    args = {"x-queue-type": "quorum"} if settings.usage_queue_type == "quorum" else None
+    return Queue(f"{exchange.name}.queue", exchange=exchange, durable=True, queue_arguments=args)
 
 
 def wallet_events_exchange(settings: Settings) -> Exchange:
@@ -65,7 +137,11 @@ def wallet_events_exchange(settings: Settings) -> Exchange:
 
 def declare_topology(conn: Connection, settings: Settings) -> None:
     channel = conn.default_channel
-    usage_queue(settings)(channel).declare()
+    dlq = dead_letter_queue(settings)
+    if dlq is not None:
+        dlq(channel).declare()
+    for queue in usage_queues(settings):
+        queue(channel).declare()
     wallet_events_exchange(settings)(channel).declare()
 
 
@@ -80,30 +156,73 @@ class UsagePublisher:
         self.settings = settings
         self._owns = connection is None
         self.connection = connection or connect(settings)
-        self._queue = usage_queue(settings)
         self._producer = Producer(self.connection, exchange=usage_exchange(settings))
-        self._producer.maybe_declare(self._queue, retry=True, **RETRY_POLICY)
+        dlq = dead_letter_queue(settings)
+        if dlq is not None:
+            self._producer.maybe_declare(dlq, retry=True, **RETRY_POLICY)
+        for queue in usage_queues(settings):
+            self._producer.maybe_declare(queue, retry=True, **RETRY_POLICY)
+        self.refusals = 0  # publishes the broker nacked (queue full), retried
 
-    def publish_raw(self, body: bytes) -> None:
-        self._producer.publish(
-            body,
-            routing_key=USAGE_ROUTING_KEY,
-            content_type="application/json",
-            content_encoding="utf-8",
-            delivery_mode=2,
-            retry=True,
-            retry_policy=RETRY_POLICY,
-        )
+    def publish_raw(self, body: bytes, account_id: str = "") -> None:
+        """Publish one message; ``account_id`` routes it when the queue is partitioned.
+
+        A nack (the queue is at ``x-max-length`` with ``reject-publish``) is back-pressure: the
+        publish is retried with exponential backoff for ``BILLING_PUBLISH_BACKPRESSURE_TIMEOUT_S``,
+        then ``QueueFull`` is raised. The message was not enqueued; the caller still owns it.
+        """
+        routing_key = account_id if self.settings.usage_partitions > 1 else USAGE_ROUTING_KEY
+        deadline = time.monotonic() + self.settings.publish_backpressure_timeout_s
+        delay = BACKPRESSURE_START_S
+        while True:
+            try:
+                self._producer.publish(
+                    body,
+                    routing_key=routing_key,
+                    content_type="application/json",
+                    content_encoding="utf-8",
+                    delivery_mode=2,
+                    retry=True,
+                    retry_policy=RETRY_POLICY,
+                )
+                return
+            except (MessageNacked, OperationalError) as exc:
+                if not _nacked(exc):
+                    raise
+                self.refusals += 1
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise QueueFull(
+                        f"the broker refused the message: queue {self.settings.usage_queue!r} is "
+                        f"full (x-max-length {self.settings.usage_queue_max_length}, "
+                        f"reject-publish); gave up after "
+                        f"{self.settings.publish_backpressure_timeout_s} s of retries"
+                    ) from None
+                time.sleep(min(delay, remaining))
+                delay = min(delay * 2, BACKPRESSURE_MAX_S)
 
     def publish(self, event: UsageEvent) -> None:
-        self.publish_raw(encode_event(event))
+        self.publish_raw(encode_event(event), event.account_id)
 
     def publish_many(self, events: Iterable[UsageEvent], envelope_size: int = 1) -> int:
-        """Publish events, ``envelope_size`` per message (1 = one event per message)."""
+        """Publish events, ``envelope_size`` per message (1 = one event per message).
+
+        Partitioned: an envelope carries one account's events (so it hashes to its queue).
+        """
         sent = 0
-        for chunk in _chunks(events, envelope_size):
+        if self.settings.usage_partitions > 1 and envelope_size > 1:
+            by_account: dict[str, list[UsageEvent]] = {}
+            for event in events:
+                by_account.setdefault(event.account_id, []).append(event)
+            groups: Iterable[list[UsageEvent]] = (
+                chunk for evs in by_account.values() for chunk in _chunks(evs, envelope_size)
+            )
+        else:
+            groups = _chunks(events, envelope_size)
+        for chunk in groups:
             self.publish_raw(
-                encode_event(chunk[0]) if envelope_size == 1 else encode_envelope(chunk)
+                encode_event(chunk[0]) if envelope_size == 1 else encode_envelope(chunk),
+                chunk[0].account_id,
             )
             sent += len(chunk)
         return sent
@@ -139,6 +258,11 @@ class WalletEventPublisher:
         )
 
 
+def _nacked(exc: BaseException) -> bool:
+    """A broker nack of a confirmed publish (kombu may wrap it in ``OperationalError``)."""
+    return isinstance(exc, MessageNacked) or isinstance(exc.__cause__, MessageNacked)
+
+
 def _chunks(events: Iterable[UsageEvent], size: int) -> Iterator[list[UsageEvent]]:
     chunk: list[UsageEvent] = []
     for event in events:
@@ -151,13 +275,82 @@ def _chunks(events: Iterable[UsageEvent], size: int) -> Iterator[list[UsageEvent
 
 
 def queue_depth(conn: Connection, settings: Settings) -> int:
-    """Messages ready in the usage queue (0 if it does not exist yet)."""
-    try:
-        channel: Any = conn.channel()  # py-amqp and virtual channels both answer queue_declare
-        declared = channel.queue_declare(queue=settings.usage_queue, passive=True)
-    except conn.channel_errors:
+    """Messages ready in the usage queue(s) (0 for a queue that does not exist yet)."""
+    total = 0
+    for name in usage_queue_names(settings):
+        try:
+            channel: Any = conn.channel()  # py-amqp and virtual channels answer queue_declare
+            declared = channel.queue_declare(queue=name, passive=True)
+        except conn.channel_errors:
+            continue
+        total += int(declared.message_count)
+    return total
+
+
+def shovel_dead_letters(conn: Connection, settings: Settings, limit: int | None = None) -> int:
+    """Republish messages from the dead-letter queue to the usage exchange; returns how many.
+
+    Each is acknowledged only after its publish was confirmed, so a crash repeats at most one
+    message, which the idempotent insert makes harmless.
+    """
+    dlq = dead_letter_queue(settings)
+    if dlq is None:
         return 0
-    return int(declared.message_count)
+    publisher = UsagePublisher(settings, conn)
+    moved = 0
+    bound = dlq(conn.channel())
+    while limit is None or moved < limit:
+        message = bound.get(no_ack=False)
+        if message is None:
+            break
+        body = message.body if isinstance(message.body, bytes) else str(message.body).encode()
+        publisher.publish_raw(body, _account_of(body))
+        message.ack()
+        moved += 1
+    return moved
+
+
+def _account_of(body: bytes) -> str:
+    """The account id that routes a dead-lettered message (first event's; "" if unreadable)."""
+    try:
+        data = orjson.loads(body)
+        if isinstance(data, dict) and isinstance(data.get("events"), list) and data["events"]:
+            data = data["events"][0]
+        account = data.get("account_id", "") if isinstance(data, dict) else ""
+        return account if isinstance(account, str) else ""
+    except Exception:
+        return ""
+
+
+def import_definitions(
+    url: str, user: str, password: str, definitions: bytes, wait_s: float = 120
+) -> None:
+    """POST a definitions file to RabbitMQ's management API (``/api/definitions``).
+
+    Retried while the API is not up yet (a node still booting); a refusal (bad credentials, an
+    invalid file, a queue redeclared with other arguments) is a ``BillingError`` with the answer.
+    """
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"management URL must be http(s)://..., got {url!r}")
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    request = urllib.request.Request(  # noqa: S310 (http/https checked above)
+        url.rstrip("/") + "/api/definitions",
+        data=definitions,
+        method="POST",
+        headers={"Content-Type": "application/json", "Authorization": f"Basic {token}"},
+    )
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            with urllib.request.urlopen(request, timeout=30):  # noqa: S310 (scheme checked)
+                return
+        except urllib.error.HTTPError as exc:
+            detail = exc.read()[:500].decode(errors="replace")
+            raise BillingError(f"RabbitMQ refused the definitions ({exc.code}): {detail}") from None
+        except OSError as exc:
+            if time.monotonic() > deadline:
+                raise BillingError(f"RabbitMQ management API unreachable at {url}: {exc}") from None
+            time.sleep(2)
 
 
 def wait_for_broker(settings: Settings, timeout: float = 30) -> None:

@@ -84,3 +84,7 @@ class WebhookRejected(BillingError):
         super().__init__(reason)
         self.reason = reason
         self.status = status
+
+
+class QueueFull(BillingError):
+    """The broker kept refusing a publish (the queue is at its length limit): back-pressure."""

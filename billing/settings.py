@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
+from typing import Any
 
 from billing.errors import ConfigError
 
@@ -46,6 +47,47 @@ def _rate(env: Mapping[str, str], name: str, default: Decimal) -> Decimal:
     return value
 
 
+def _choice(env: Mapping[str, str], name: str, default: str, allowed: tuple[str, ...]) -> str:
+    raw = env.get(name) or default
+    if raw not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {raw!r}")
+    return raw
+
+
+def _deploy_settings(env: Mapping[str, str], base: Settings) -> dict[str, Any]:
+    partitions = _int(env, "BILLING_USAGE_PARTITIONS", base.usage_partitions)
+    consume: list[int] = []
+    for part in env.get("BILLING_USAGE_CONSUME_PARTITIONS", "").split(","):
+        if not part.strip():
+            continue
+        try:
+            n = int(part)
+        except ValueError:
+            n = -1
+        if not 0 <= n < partitions:
+            raise ConfigError(
+                f"BILLING_USAGE_CONSUME_PARTITIONS: {part.strip()!r} is not a partition number "
+                f"0..{partitions - 1} (BILLING_USAGE_PARTITIONS={partitions})"
+            )
+        consume.append(n)
+    return {
+        "usage_queue_type": _choice(
+            env, "BILLING_USAGE_QUEUE_TYPE", base.usage_queue_type, ("classic", "quorum")
+        ),
+        "usage_queue_max_length": _int(env, "BILLING_USAGE_QUEUE_MAX_LENGTH", 0, minimum=0),
+        "usage_dead_letter_exchange": env.get("BILLING_USAGE_DEAD_LETTER_EXCHANGE", ""),
+        "usage_delivery_limit": _int(env, "BILLING_USAGE_DELIVERY_LIMIT", 0, minimum=0),
+        "usage_partitions": partitions,
+        "usage_consume_partitions": tuple(sorted(set(consume))),
+        "publish_backpressure_timeout_s": _int(
+            env, "BILLING_PUBLISH_BACKPRESSURE_TIMEOUT_S", 30, minimum=0
+        ),
+        "partition_months_ahead": _int(env, "BILLING_PARTITION_MONTHS_AHEAD", 3),
+        "payload_retention_days": _int(env, "BILLING_PAYLOAD_RETENTION_DAYS", 90),
+        "db_pool_size": _int(env, "BILLING_DB_POOL_SIZE", base.db_pool_size),
+    }
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the code reads from the environment, in one place."""
@@ -75,6 +117,19 @@ class Settings:
     exports_dir: Path = Path(".billing/exports")
     exports_queue: str = "billing.exports"
     sql_dir: Path = field(default_factory=lambda: Path(__file__).resolve().parent.parent / "sql")
+    # Deployment (issue 8, docs/operations.md): usage queue topology, back-pressure, partitions of
+    # the queue and of usage_events, payload retention, pool size. The filesystem transport of
+    # the embedded mode ignores the queue arguments.
+    usage_queue_type: str = "classic"  # or "quorum" (production)
+    usage_queue_max_length: int = 0  # messages; 0 = unbounded. Full: publishes are refused
+    usage_dead_letter_exchange: str = ""  # "" = none
+    usage_delivery_limit: int = 0  # quorum queues: dead-letter after N deliveries; 0 = none
+    usage_partitions: int = 1  # >1: consistent-hash exchange by account, N queues
+    usage_consume_partitions: tuple[int, ...] = ()  # partitions this worker consumes; () = all
+    publish_backpressure_timeout_s: int = 30  # keep retrying a refused publish this long
+    partition_months_ahead: int = 3
+    payload_retention_days: int = 90
+    db_pool_size: int = 2  # per worker process: usage consumer + outbox relay
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -114,6 +169,7 @@ class Settings:
             exports_dir=Path(env.get("BILLING_EXPORTS_DIR", "") or data_dir / "exports"),
             exports_queue=env.get("BILLING_EXPORTS_QUEUE", base.exports_queue),
             sql_dir=Path(env["BILLING_SQL_DIR"]) if env.get("BILLING_SQL_DIR") else base.sql_dir,
+            **_deploy_settings(env, base),
         )
 
     @property

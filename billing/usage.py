@@ -5,10 +5,12 @@ when it happened, and records everything in one transaction:
 
 1. look up which event ids are already recorded (one indexed ``= ANY`` query) and drop them:
    redeliveries and gateway retries debit nothing;
-2. COPY the new events straight into ``usage_events`` in ``event_id`` order. The primary key is
-   the exactly-once guarantee: if a concurrent worker commits one of the same events between the
-   look-up and the COPY, the COPY fails with a unique violation, the transaction rolls back, and
-   the batch is recorded again (the look-up then sees the other worker's rows);
+2. COPY the new events straight into ``usage_events`` in ``event_id`` order; its insert trigger
+   claims each event's idempotency key in ``usage_event_keys`` (one key per event_id across all
+   monthly partitions). The key is the exactly-once guarantee: if a concurrent worker commits one
+   of the same events between the look-up and the COPY, the COPY fails with a unique violation,
+   the transaction rolls back, and the batch is recorded again (the look-up then sees the other
+   worker's key);
 3. debit each wallet once by the sum of its new events, locking wallets in account order (no
    deadlock between workers), and write the balanced ledger entries (wallets against usage
    revenue) as one posting that every new event references;
@@ -359,7 +361,7 @@ def record_isolating(
         except psycopg.errors.UniqueViolation as exc:
             # Another worker committed some of these events after our look-up: record again,
             # the look-up now sees them. It committed, so every retry makes progress.
-            if exc.diag.constraint_name != "usage_events_pkey" or conn.closed or conn.broken:
+            if exc.diag.constraint_name not in _CONCURRENT_KEYS or conn.closed or conn.broken:
                 return _split_or_raise(conn, q, priced, rejected, resolution, exc)
             if attempt == CONCURRENT_RECORD_ATTEMPTS:
                 raise Transient(f"events recorded concurrently {attempt} times: {exc}") from exc
@@ -369,6 +371,8 @@ def record_isolating(
 
 
 CONCURRENT_RECORD_ATTEMPTS = 5
+# the idempotency key (claimed by the insert trigger, migration 0006)
+_CONCURRENT_KEYS = ("usage_events_pkey", "usage_event_keys_pkey")
 
 
 def _split_or_raise(

@@ -65,6 +65,7 @@ app.conf.update(
             "task": "billing.process_pending_stripe_events",
             "schedule": 300.0,
         },
+        "ensure-partitions": {"task": "billing.ensure_partitions", "schedule": 6 * 3600.0},
     },
 )
 
@@ -82,7 +83,7 @@ class UsageConsumerStep(bootsteps.StartStopStep):
     def start(self, parent: Any) -> None:
         if not settings.usage_consumer_enabled:
             return
-        pool = make_pool(settings, min_size=1, max_size=2)
+        pool = make_pool(settings, min_size=1, max_size=settings.db_pool_size)
         self.consumer = UsageConsumer(settings, pool, broker.connect(settings))
         self.thread = threading.Thread(target=self._run, name="usage-consumer", daemon=True)
         self.thread.start()

@@ -10,6 +10,7 @@ from billing.db import connect, queries
 from billing.deadletters import replay
 from billing.errors import Transient
 from billing.exports.fleet import export_period
+from billing.partitions import ensure_partitions
 from billing.stripe_client import StripeGateway
 from billing.topups import check_auto_topups, process_pending, process_stripe_event
 from billing.wallets import relay_outbox
@@ -67,3 +68,12 @@ def export_period_task(period: str, fmt: str, account: str | None = None) -> dic
     """Write a period's statements into BILLING_EXPORTS_DIR/<period> (runs on the exports queue)."""
     result = export_period(settings, period, fmt, settings.exports_dir / period, account)
     return {"accounts": result.accounts, "files": [str(p) for p in result.files[:100]]}
+
+
+@app.task(name="billing.ensure_partitions", autoretry_for=(Transient,), retry_backoff=True)
+def ensure_partitions_task() -> list[str]:
+    """Create the coming months' usage_events partitions (daily; idempotent)."""
+    with connect(settings) as conn:
+        return ensure_partitions(
+            conn, queries(settings), datetime.now(UTC), settings.partition_months_ahead
+        )

@@ -75,7 +75,7 @@ class UsageConsumer(ConsumerMixin):
         self._multiple_ack = self.connection.transport.driver_type == "amqp"
         return [
             consumer_cls(
-                queues=[broker.usage_queue(self.settings)],
+                queues=broker.usage_queues(self.settings, consumed=True),
                 on_message=self.on_message,
                 prefetch_count=self.prefetch,
                 no_ack=False,

@@ -18,8 +18,14 @@ COPY usage_staging (
 ) FROM STDIN
 
 -- name: insert_new_events
--- The exactly-once step: a known event_id inserts nothing. Rows go in event_id order, so two
--- workers holding the same redelivered events take the key locks in the same order.
+-- Claim each event's idempotency key (usage_event_keys) with ON CONFLICT DO NOTHING, then insert
+-- only the rows whose key was claimed (a partitioned usage_events has no unique event_id).
+WITH claimed AS (
+    INSERT INTO usage_event_keys (event_id, recorded_at)
+    SELECT event_id, now() FROM usage_staging ORDER BY event_id
+    ON CONFLICT (event_id) DO NOTHING
+    RETURNING event_id
+)
 INSERT INTO usage_events (
     event_id, occurred_at, account_id, api_key_id, model, provider, byok, price_effective_from,
     input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens,
@@ -38,7 +44,5 @@ SELECT
     cache_write_1h_tokens, audio_input_tokens, audio_output_tokens, cache_write_1h_amount,
     audio_input_amount, audio_output_amount, service_tier, status, provider_usage_format,
     provider_reported_cost
-FROM usage_staging
-ORDER BY event_id
-ON CONFLICT (event_id) DO NOTHING
+FROM usage_staging JOIN claimed USING (event_id)
 RETURNING event_id, account_id, byok, debited

@@ -1,7 +1,9 @@
 -- name: copy_usage_events
 -- Only events the look-up (recorded_event_ids) found new, in event_id order: two workers holding
--- the same events take the key locks in the same order. A concurrent commit of one of them makes
--- this fail on usage_events_pkey, and the batch is recorded again (billing.usage.record_isolating).
+-- the same events take the key locks in the same order. The insert trigger claims each event's
+-- idempotency key (usage_event_keys, migration 0006): a concurrent commit of one of them makes
+-- this fail on usage_event_keys_pkey, and the batch is recorded again
+-- (billing.usage.record_isolating).
 COPY usage_events (
     event_id, occurred_at, account_id, api_key_id, model, provider, byok, price_effective_from,
     input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens,
@@ -14,7 +16,8 @@ COPY usage_events (
 ) FROM STDIN
 
 -- name: recorded_event_ids
-SELECT event_id FROM usage_events WHERE event_id = ANY(%(event_ids)s)
+-- The key table: one index, whatever the number of monthly partitions of usage_events.
+SELECT event_id FROM usage_event_keys WHERE event_id = ANY(%(event_ids)s)
 
 -- name: provider_cost_comparison
 -- Our price vs. the cost the provider reported (OpenRouter), per model and provider, for events

@@ -1,0 +1,88 @@
+"""deploy/rabbitmq/definitions.json on the real broker: RabbitMQ accepts it, and the code's own
+topology (from deploy/billing.env.example) declares against it without a conflict."""
+
+from __future__ import annotations
+
+import base64
+import json
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import amqp
+import pytest
+from kombu import Exchange, Queue
+
+from billing import broker
+from billing.errors import BillingError
+from billing.settings import Settings
+
+from .helpers import make_event
+
+ROOT = Path(__file__).resolve().parents[2]
+MANAGEMENT = "http://127.0.0.1:15672"
+AUTH = "Basic " + base64.b64encode(b"guest:guest").decode()
+
+
+def _api(method: str, path: str, body: object = None) -> None:
+    request = urllib.request.Request(
+        MANAGEMENT + path,
+        data=None if body is None else json.dumps(body).encode(),
+        method=method,
+        headers={"Authorization": AUTH, "Content-Type": "application/json"},
+    )
+    urllib.request.urlopen(request, timeout=30).close()
+
+
+@pytest.fixture
+def management() -> None:
+    try:
+        urllib.request.urlopen(MANAGEMENT, timeout=5).close()
+    except OSError:
+        pytest.fail("RabbitMQ management API not reachable: .ci/run enables rabbitmq_management")
+
+
+@pytest.fixture
+def vhost(management: None) -> Iterator[str]:
+    name = f"test-defs-{uuid.uuid4().hex[:10]}"
+    yield name
+    _api("DELETE", f"/api/vhosts/{name}")
+
+
+def test_definitions_import_and_the_code_declares_against_them(vhost: str) -> None:
+    text = (ROOT / "deploy" / "rabbitmq" / "definitions.json").read_text()
+    defs = json.loads(text.replace('"vhost": "billing"', f'"vhost": "{vhost}"'))
+    defs["vhosts"] = [{"name": vhost}]
+    defs["permissions"] = [
+        {"user": "guest", "vhost": vhost, "configure": ".*", "write": ".*", "read": ".*"}
+    ]
+    broker.import_definitions(MANAGEMENT, "guest", "guest", json.dumps(defs).encode(), wait_s=10)
+
+    env = {}
+    for line in (ROOT / "deploy" / "billing.env.example").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            env[key] = value
+    settings = replace(
+        Settings.from_env(env), broker_url=f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
+    )
+    with broker.connect(settings) as conn:
+        broker.declare_topology(conn, settings)  # 406 PRECONDITION_FAILED if they disagreed
+        for name in (settings.tasks_queue, settings.exports_queue):  # as workers/app.py does
+            Queue(name, Exchange(name, type="direct", durable=True), routing_key=name,
+                  durable=True)(conn.channel()).declare()  # fmt: skip
+        with broker.UsagePublisher(settings, conn) as publisher:
+            publisher.publish(make_event("ev-1"))
+        assert broker.queue_depth(conn, settings) == 1
+        # and a disagreeing declaration is refused: the check above can fail
+        with pytest.raises(amqp.exceptions.PreconditionFailed):
+            conn.channel().queue_declare(
+                settings.usage_queue, durable=True, arguments={"x-queue-type": "classic"}
+            )
+
+
+def test_refused_definitions_are_a_clear_error(management: None) -> None:
+    with pytest.raises(BillingError, match="RabbitMQ refused the definitions"):
+        broker.import_definitions(MANAGEMENT, "guest", "wrong", b"{}", wait_s=5)

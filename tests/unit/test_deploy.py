@@ -1,0 +1,460 @@
+"""Every file in deploy/ is validated: compose against the compose-spec JSON schema, Kubernetes
+manifests against the Kubernetes (and KEDA CRD) schemas, Prometheus rules as PromQL, RabbitMQ
+config keys against the broker's own config schema, definitions against the code's topology;
+and every BILLING_* variable the code reads is set in the deploy configuration."""
+
+from __future__ import annotations
+
+import glob
+import json
+import re
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import promql_parser
+import pytest
+import yaml
+
+from billing import broker
+from billing.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+K8S_VERSION = "1.30.0"
+# The worker HTTP port is the fleet's shared contract (read by the metrics side of the workers).
+CONTRACT_VARS = {"BILLING_METRICS_PORT"}
+
+
+# --- every file is covered ------------------------------------------------------------------
+VALIDATED = {
+    "README.md": "documentation",
+    "Dockerfile": "test_dockerfile_runs_the_cli_with_the_sql_it_needs",
+    "compose.yaml": "test_compose_file_matches_the_compose_spec",
+    "billing.env.example": "test_every_variable_the_code_reads_is_deployed",
+    "postgres.env.example": "test_compose_env_files_have_committed_examples",
+    "rabbitmq.env.example": "test_compose_env_files_have_committed_examples",
+    "rabbitmq/definitions.json": "test_rabbitmq_definitions_match_the_code_topology",
+    "rabbitmq/rabbitmq.conf": "test_rabbitmq_conf_keys_exist_in_the_broker_schema",
+    "rabbitmq/enabled_plugins": "test_rabbitmq_enabled_plugins",
+    "prometheus/prometheus.yml": "test_prometheus_config_scrapes_the_workers",
+    "prometheus/alerts.yml": "test_alert_rules_are_valid_promql",
+    "k8s/schemas/keda.sh_v1alpha1_scaledobject.json": "test_kubernetes_manifests_match_schemas",
+    "k8s/schemas/keda.sh_v1alpha1_triggerauthentication.json": (
+        "test_kubernetes_manifests_match_schemas"
+    ),
+    "k8s/schemas/README.md": "documentation",
+    "k8s/kustomization.yaml": "test_kustomization_lists_every_manifest",
+}
+
+
+def deploy_files() -> list[str]:
+    return sorted(
+        str(p.relative_to(DEPLOY))
+        for p in DEPLOY.rglob("*")
+        if p.is_file() and not p.name.endswith((".env", ".pyc")) and p.name != "secret.yaml"
+    )
+
+
+def test_every_deploy_file_is_validated() -> None:
+    manifests = {f for f in deploy_files() if f.startswith("k8s/") and f.endswith(".yaml")}
+    unchecked = set(deploy_files()) - set(VALIDATED) - manifests
+    assert not unchecked, f"deploy files no test validates: {sorted(unchecked)}"
+
+
+# --- compose --------------------------------------------------------------------------------
+def check_jsonschema(*args: str) -> subprocess.CompletedProcess[str]:
+    exe = Path(sys.executable).with_name("check-jsonschema")
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=120)
+
+
+def test_compose_file_matches_the_compose_spec(tmp_path: Path) -> None:
+    ok = check_jsonschema("--builtin-schema", "vendor.compose-spec", str(DEPLOY / "compose.yaml"))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    # The validator really checks: a misspelt key is refused.
+    broken = tmp_path / "compose.yaml"
+    broken.write_text(
+        (DEPLOY / "compose.yaml").read_text().replace("stop_grace_period:", "stop_grace:", 1)
+    )
+    refused = check_jsonschema("--builtin-schema", "vendor.compose-spec", str(broken))
+    assert refused.returncode == 1 and "stop_grace" in refused.stdout
+
+
+def compose() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    return data
+
+
+def test_compose_runs_the_whole_fleet_with_health_checks() -> None:
+    services = compose()["services"]
+    assert {
+        "postgres", "rabbitmq", "migrate", "rabbitmq-definitions", "usage-worker",
+        "general-worker", "beat", "webhook", "prometheus",
+    } <= set(services)  # fmt: skip
+    one_shots = {"migrate", "rabbitmq-definitions"}
+    for name, service in services.items():
+        if name in one_shots:
+            assert service["restart"] == "no"
+            continue
+        assert "test" in service.get("healthcheck", {}), f"{name} has no health check"
+    assert services["beat"]["deploy"]["replicas"] == 1
+    assert services["usage-worker"]["command"] == ["worker", "--no-migrate"]
+    assert "--no-usage" in services["general-worker"]["command"]
+    assert "9808/readyz" in " ".join(services["usage-worker"]["healthcheck"]["test"])
+    # longer than a batch plus the 60 s the worker waits for the consumer to drain on SIGTERM
+    assert int(services["usage-worker"]["stop_grace_period"].rstrip("s")) > 60
+
+
+def test_compose_env_files_have_committed_examples() -> None:
+    env_files = {f for s in compose()["services"].values() for f in s.get("env_file", [])}
+    assert env_files == {"billing.env", "postgres.env", "rabbitmq.env"}
+    for name in env_files:
+        assert (DEPLOY / f"{name}.example").is_file()
+    ignored = (ROOT / ".gitignore").read_text()
+    assert "deploy/*.env" in ignored and "deploy/k8s/secret.yaml" in ignored
+
+
+# --- Kubernetes -----------------------------------------------------------------------------
+def manifests() -> list[tuple[str, dict[str, Any]]]:
+    docs = []
+    for path in sorted(glob.glob(str(K8S / "*.yaml"))):
+        for doc in yaml.safe_load_all(Path(path).read_text()):
+            if doc is not None and doc.get("kind") != "Kustomization":
+                docs.append((Path(path).name, doc))
+    return docs
+
+
+def keda_schema(kind: str) -> dict[str, Any]:
+    path = K8S / "schemas" / f"keda.sh_v1alpha1_{kind.lower()}.json"
+    schema: dict[str, Any] = json.loads(path.read_text())
+    return schema
+
+
+def validate_manifest(doc: dict[str, Any]) -> None:
+    if doc["apiVersion"].startswith("keda.sh/"):
+        jsonschema.validate(doc, keda_schema(doc["kind"]))
+    else:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_kubernetes_manifests_match_schemas() -> None:
+    docs = manifests()
+    assert len(docs) >= 14
+    for name, doc in docs:
+        try:
+            validate_manifest(doc)
+        except Exception as exc:
+            pytest.fail(f"{name} {doc['kind']}: {exc}")
+
+
+@pytest.mark.parametrize(
+    ("kind", "path", "bad"),
+    [
+        ("Deployment", ("spec", "template", "spec"), {"terminationGracePeriod": 90}),
+        ("Deployment", ("spec",), {"replicas": "two"}),
+        ("ScaledObject", ("spec",), {"minReplicas": 2}),
+        ("ScaledObject", ("spec",), {"maxReplicaCount": "lots"}),
+    ],
+)
+def test_the_validators_refuse_a_wrong_manifest(
+    kind: str, path: tuple[str, ...], bad: dict[str, Any]
+) -> None:
+    doc = json.loads(json.dumps(next(d for _, d in manifests() if d["kind"] == kind)))
+    node = doc
+    for key in path:
+        node = node[key]
+    node.update(bad)
+    with pytest.raises((kubernetes_validate.ValidationError, jsonschema.ValidationError)):
+        validate_manifest(doc)
+
+
+def by_kind(kind: str) -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d for _, d in manifests() if d["kind"] == kind}
+
+
+def test_kubernetes_fleet_shape() -> None:
+    deployments = by_kind("Deployment")
+    usage = deployments["billing-usage-worker"]["spec"]["template"]["spec"]
+    container = usage["containers"][0]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert {"name": "metrics", "containerPort": 9808} in container["ports"]
+    # longer than a batch plus the 60 s the worker waits for the consumer to drain on SIGTERM
+    assert usage["terminationGracePeriodSeconds"] > 60
+    general = deployments["billing-general-worker"]["spec"]["template"]["spec"]["containers"][0]
+    assert general["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    beat = deployments["billing-beat"]["spec"]
+    assert beat["replicas"] == 1 and beat["strategy"]["type"] == "Recreate"
+    assert beat["template"]["spec"]["containers"][0]["args"][0] == "beat"
+    scaled = by_kind("ScaledObject")["billing-usage-worker"]["spec"]
+    assert scaled["scaleTargetRef"]["name"] in deployments
+    trigger = scaled["triggers"][0]
+    assert (trigger["type"], trigger["metadata"]["queueName"]) == ("rabbitmq", "billing.usage")
+    pdb_targets = {
+        p["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"]
+        for p in by_kind("PodDisruptionBudget").values()
+    }
+    assert pdb_targets == {"usage-worker", "general-worker", "webhook"}
+    assert by_kind("Job")["billing-migrate"]["spec"]["template"]["spec"]["containers"][0][
+        "args"
+    ] == ["migrate"]
+
+
+def test_every_referenced_config_map_and_secret_exists() -> None:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    config_maps = set(by_kind("ConfigMap")) | {
+        g["name"] for g in kustomization["configMapGenerator"]
+    }
+    secrets = set(by_kind("Secret"))
+    referenced: list[tuple[str, str]] = []
+    pods = [
+        d["spec"]["template"]["spec"] for k in ("Deployment", "Job") for d in by_kind(k).values()
+    ]
+    pods += [
+        d["spec"]["jobTemplate"]["spec"]["template"]["spec"] for d in by_kind("CronJob").values()
+    ]
+    for pod in pods:
+        for container in pod["containers"]:
+            for source in container.get("envFrom", []):
+                for ref_kind in ("configMapRef", "secretRef"):
+                    if ref_kind in source:
+                        referenced.append((ref_kind, source[ref_kind]["name"]))
+        for volume in pod.get("volumes", []):
+            if "configMap" in volume:
+                referenced.append(("configMapRef", volume["configMap"]["name"]))
+    assert referenced
+    for ref_kind, name in referenced:
+        assert name in (config_maps if ref_kind == "configMapRef" else secrets), name
+    # the RabbitMQ administrator's credentials reach only the definitions Job
+    users = {
+        name
+        for kind in ("Deployment", "Job", "CronJob")
+        for name, doc in by_kind(kind).items()
+        if "billing-rabbitmq-admin" in json.dumps(doc)
+    }
+    assert users == {"billing-rabbitmq-definitions"}
+
+
+def test_kustomization_lists_every_manifest() -> None:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    listed = set(kustomization["resources"])
+    files = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml", "secret.example.yaml"}
+    assert listed == files
+    for generator in kustomization["configMapGenerator"]:
+        for item in generator["files"]:
+            assert (K8S / item.split("=", 1)[1]).is_file()
+
+
+# --- environment variables -------------------------------------------------------------------
+def variables_read_by_code() -> set[str]:
+    names: set[str] = set()
+    for path in [*(ROOT / "billing").rglob("*.py"), *(ROOT / "workers").rglob("*.py")]:
+        names |= set(re.findall(r"\bBILLING_[A-Z0-9_]*[A-Z0-9]\b", path.read_text()))
+    return names
+
+
+def env_example(name: str) -> dict[str, str]:
+    pairs = {}
+    for line in (DEPLOY / name).read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, sep, value = line.partition("=")
+            assert sep, f"{name}: not KEY=VALUE: {line!r}"
+            pairs[key.strip()] = value
+    return pairs
+
+
+def test_every_variable_the_code_reads_is_deployed() -> None:
+    read = variables_read_by_code()
+    assert {"BILLING_DATABASE_URL", "BILLING_BROKER_URL", "BILLING_USAGE_QUEUE_TYPE"} <= read
+    compose_env = set(env_example("billing.env.example"))
+    config_map = set(by_kind("ConfigMap")["billing-config"]["data"])
+    secret = set(by_kind("Secret")["billing-secrets"]["stringData"])
+    assert not read - compose_env, f"missing in billing.env.example: {sorted(read - compose_env)}"
+    k8s = config_map | secret
+    assert not read - k8s, f"missing in the k8s ConfigMap/Secret: {sorted(read - k8s)}"
+    assert not config_map & secret, "a variable is both in the ConfigMap and the Secret"
+    # and the deploy files set nothing the code does not read (a typo would be silently ignored)
+    for where, names in (("billing.env.example", compose_env), ("k8s", k8s)):
+        unknown = {n for n in names if n.startswith("BILLING_")} - read - CONTRACT_VARS
+        assert not unknown, f"{where} sets variables no code reads: {sorted(unknown)}"
+    readme = (ROOT / "README.md").read_text()
+    undocumented = sorted(n for n in read if f"`{n}`" not in readme)
+    assert not undocumented, f"not in the README configuration table: {undocumented}"
+
+
+def test_the_deployed_configuration_is_valid() -> None:
+    settings = Settings.from_env(env_example("billing.env.example"))
+    assert settings.usage_queue_type == "quorum"
+    k8s_env = {
+        **by_kind("ConfigMap")["billing-config"]["data"],
+        **by_kind("Secret")["billing-secrets"]["stringData"],
+    }
+    # the same settings apart from the hosts of the two services
+    k8s = Settings.from_env(k8s_env)
+    assert replace(k8s, database_url="", broker_url="") == replace(
+        settings, database_url="", broker_url=""
+    )
+
+
+# --- RabbitMQ -------------------------------------------------------------------------------
+def definitions() -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((DEPLOY / "rabbitmq" / "definitions.json").read_text())
+    return data
+
+
+def test_rabbitmq_definitions_match_the_code_topology() -> None:
+    """A queue declared with other arguments than the broker has is refused (406), so the
+    definitions and billing.broker must agree exactly."""
+    settings = Settings.from_env(env_example("billing.env.example"))
+    defs = definitions()
+    queues = {q["name"]: q for q in defs["queues"]}
+    exchanges = {e["name"]: e for e in defs["exchanges"]}
+    for queue in broker.usage_queues(settings):
+        assert queues[queue.name]["arguments"] == (queue.queue_arguments or {})
+        assert queues[queue.name]["durable"] is True
+    dlq = broker.dead_letter_queue(settings)
+    assert dlq is not None and queues[dlq.name]["arguments"] == (dlq.queue_arguments or {})
+    expected_exchanges = {
+        broker.usage_exchange(settings),
+        broker.wallet_events_exchange(settings),
+        broker.dead_letter_exchange(settings),
+    }
+    for exchange in expected_exchanges:
+        assert exchange is not None
+        assert exchanges[exchange.name]["type"] == exchange.type
+    for name in (settings.tasks_queue, settings.exports_queue):  # Celery declares them classic
+        assert queues[name]["arguments"] == {} and exchanges[name]["type"] == "direct"
+    bound = {(b["source"], b["destination"], b["routing_key"]) for b in defs["bindings"]}
+    assert (settings.usage_exchange, settings.usage_queue, broker.USAGE_ROUTING_KEY) in bound
+    vhosts = {v["name"] for v in defs["vhosts"]}
+    for item in [*defs["queues"], *defs["exchanges"], *defs["bindings"]]:
+        assert item["vhost"] in vhosts
+    assert "users" not in defs, "no credentials in a committed file"
+
+
+def rabbitmq_schema_keys() -> list[re.Pattern[str]]:
+    files = glob.glob("/usr/lib/rabbitmq/lib/rabbitmq_server-*/plugins/**/*.schema", recursive=True)
+    if not files:
+        pytest.skip("no RabbitMQ installation here to read the config schema from")
+    patterns = []
+    for path in files:
+        for name in re.findall(r'\{mapping,\s*"([^"]+)"', Path(path).read_text()):
+            regex = re.escape(name).replace(r"\$", "$")
+            patterns.append(re.compile("^" + re.sub(r"\$[a-z_]+", r"[^.]+", regex) + "$"))
+    return patterns
+
+
+def test_rabbitmq_conf_keys_exist_in_the_broker_schema() -> None:
+    patterns = rabbitmq_schema_keys()
+    keys = []
+    for line in (DEPLOY / "rabbitmq" / "rabbitmq.conf").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, sep, value = line.partition("=")
+            assert sep and value.strip(), f"not key = value: {line!r}"
+            keys.append(key.strip())
+    assert len(keys) >= 8
+    unknown = [k for k in keys if not any(p.match(k) for p in patterns)]
+    assert not unknown, f"RabbitMQ would refuse to boot, unknown keys: {unknown}"
+    assert not any(p.match("consumer_timout") for p in patterns)  # the check can fail
+
+
+def test_rabbitmq_enabled_plugins() -> None:
+    text = (DEPLOY / "rabbitmq" / "enabled_plugins").read_text().strip()
+    assert re.fullmatch(r"\[[a-z_]+(,[a-z_]+)*\]\.", text), "an Erlang list term ending in '.'"
+    plugins = set(text[1:-2].split(","))
+    assert {"rabbitmq_management", "rabbitmq_prometheus", "rabbitmq_consistent_hash_exchange"} <= (
+        plugins
+    )
+    installed = glob.glob("/usr/lib/rabbitmq/lib/rabbitmq_server-*/plugins/*")
+    if installed:
+        names = {re.sub(r"-[0-9.]+(\.ez)?$", "", Path(p).name) for p in installed}
+        assert plugins <= names
+
+
+# --- Prometheus -----------------------------------------------------------------------------
+def test_prometheus_config_scrapes_the_workers() -> None:
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    assert config["rule_files"] == ["/etc/prometheus/alerts.yml"]
+    jobs = {j["job_name"]: j for j in config["scrape_configs"]}
+    services = compose()["services"]
+    for job in ("usage-worker", "general-worker"):
+        sd = jobs[job]["dns_sd_configs"][0]
+        assert sd["names"] == [job] and job in services and sd["port"] == 9808
+    mounted = " ".join(services["prometheus"]["volumes"])
+    assert "prometheus.yml:/etc/prometheus/prometheus.yml" in mounted
+    assert "alerts.yml:/etc/prometheus/alerts.yml" in mounted
+
+
+RULE_SCHEMA = {
+    "type": "object",
+    "required": ["groups"],
+    "additionalProperties": False,
+    "properties": {
+        "groups": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["name", "rules"],
+                "additionalProperties": False,
+                "properties": {
+                    "name": {"type": "string"},
+                    "interval": {"type": "string"},
+                    "rules": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["alert", "expr", "annotations", "labels"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "alert": {"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_]*$"},
+                                "expr": {"type": "string"},
+                                "for": {"type": "string", "pattern": "^[0-9]+[smhd]$"},
+                                "labels": {
+                                    "type": "object",
+                                    "required": ["severity"],
+                                    "properties": {"severity": {"enum": ["page", "ticket"]}},
+                                },
+                                "annotations": {
+                                    "type": "object",
+                                    "required": ["summary", "description"],
+                                    "additionalProperties": {"type": "string"},
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        }
+    },
+}
+
+
+def test_alert_rules_are_valid_promql() -> None:
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
+    jsonschema.validate(rules, RULE_SCHEMA)
+    names = []
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            promql_parser.parse(rule["expr"])
+            names.append(rule["alert"])
+    assert len(names) == len(set(names)) >= 8
+    with pytest.raises(ValueError):
+        promql_parser.parse("sum(rate(billing_usage_events_parked_total[5m])")
+
+
+# --- image ----------------------------------------------------------------------------------
+def test_dockerfile_runs_the_cli_with_the_sql_it_needs() -> None:
+    text = (DEPLOY / "Dockerfile").read_text()
+    assert "COPY sql /app/sql" in text and "BILLING_SQL_DIR=/app/sql" in text
+    assert 'ENTRYPOINT ["billing"]' in text and "-c constraints.txt" in text
+    assert re.search(r"^USER \d+", text, re.MULTILINE), "runs as a non-root user"
+    for line in text.splitlines():
+        if line.startswith("COPY ") and "--from" not in line:
+            for source in line.split()[1:-1]:
+                assert (ROOT / source).exists(), f"COPY of a missing path: {source}"
