@@ -123,7 +123,8 @@ def add_readiness_checks(health: Health, consumer: UsageConsumer) -> None:
         return consumer.consuming and not consumer.should_stop, ""
 
     def broker_up() -> tuple[bool, str]:
-        return bool(consumer.connection.connected), ""
+        live = consumer.live_connection
+        return live is not None and bool(live.connected), ""
 
     def database() -> tuple[bool, str]:
         with consumer.pool.connection(timeout=1.0) as conn:

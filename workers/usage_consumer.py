@@ -84,6 +84,7 @@ class UsageConsumer(ConsumerMixin):
         self.backoff = Backoff(BACKOFF_START_S, BACKOFF_MAX_S)
         self.health = health
         self.consuming = False
+        self.live_connection: Any = None  # ConsumerMixin consumes on a clone of ``connection``
         self._received_first = 0.0
         self._next_depth_sample = 0.0
 
@@ -112,7 +113,7 @@ class UsageConsumer(ConsumerMixin):
         metrics.UNACKED.set(0)
 
     def on_connection_error(self, exc: Any, interval: Any) -> None:
-        self.consuming = False
+        self.consuming, self.live_connection = False, None
         super().on_connection_error(exc, interval)
 
     def on_consume_ready(self, connection: Any, channel: Any, consumers: Any, **kw: Any) -> None:
@@ -120,7 +121,7 @@ class UsageConsumer(ConsumerMixin):
         # less often: a batch allocates many short-lived ones and gen-0 passes were ~30% of decode.
         gc.freeze()
         gc.set_threshold(50_000, 50, 100)
-        self.consuming = True
+        self.consuming, self.live_connection = True, connection
         log.info(
             "consuming %s (batch %d events / %d messages / %d ms, prefetch %d)",
             self.settings.usage_queue,
