@@ -234,10 +234,11 @@ def test_concurrent_duplicate_and_out_of_order_webhooks_move_money_once(
     gateway: StripeGateway,
     endpoint: Endpoint,
 ) -> None:
-    """Guards: the per-event row lock and state-based processing of Stripe events. The success
-    event, a second delivery of the same payment under another event id, and a refund arriving
-    early are each processed by several threads at once, in shuffled order: the wallet is
-    credited once and clawed back once."""
+    """Guards: the row locks taken while a Stripe event is applied (the event's inbox row and
+    its top-up) and the state-based processing behind them. The success event, a second delivery
+    of the same payment under another event id, and a refund arriving early are each processed by
+    several threads at once, in shuffled order: the wallet is credited once and clawed back once.
+    (Checked: with the FOR UPDATE clauses of topups.sql removed, the racing threads fail.)"""
     open_account(conn, q, "acme", credit="0")
     endpoint.dispatch.hold = True  # store the deliveries; we process them ourselves
     created = create_topup(
