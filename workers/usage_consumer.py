@@ -57,6 +57,7 @@ BACKOFF_START_S = 0.2
 BACKOFF_MAX_S = 10.0
 MIN_PREFETCH = 64
 LOOP = "usage-consumer"
+OBSERVE_INTERVAL_S = 0.25
 
 
 class UsageConsumer(ConsumerMixin):
@@ -87,6 +88,7 @@ class UsageConsumer(ConsumerMixin):
         self.live_connection: Any = None  # ConsumerMixin consumes on a clone of ``connection``
         self._received_first = 0.0
         self._next_depth_sample = 0.0
+        self._next_observe = 0.0
 
     # kombu ConsumerMixin hooks -------------------------------------------------------------
     def get_consumers(self, consumer_cls: Any, channel: Any) -> list[Any]:
@@ -135,9 +137,12 @@ class UsageConsumer(ConsumerMixin):
         self.flush()  # graceful stop: finish the batch in hand before the channel closes
 
     def on_iteration(self) -> None:
-        if self.messages and time.monotonic() >= self.deadline:
+        now = time.monotonic()
+        if self.messages and now >= self.deadline:
             self.flush()
-        self._observe_loop()
+        if now >= self._next_observe:  # iterations can be per message: observe a few times a second
+            self._next_observe = now + OBSERVE_INTERVAL_S
+            self._observe_loop()
 
     def on_message(self, message: Message) -> None:
         if not self.messages:
@@ -239,7 +244,7 @@ class UsageConsumer(ConsumerMixin):
         return False
 
     def _observe_loop(self) -> None:
-        """Per loop iteration (at most every safety interval): heartbeat and cheap gauges."""
+        """Heartbeat and the batch-in-hand gauges, at most every ``OBSERVE_INTERVAL_S``."""
         now = time.monotonic()
         if self.health is not None:
             self.health.beat(LOOP)
