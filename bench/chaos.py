@@ -400,11 +400,19 @@ class Faults:
         time.sleep(1)
         not_ready = [self.fleet.probe(s, "/readyz") for s in self.fleet.procs]
         self.rabbit.start()
+        down = time.monotonic() - t
+        # every worker reconnects and reports ready again
+        deadline = time.monotonic() + 60
+        while any(self.fleet.probe(s, "/readyz") != 200 for s in self.fleet.procs):
+            if time.monotonic() > deadline:
+                raise RuntimeError("a worker did not become ready again after the broker restart")
+            time.sleep(0.2)
         self.tally.fault(
             "broker_restart",
             self.started,
-            down_s=round(time.monotonic() - t, 1),
+            down_s=round(down, 1),
             readyz_while_down=not_ready,
+            ready_again_s=round(time.monotonic() - t - down, 1),
         )
 
     def pg_restart(self) -> None:
