@@ -84,7 +84,15 @@ class UsageConsumerStep(bootsteps.StartStopStep):
     def start(self, parent: Any) -> None:
         health = Health()
         if settings.metrics_port:
-            self.server = HealthServer(health, settings.metrics_port)
+            try:
+                self.server = HealthServer(health, settings.metrics_port)
+            except OSError as exc:  # e.g. several workers on one host with the same port
+                log.error(
+                    "cannot serve /metrics, /healthz, /readyz on port %d (%s): give each worker "
+                    "on a host its own BILLING_METRICS_PORT; continuing without them",
+                    settings.metrics_port,
+                    exc,
+                )
         if not settings.usage_consumer_enabled:
             return
         pool = make_pool(settings, min_size=1, max_size=2)

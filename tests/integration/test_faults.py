@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+import socket
 import subprocess
 import sys
 import threading
@@ -310,3 +311,33 @@ def _stored(conn: psycopg.Connection[Any], event_id: str) -> dict[str, Any]:
     ).fetchone()
     assert row is not None
     return dict(row[0])
+
+
+def test_a_worker_whose_metrics_port_is_taken_still_bills(
+    settings: Settings, conn: psycopg.Connection[Any], q: Any, tmp_path: Path
+) -> None:
+    """Guards: the HTTP side never takes the consumer down (several workers on one host with
+    the default port): the worker logs the conflict and goes on billing."""
+    open_account(conn, q, "acme", "10")
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        log_path = tmp_path / "worker.log"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "billing.cli", "worker", "--no-migrate"],
+            env=worker_env(settings, BILLING_METRICS_PORT=str(port)),
+            stdout=open(log_path, "wb"),  # noqa: SIM115
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            with broker.UsagePublisher(settings) as publisher:
+                publisher.publish_many([make_event(f"p-{i}") for i in range(5)])
+            wait_until(
+                lambda: conn.execute("SELECT count(*) FROM usage_events").fetchone() == (5,),
+                timeout=60,
+            )
+        finally:
+            proc.terminate()
+            assert proc.wait(timeout=60) == 0
+    assert f"cannot serve /metrics, /healthz, /readyz on port {port}" in log_path.read_text()
