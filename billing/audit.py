@@ -1,12 +1,12 @@
 """``billing audit``: prove the books, or print exactly what is wrong.
 
-Each check is one query whose rows are violations (see ``sql/queries/audit.sql``): wallet balance
-vs. its ledger, balanced postings and trial balance, usage debits vs. the events behind them (per
-posting and per wallet), usage revenue vs. events, every accepted event in exactly one state
-(recorded, or parked once; never resolved without being recorded), each Stripe payment, refund
-and dispute moving money at most once, and the top-up, dispute and invoice checks. The primary
-key on ``usage_events.event_id`` is the exactly-once guarantee; these checks prove each recorded
-amount reached the ledger once.
+Each check is one query whose rows are violations (``sql/queries/audit.sql`` and
+``audit_books.sql``): wallet balance vs. its ledger, balanced postings and trial balance, usage
+debits vs. the events behind them (per posting and per wallet), usage revenue vs. events, every
+accepted event in exactly one state (recorded, or parked once; never resolved without being
+recorded), each Stripe payment, refund and dispute moving money at most once, and the top-up,
+dispute and invoice checks. The primary key on ``usage_events.event_id`` is the exactly-once
+guarantee; these checks prove each recorded amount reached the ledger once.
 """
 
 from __future__ import annotations
