@@ -1,10 +1,13 @@
 """``billing audit``: prove the books, or print exactly what is wrong.
 
-Each check is one query whose rows are violations (see ``sql/queries/audit.sql``): wallet balance
-vs. its ledger, balanced postings, usage debits vs. the events behind them, usage revenue vs.
-events, and no event both recorded and parked. The primary key of ``usage_event_keys.event_id``
-is the exactly-once guarantee; these checks prove each recorded amount reached the ledger once
-(and ``audit_event_keys`` that every event holds exactly its key).
+Each check is one query whose rows are violations (``sql/queries/audit.sql``,
+``audit_books.sql`` and ``partitions.sql``): wallet balance vs. its ledger, balanced postings and
+trial balance, usage debits vs. the events behind them (per posting and per wallet), usage revenue
+vs. events, every accepted event in exactly one state (recorded, or parked once; never resolved
+without being recorded), each Stripe payment, refund and dispute moving money at most once, the
+top-up, dispute and invoice checks, and every event holding exactly its idempotency key. The
+primary key of ``usage_event_keys.event_id`` is the exactly-once guarantee; these checks prove each
+recorded amount reached the ledger once.
 """
 
 from __future__ import annotations
@@ -21,6 +24,10 @@ CHECKS = (
     ("every posting balances", "audit_unbalanced_postings"),
     ("usage debits equal the events behind them", "audit_usage_debits"),
     ("no event both recorded and parked", "audit_recorded_and_parked"),
+    ("every accepted event is in exactly one state", "audit_event_one_state"),
+    ("per wallet, ledger usage debits equal its events' debits", "audit_wallet_usage_debits"),
+    ("the trial balance is zero (every movement balances)", "audit_trial_balance"),
+    ("each Stripe payment, refund and dispute moved money at most once", "audit_stripe_money_once"),
     ("every debited event references its usage posting", "audit_event_postings"),
     ("every event belongs to an existing account", "audit_event_accounts"),
     ("each top-up's postings match its credit, fee and refunds", "audit_topup_ledger"),

@@ -20,6 +20,7 @@ from kombu import Exchange, Queue
 
 from billing import broker
 from billing.db import make_pool
+from billing.health import Health, HealthServer
 from billing.settings import Settings
 from workers.usage_consumer import UsageConsumer
 
@@ -79,12 +80,25 @@ class UsageConsumerStep(bootsteps.StartStopStep):
         super().__init__(parent, **kwargs)
         self.consumer: UsageConsumer | None = None
         self.thread: threading.Thread | None = None
+        self.server: HealthServer | None = None
 
     def start(self, parent: Any) -> None:
+        health = Health()
+        if settings.metrics_port:
+            try:
+                self.server = HealthServer(health, settings.metrics_port)
+            except OSError as exc:  # e.g. several workers on one host with the same port
+                log.error(
+                    "cannot serve /metrics, /healthz, /readyz on port %d (%s): give each worker "
+                    "on a host its own BILLING_METRICS_PORT; continuing without them",
+                    settings.metrics_port,
+                    exc,
+                )
         if not settings.usage_consumer_enabled:
             return
         pool = make_pool(settings, min_size=1, max_size=settings.db_pool_size)
-        self.consumer = UsageConsumer(settings, pool, broker.connect(settings))
+        self.consumer = UsageConsumer(settings, pool, broker.connect(settings), health)
+        add_readiness_checks(health, self.consumer)
         self.thread = threading.Thread(target=self._run, name="usage-consumer", daemon=True)
         self.thread.start()
 
@@ -97,6 +111,8 @@ class UsageConsumerStep(bootsteps.StartStopStep):
             raise
 
     def stop(self, parent: Any) -> None:
+        if self.server is not None:
+            self.server.close()
         if self.consumer is None or self.thread is None:
             return
         self.consumer.should_stop = True
@@ -107,6 +123,26 @@ class UsageConsumerStep(bootsteps.StartStopStep):
             self.consumer.totals,
         )
         self.consumer.pool.close()
+
+
+def add_readiness_checks(health: Health, consumer: UsageConsumer) -> None:
+    """/readyz: the consumer consumes, its broker connection is up, the database answers."""
+
+    def consuming() -> tuple[bool, str]:
+        return consumer.consuming and not consumer.should_stop, ""
+
+    def broker_up() -> tuple[bool, str]:
+        live = consumer.live_connection
+        return live is not None and bool(live.connected), ""
+
+    def database() -> tuple[bool, str]:
+        with consumer.pool.connection(timeout=1.0) as conn:
+            conn.execute("SELECT 1")
+        return True, ""
+
+    health.add_check("consumer", consuming)
+    health.add_check("broker", broker_up)
+    health.add_check("database", database)
 
 
 app.steps["worker"].add(UsageConsumerStep)

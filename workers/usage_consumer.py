@@ -11,8 +11,13 @@ bootstep on a thread of its own (see ``workers.app``). The loop is single-thread
   the batch's messages only *after* it returned (the transaction committed): on RabbitMQ with a
   single ``basic.ack(multiple=True)``, elsewhere one ack per message.
 
-Failures: a transient database error is retried with exponential backoff while the messages stay
-unacknowledged (the broker hands them to no one else); after ``MAX_ATTEMPTS`` they are requeued.
+Failures: a transient database error is retried with exponential, capped, jittered backoff
+(``billing.backoff``) while the messages stay unacknowledged (the broker hands them to no one
+else); nothing is parked for a transient reason. After ``MAX_ATTEMPTS`` the messages are requeued;
+the backoff is kept across batches and reset only by a commit, so a database that stays down is
+polled at most every ``BACKOFF_MAX_S``, never in a tight loop. A stop request interrupts the wait
+(the batch is requeued). Metrics are observed once per batch (``billing.metrics``);
+``on_iteration`` beats the liveness heartbeat (``billing.health``).
 If the broker connection drops, the buffer is forgotten: the broker redelivers those messages and
 the idempotent insert makes the redelivery harmless.
 
@@ -35,10 +40,12 @@ from kombu.message import Message
 from kombu.mixins import ConsumerMixin
 from psycopg_pool import ConnectionPool
 
-from billing import broker
+from billing import broker, metrics
+from billing.backoff import Backoff
 from billing.catalog import CatalogCache
 from billing.db import Queries, map_error, queries
 from billing.errors import Transient
+from billing.health import Health
 from billing.settings import Settings
 from billing.usage import BatchResult, DecodedBatch, process_decoded
 from billing.wallets import relay_outbox
@@ -49,10 +56,18 @@ MAX_ATTEMPTS = 6
 BACKOFF_START_S = 0.2
 BACKOFF_MAX_S = 10.0
 MIN_PREFETCH = 64
+LOOP = "usage-consumer"
+OBSERVE_INTERVAL_S = 0.25
 
 
 class UsageConsumer(ConsumerMixin):
-    def __init__(self, settings: Settings, pool: ConnectionPool, connection: Connection) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        pool: ConnectionPool,
+        connection: Connection,
+        health: Health | None = None,
+    ) -> None:
         self.settings = settings
         self.pool = pool
         self.connection = connection
@@ -67,6 +82,13 @@ class UsageConsumer(ConsumerMixin):
         self._channel: Any = None
         self._multiple_ack = False
         self._wallet_publisher: broker.WalletEventPublisher | None = None
+        self.backoff = Backoff(BACKOFF_START_S, BACKOFF_MAX_S)
+        self.health = health
+        self.consuming = False
+        self.live_connection: Any = None  # ConsumerMixin consumes on a clone of ``connection``
+        self._received_first = 0.0
+        self._next_depth_sample = 0.0
+        self._next_observe = 0.0
 
     # kombu ConsumerMixin hooks -------------------------------------------------------------
     def get_consumers(self, consumer_cls: Any, channel: Any) -> list[Any]:
@@ -90,12 +112,18 @@ class UsageConsumer(ConsumerMixin):
             )
         self.messages, self.batch = [], DecodedBatch()
         self._wallet_publisher = None
+        metrics.UNACKED.set(0)
+
+    def on_connection_error(self, exc: Any, interval: Any) -> None:
+        self.consuming, self.live_connection = False, None
+        super().on_connection_error(exc, interval)
 
     def on_consume_ready(self, connection: Any, channel: Any, consumers: Any, **kw: Any) -> None:
         # Long-lived objects (modules, catalog) leave the collector's view; collect young objects
         # less often: a batch allocates many short-lived ones and gen-0 passes were ~30% of decode.
         gc.freeze()
         gc.set_threshold(50_000, 50, 100)
+        self.consuming, self.live_connection = True, connection
         log.info(
             "consuming %s (batch %d events / %d messages / %d ms, prefetch %d)",
             self.settings.usage_queue,
@@ -109,12 +137,17 @@ class UsageConsumer(ConsumerMixin):
         self.flush()  # graceful stop: finish the batch in hand before the channel closes
 
     def on_iteration(self) -> None:
-        if self.messages and time.monotonic() >= self.deadline:
+        now = time.monotonic()
+        if self.messages and now >= self.deadline:
             self.flush()
+        if now >= self._next_observe:  # iterations can be per message: observe a few times a second
+            self._next_observe = now + OBSERVE_INTERVAL_S
+            self._observe_loop()
 
     def on_message(self, message: Message) -> None:
         if not self.messages:
-            self.deadline = time.monotonic() + self.settings.batch_timeout_ms / 1000
+            self._received_first = time.monotonic()
+            self.deadline = self._received_first + self.settings.batch_timeout_ms / 1000
         self.messages.append(message)
         self.batch.add(_body(message), self.settings, datetime.now(UTC))
         if (
@@ -133,12 +166,13 @@ class UsageConsumer(ConsumerMixin):
         self.messages, self.batch = [], DecodedBatch()
         if not messages:
             return
-        delay = BACKOFF_START_S
+        started = time.monotonic()
         for attempt in range(1, MAX_ATTEMPTS + 1):
             try:
                 result = self._record(batch)
                 break
             except Transient as exc:
+                metrics.observe_failure("transient")
                 log.warning(
                     "batch of %d failed (attempt %d/%d): %s",
                     len(batch),
@@ -147,31 +181,41 @@ class UsageConsumer(ConsumerMixin):
                     exc,
                 )
             except Exception:
+                metrics.observe_failure("unexpected")
                 log.exception(
                     "batch of %d failed unexpectedly (attempt %d/%d)",
                     len(batch),
                     attempt,
                     MAX_ATTEMPTS,
                 )
-            if attempt < MAX_ATTEMPTS:
-                time.sleep(delay)
-                delay = min(delay * 2, BACKOFF_MAX_S)
-        else:
-            log.error(
-                "requeueing %d messages after %d failed attempts", len(messages), MAX_ATTEMPTS
-            )
-            for message in messages:
-                message.requeue()
-            time.sleep(delay)
-            return
+            if not self._pause(self.backoff.next_delay()) or attempt == MAX_ATTEMPTS:
+                log.error(
+                    "requeueing %d messages after %d failed attempts%s",
+                    len(messages),
+                    attempt,
+                    " (stopping)" if self.should_stop else "",
+                )
+                for message in messages:
+                    message.requeue()
+                metrics.REQUEUED.inc()
+                metrics.UNACKED.set(0)
+                return
         # After the commit, never before.
         if self._multiple_ack:
             messages[-1].ack(multiple=True)
         else:
             for message in messages:
                 message.ack()
+        self.backoff.reset()
         self.batches += 1
         self.totals = self.totals.merge(result)
+        metrics.observe_batch(
+            result,
+            len(messages),
+            time.monotonic() - started,
+            batch.events[0].occurred_at if batch.events else None,
+        )
+        metrics.UNACKED.set(0)
         log.debug("batch %d: %s", self.batches, result)
         self._resize_prefetch(len(batch), len(messages))
         if result.crossings:
@@ -186,6 +230,35 @@ class UsageConsumer(ConsumerMixin):
             raise map_error(exc) from exc
         except TimeoutError as exc:  # no pool connection in time: the database is away
             raise Transient(f"database unavailable: {exc}") from exc
+
+    def _pause(self, seconds: float) -> bool:
+        """Wait out a backoff delay, still beating; False if a stop was requested meanwhile."""
+        end = time.monotonic() + seconds
+        while not self.should_stop:
+            left = end - time.monotonic()
+            if left <= 0:
+                return True
+            if self.health is not None:
+                self.health.beat(LOOP)
+            time.sleep(min(left, 0.1))
+        return False
+
+    def _observe_loop(self) -> None:
+        """Heartbeat and the batch-in-hand gauges, at most every ``OBSERVE_INTERVAL_S``."""
+        now = time.monotonic()
+        if self.health is not None:
+            self.health.beat(LOOP)
+        metrics.UNACKED.set(len(self.messages))
+        metrics.OLDEST_UNACKED.set(now - self._received_first if self.messages else 0.0)
+        if now >= self._next_depth_sample and self._channel is not None:
+            self._next_depth_sample = now + metrics.QUEUE_SAMPLE_S
+            try:
+                declared = self._channel.queue_declare(
+                    queue=self.settings.usage_queue, passive=True
+                )
+                metrics.QUEUE_DEPTH.set(int(declared.message_count))
+            except Exception:  # a gauge must never stop the consumer
+                log.debug("queue depth sample failed", exc_info=True)
 
     def _resize_prefetch(self, items: int, messages: int) -> None:
         per_message = max(items / messages, 1.0)

@@ -140,6 +140,8 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
             "BILLING_TASKS_QUEUE": settings.tasks_queue,
             "BILLING_EXPORTS_QUEUE": settings.exports_queue,
             "BILLING_BATCH_TIMEOUT_MS": str(settings.batch_timeout_ms),
+            # workers of concurrent tests share the host: no fixed metrics port unless asked
+            "BILLING_METRICS_PORT": "0",
             **extra,
         }
     )

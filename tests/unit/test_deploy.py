@@ -27,9 +27,6 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 K8S_VERSION = "1.30.0"
-# The worker HTTP port is the fleet's shared contract (read by the metrics side of the workers).
-CONTRACT_VARS = {"BILLING_METRICS_PORT"}
-
 
 # --- every file is covered ------------------------------------------------------------------
 VALIDATED = {
@@ -280,7 +277,7 @@ def test_every_variable_the_code_reads_is_deployed() -> None:
     assert not config_map & secret, "a variable is both in the ConfigMap and the Secret"
     # and the deploy files set nothing the code does not read (a typo would be silently ignored)
     for where, names in (("billing.env.example", compose_env), ("k8s", k8s)):
-        unknown = {n for n in names if n.startswith("BILLING_")} - read - CONTRACT_VARS
+        unknown = {n for n in names if n.startswith("BILLING_")} - read
         assert not unknown, f"{where} sets variables no code reads: {sorted(unknown)}"
     readme = (ROOT / "README.md").read_text()
     undocumented = sorted(n for n in read if f"`{n}`" not in readme)
