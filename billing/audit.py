@@ -29,6 +29,10 @@ CHECKS = (
     ("usage is recorded at its posting's time (statements)", "audit_event_recorded_at"),
     ("every invoice's content matches its hash", "audit_invoice_hashes"),
     ("invoice numbers run 1..N per issuer without gaps", "audit_invoice_numbers"),
+    # spend controls (issue 9; queries in sql/queries/holds.sql)
+    ("held + available = balance for every wallet", "audit_hold_availability"),
+    ("each settled hold took exactly its event's cost", "audit_settled_holds"),
+    ("each limited key's period spend equals its settled holds", "audit_key_spend"),
 )
 
 

@@ -76,6 +76,7 @@ class UsageEvent(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     usage: Usage
     latency_ms: Count | None = None
     ttft_ms: Count | None = None
+    hold_id: Ident | None = None  # the hold the gateway authorized this request with (optional)
 
 
 class _Envelope(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -1,0 +1,188 @@
+-- Spend controls (issue 9): holds (reservations) that stop concurrent requests from overdrawing a
+-- wallet, per-API-key spending limits enforced by the same hold path, and per-model hold ceilings.
+--
+-- A hold is a reservation, not ledger money: a wallet's
+--     held      = sum(amount) of its active, unexpired, non-BYOK holds
+--     available = balance - held
+-- billing_authorize() is the one round trip the gateway makes before dispatching a request.
+
+-- The worst case of a request without max_tokens: USD on top of its input cost.
+CREATE TABLE hold_ceilings (
+    model       text PRIMARY KEY CHECK (length(model) BETWEEN 1 AND 200),
+    amount      numeric(38, 12) NOT NULL CHECK (amount > 0),
+    updated_at  timestamptz NOT NULL DEFAULT now(),
+    updated_by  text
+);
+
+-- A spending limit per API key over a calendar period in a time zone (day, ISO week, month).
+CREATE TABLE key_limits (
+    api_key_id  text PRIMARY KEY CHECK (length(api_key_id) BETWEEN 1 AND 200),
+    account_id  text NOT NULL REFERENCES accounts,
+    amount      numeric(38, 12) NOT NULL CHECK (amount >= 0),
+    period      text NOT NULL CHECK (period IN ('day', 'week', 'month')),
+    time_zone   text NOT NULL DEFAULT 'UTC',
+    count_byok  boolean NOT NULL DEFAULT false,   -- BYOK notional cost counts toward the limit
+    updated_at  timestamptz NOT NULL DEFAULT now(),
+    updated_by  text
+);
+CREATE TRIGGER key_limits_time_zone BEFORE INSERT OR UPDATE OF time_zone ON key_limits
+    FOR EACH ROW EXECUTE FUNCTION billing_check_time_zone();
+
+-- What a limited key spent per period: the settled amount of its holds (written by the
+-- settlement statement of the usage batch, in the same transaction as the debit).
+CREATE TABLE key_spend (
+    api_key_id    text NOT NULL,
+    period_start  timestamptz NOT NULL,
+    spent         numeric(38, 12) NOT NULL DEFAULT 0 CHECK (spent >= 0),
+    PRIMARY KEY (api_key_id, period_start)
+);
+
+CREATE TABLE holds (
+    hold_id             text PRIMARY KEY CHECK (length(hold_id) BETWEEN 1 AND 200),
+    account_id          text NOT NULL REFERENCES accounts,
+    api_key_id          text NOT NULL,
+    model               text NOT NULL,
+    provider            text NOT NULL,
+    byok                boolean NOT NULL,       -- held against the key limit only, never the wallet
+    amount              numeric(38, 12) NOT NULL CHECK (amount >= 0),
+    status              text NOT NULL DEFAULT 'active'
+                        CHECK (status IN ('active', 'settled', 'released', 'expired')),
+    created_at          timestamptz NOT NULL,
+    expires_at          timestamptz NOT NULL,
+    limit_period_start  timestamptz,            -- the key-limit period it counts in (NULL: no limit)
+    closed_at           timestamptz,
+    settled_event_id    text UNIQUE,
+    settled_amount      numeric(38, 12) CHECK (settled_amount >= 0),
+    close_reason        text,
+    CHECK (expires_at > created_at),
+    CHECK ((status = 'active') = (closed_at IS NULL)),
+    CHECK ((status = 'settled') = (settled_event_id IS NOT NULL AND settled_amount IS NOT NULL))
+);
+CREATE INDEX holds_account_active ON holds (account_id) INCLUDE (amount, expires_at, byok)
+    WHERE status = 'active';
+CREATE INDEX holds_key_active ON holds (api_key_id, limit_period_start) INCLUDE (amount, expires_at)
+    WHERE status = 'active';
+CREATE INDEX holds_expiry ON holds (expires_at) WHERE status = 'active';
+CREATE INDEX holds_account_created ON holds (account_id, created_at);
+
+-- The start of the limit period containing p_at, in time zone p_tz.
+CREATE FUNCTION billing_limit_period_start(p_period text, p_tz text, p_at timestamptz)
+RETURNS timestamptz LANGUAGE sql IMMUTABLE STRICT AS $$
+    SELECT date_trunc(p_period, p_at AT TIME ZONE p_tz) AT TIME ZONE p_tz
+$$;
+
+-- The end of that period (exclusive), in the same zone (a DST day is 23 or 25 hours long).
+CREATE FUNCTION billing_limit_period_end(p_period text, p_tz text, p_at timestamptz)
+RETURNS timestamptz LANGUAGE sql IMMUTABLE STRICT AS $$
+    SELECT (date_trunc(p_period, p_at AT TIME ZONE p_tz) + ('1 ' || p_period)::interval)
+           AT TIME ZONE p_tz
+$$;
+
+-- What a wallet has reserved at p_now: its active, unexpired, non-BYOK holds.
+CREATE FUNCTION billing_wallet_held(p_account text, p_now timestamptz)
+RETURNS numeric LANGUAGE sql STABLE AS $$
+    SELECT coalesce(sum(h.amount), 0)::numeric(38, 12) FROM holds h
+    WHERE h.account_id = p_account AND h.status = 'active' AND NOT h.byok AND h.expires_at > p_now
+$$;
+
+-- What a limited key has used in the period starting p_period: settled spend plus active holds.
+CREATE FUNCTION billing_key_used(p_key text, p_period timestamptz, p_now timestamptz)
+RETURNS numeric LANGUAGE sql STABLE AS $$
+    SELECT (coalesce((SELECT s.spent FROM key_spend s
+                      WHERE s.api_key_id = p_key AND s.period_start = p_period), 0)
+          + coalesce((SELECT sum(h.amount) FROM holds h
+                      WHERE h.api_key_id = p_key AND h.status = 'active'
+                        AND h.limit_period_start = p_period AND h.expires_at > p_now), 0)
+           )::numeric(38, 12)
+$$;
+
+-- Authorize one request: ONE call. Locks the wallet row (serialising every authorization and
+-- every debit of that wallet), checks the frozen flag, the available balance and the key limit,
+-- and inserts the hold. p_amount is the worst case priced by the caller from the catalog
+-- (billing.holds.worst_case); with p_use_ceiling the model's configured ceiling is added.
+-- A retried call with the same hold_id returns the hold already made.
+CREATE FUNCTION billing_authorize(
+    p_hold_id text, p_account text, p_key text, p_model text, p_provider text, p_byok boolean,
+    p_amount numeric, p_use_ceiling boolean, p_ttl interval, p_now timestamptz)
+RETURNS TABLE (allowed boolean, reason text, hold_id text, amount numeric, available numeric,
+               key_remaining numeric, expires_at timestamptz)
+LANGUAGE plpgsql VOLATILE AS $$
+#variable_conflict use_column
+DECLARE
+    v_amount   numeric(38, 12) := p_amount;
+    v_ceiling  numeric(38, 12);
+    v_limit    key_limits%ROWTYPE;
+    v_has_limit boolean;
+    v_period   timestamptz;
+    v_balance  numeric(38, 12);
+    v_frozen   boolean;
+    v_avail    numeric(38, 12);
+    v_key_left numeric(38, 12);
+    v_old      holds%ROWTYPE;
+BEGIN
+    SELECT * INTO v_old FROM holds h WHERE h.hold_id = p_hold_id;
+    IF FOUND THEN
+        IF v_old.account_id <> p_account OR v_old.api_key_id <> p_key THEN
+            RAISE EXCEPTION 'hold % belongs to another account or key', p_hold_id
+                USING ERRCODE = 'unique_violation';
+        END IF;
+        RETURN QUERY SELECT true, 'existing'::text, v_old.hold_id, v_old.amount,
+            NULL::numeric, NULL::numeric, v_old.expires_at;
+        RETURN;
+    END IF;
+    IF p_use_ceiling THEN
+        SELECT c.amount INTO v_ceiling FROM hold_ceilings c WHERE c.model = p_model;
+        IF NOT FOUND THEN
+            RETURN QUERY SELECT false, 'no_ceiling'::text, NULL::text, NULL::numeric,
+                NULL::numeric, NULL::numeric, NULL::timestamptz;
+            RETURN;
+        END IF;
+        v_amount := v_amount + v_ceiling;
+    END IF;
+    SELECT * INTO v_limit FROM key_limits l WHERE l.api_key_id = p_key AND l.account_id = p_account;
+    v_has_limit := FOUND;
+    IF p_byok AND NOT (v_has_limit AND v_limit.count_byok) THEN
+        -- BYOK costs the wallet nothing: no hold
+        RETURN QUERY SELECT true, 'byok'::text, NULL::text, 0::numeric, NULL::numeric,
+            NULL::numeric, NULL::timestamptz;
+        RETURN;
+    END IF;
+    -- The lock. Every later statement sees what committed before it was granted.
+    PERFORM 1 FROM wallets w WHERE w.account_id = p_account FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT false, 'unknown_account'::text, NULL::text, NULL::numeric,
+            NULL::numeric, NULL::numeric, NULL::timestamptz;
+        RETURN;
+    END IF;
+    IF v_has_limit THEN
+        v_period := billing_limit_period_start(v_limit.period, v_limit.time_zone, p_now);
+    END IF;
+    -- one statement, one snapshot: balance, holds and key spend are read together
+    SELECT w.balance, w.frozen, w.balance - billing_wallet_held(p_account, p_now),
+           CASE WHEN v_has_limit
+                THEN v_limit.amount - billing_key_used(p_key, v_period, p_now) END
+    INTO v_balance, v_frozen, v_avail, v_key_left
+    FROM wallets w WHERE w.account_id = p_account;
+    IF v_frozen THEN
+        RETURN QUERY SELECT false, 'wallet_frozen'::text, NULL::text, v_amount, v_avail,
+            v_key_left, NULL::timestamptz;
+        RETURN;
+    END IF;
+    IF NOT p_byok AND v_avail < v_amount THEN
+        RETURN QUERY SELECT false, 'insufficient_credits'::text, NULL::text, v_amount, v_avail,
+            v_key_left, NULL::timestamptz;
+        RETURN;
+    END IF;
+    IF v_has_limit AND v_key_left < v_amount THEN
+        RETURN QUERY SELECT false, 'key_limit_exceeded'::text, NULL::text, v_amount, v_avail,
+            v_key_left, NULL::timestamptz;
+        RETURN;
+    END IF;
+    INSERT INTO holds (hold_id, account_id, api_key_id, model, provider, byok, amount,
+                       created_at, expires_at, limit_period_start)
+    VALUES (p_hold_id, p_account, p_key, p_model, p_provider, p_byok, v_amount,
+            p_now, p_now + p_ttl, v_period);
+    RETURN QUERY SELECT true, 'held'::text, p_hold_id, v_amount,
+        CASE WHEN p_byok THEN v_avail ELSE v_avail - v_amount END,
+        v_key_left - v_amount, p_now + p_ttl;
+END $$;

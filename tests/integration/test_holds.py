@@ -1,0 +1,290 @@
+"""Holds on real PostgreSQL: concurrent authorizations, settlement, expiry, key limits."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+import pytest
+
+from billing import db, holds, limits
+from billing.audit import run_audit
+from billing.db import Queries
+from billing.holds import AuthorizationRequest, Authorizer, Decision, HoldStatus
+from billing.settings import Settings
+from billing.usage import price_events, record_isolating
+
+from .helpers import make_event, open_account
+
+# openai/o4-mini on openai: $1.10 / 1M input, $4.40 / 1M output
+WORST = Decimal("0.0055")  # 1000 input + 1000 max_tokens
+NOW = datetime(2026, 3, 31, 23, 0, tzinfo=UTC)
+
+
+def request(account: str = "acme", key: str = "key-1", **kw: Any) -> AuthorizationRequest:
+    fields: dict[str, Any] = {
+        "account_id": account,
+        "api_key_id": key,
+        "model": "openai/o4-mini",
+        "provider": "openai",
+        "input_tokens": 1000,
+        "max_tokens": 1000,
+    }
+    fields.update(kw)
+    return AuthorizationRequest(**fields)
+
+
+def record(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    event_id: str,
+    hold_id: str | None,
+    account: str = "acme",
+    key: str = "key-1",
+    occurred_at: datetime | None = None,
+    byok: bool = False,
+    **usage: int,
+) -> None:
+    event = make_event(event_id, account, occurred_at=occurred_at, byok=byok, **usage)
+    event = type(event)(**{**{f: getattr(event, f) for f in event.__struct_fields__},
+                           "hold_id": hold_id, "api_key_id": key})  # fmt: skip
+    from billing.catalog import snapshot
+
+    priced, rejected = price_events([event], snapshot(conn, q))
+    assert not rejected
+    record_isolating(conn, q, priced, [])
+
+
+def hold_row(conn: psycopg.Connection[Any], q: Queries, hold_id: str) -> dict[str, Any]:
+    rows = db.fetch_dicts(conn, q["hold_by_id"], {"hold_id": hold_id})
+    assert rows
+    return rows[0]
+
+
+def assert_audit_clean(conn: psycopg.Connection[Any], q: Queries) -> None:
+    report = run_audit(conn, q)
+    assert report.ok, [c for c in report.checks if not c.ok]
+
+
+@pytest.fixture
+def authorizer(q: Queries, settings: Settings) -> Authorizer:
+    return Authorizer(q, settings.hold_ttl)
+
+
+def test_worst_case_is_input_plus_max_tokens_at_catalog_prices(
+    conn: psycopg.Connection[Any], q: Queries, authorizer: Authorizer
+) -> None:
+    open_account(conn, q, "acme", "1")
+    a = authorizer.authorize(conn, request(), NOW)
+    assert (a.allowed, a.reason, a.amount) == (True, Decision.HELD, WORST)
+    assert a.available == Decimal(1) - WORST
+    assert a.expires_at == NOW + timedelta(minutes=15)
+
+
+def test_200_concurrent_authorizations_against_a_wallet_affording_50_allow_exactly_50(
+    settings: Settings, conn: psycopg.Connection[Any], q: Queries
+) -> None:
+    open_account(conn, q, "acme", WORST * 50 + WORST / 2)
+    pool = db.make_pool(settings, min_size=32, max_size=32)
+    authorizer = Authorizer(q, settings.hold_ttl)
+    with pool.connection() as c:
+        authorizer.catalog(c)  # loaded once, before the burst
+    start = threading.Barrier(200)
+    results: list[bool] = []
+    errors: list[BaseException] = []
+
+    def one(i: int) -> None:
+        try:
+            start.wait()
+            with pool.connection() as c:
+                a = authorizer.authorize(c, request(hold_id=f"h-{i}"), NOW)
+            results.append(a.allowed)
+            if not a.allowed:
+                assert a.reason is Decision.INSUFFICIENT_CREDITS
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(200)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    pool.close()
+    assert not errors, errors[:3]
+    assert len(results) == 200
+    assert results.count(True) == 50
+    avail = holds.availability(conn, q, "acme", NOW)
+    assert avail.held == WORST * 50
+    assert avail.available == WORST / 2
+    assert_audit_clean(conn, q)
+
+
+def test_settle_smaller_and_larger_actual_cost(
+    conn: psycopg.Connection[Any], q: Queries, authorizer: Authorizer
+) -> None:
+    open_account(conn, q, "acme", "1")
+    small = authorizer.authorize(conn, request(hold_id="small"), NOW)
+    large = authorizer.authorize(conn, request(hold_id="large"), NOW)
+    assert holds.availability(conn, q, "acme", NOW).held == 2 * WORST
+    # smaller: 1000 in, 200 out = 0.0011 + 0.00088
+    record(conn, q, "e-small", "small", input_tokens=1000, output_tokens=200)
+    # larger (the gateway overran max_tokens): the real cost is debited anyway
+    record(conn, q, "e-large", "large", input_tokens=1000, output_tokens=3000)
+    s, big = hold_row(conn, q, "small"), hold_row(conn, q, "large")
+    assert (s["status"], s["settled_amount"], s["settled_event_id"]) == (
+        "settled", Decimal("0.00198"), "e-small")  # fmt: skip
+    assert (big["status"], big["settled_amount"]) == ("settled", Decimal("0.0143"))
+    avail = holds.availability(conn, q, "acme", NOW)
+    assert avail.held == 0
+    assert avail.balance == Decimal(1) - Decimal("0.00198") - Decimal("0.0143")
+    assert small.hold_id == "small" and large.hold_id == "large"
+    # a redelivered event settles nothing twice and debits nothing twice
+    record(conn, q, "e-small", "small", input_tokens=1000, output_tokens=200)
+    assert holds.availability(conn, q, "acme", NOW).balance == avail.balance
+    assert_audit_clean(conn, q)
+
+
+def test_expired_holds_release(
+    conn: psycopg.Connection[Any], q: Queries, authorizer: Authorizer
+) -> None:
+    open_account(conn, q, "acme", WORST * 2)
+    assert authorizer.authorize(conn, request(hold_id="a"), NOW).allowed
+    assert authorizer.authorize(conn, request(hold_id="b"), NOW).allowed
+    assert not authorizer.authorize(conn, request(hold_id="c"), NOW).allowed
+    later = NOW + timedelta(minutes=15)
+    # at expires_at the reservation stops counting, before any task runs
+    assert holds.availability(conn, q, "acme", later).available == WORST * 2
+    assert holds.expire_holds(conn, q, NOW + timedelta(minutes=14)) == 0
+    assert holds.expire_holds(conn, q, later) == 2
+    assert holds.expire_holds(conn, q, later) == 0
+    assert hold_row(conn, q, "a")["status"] == HoldStatus.EXPIRED
+    assert authorizer.authorize(conn, request(hold_id="c"), later).allowed
+    # usage arriving after its hold expired is still billed, and settles it
+    record(conn, q, "late", "a")
+    assert hold_row(conn, q, "a")["status"] == HoldStatus.SETTLED
+    assert_audit_clean(conn, q)
+
+
+def test_release_and_retry_and_byok_and_frozen(
+    conn: psycopg.Connection[Any], q: Queries, authorizer: Authorizer
+) -> None:
+    open_account(conn, q, "acme", WORST)
+    first = authorizer.authorize(conn, request(hold_id="r1"), NOW)
+    again = authorizer.authorize(conn, request(hold_id="r1"), NOW)  # a retried call
+    assert (again.allowed, again.reason, again.amount) == (True, Decision.EXISTING, first.amount)
+    assert not authorizer.authorize(conn, request(hold_id="r2"), NOW).allowed
+    assert holds.release(conn, q, "r1", NOW, "not dispatched") == WORST
+    with pytest.raises(Exception, match="released, not active"):
+        holds.release(conn, q, "r1", NOW, "again")
+    assert authorizer.authorize(conn, request(hold_id="r2"), NOW).allowed
+    byok = authorizer.authorize(conn, request(hold_id="r3", byok=True), NOW)
+    assert (byok.allowed, byok.reason, byok.hold_id) == (True, Decision.BYOK, None)
+    conn.execute("UPDATE wallets SET frozen = true WHERE account_id = 'acme'")
+    assert authorizer.authorize(conn, request(hold_id="r4", max_tokens=1), NOW).reason is (
+        Decision.WALLET_FROZEN
+    )
+    assert authorizer.authorize(conn, request("nobody"), NOW).reason is Decision.UNKNOWN_ACCOUNT
+
+
+def test_no_max_tokens_uses_the_model_ceiling(
+    conn: psycopg.Connection[Any], q: Queries, authorizer: Authorizer
+) -> None:
+    open_account(conn, q, "acme", "1")
+    a = authorizer.authorize(conn, request(max_tokens=None), NOW)
+    assert (a.allowed, a.reason) == (False, Decision.NO_CEILING)
+    holds.set_ceiling(conn, q, "openai/o4-mini", Decimal("0.25"), "tests")
+    a = authorizer.authorize(conn, request(max_tokens=None), NOW)
+    assert (a.allowed, a.amount) == (True, Decimal("0.0011") + Decimal("0.25"))
+
+
+def test_balance_never_below_zero_through_holds(
+    settings: Settings, conn: psycopg.Connection[Any], q: Queries
+) -> None:
+    """Many threads authorize, record usage within the hold and authorize again, racing the
+    debits of the batches: the balance never goes below zero and every hold ends settled."""
+    open_account(conn, q, "acme", "0.1")
+    pool = db.make_pool(settings, min_size=8, max_size=8)
+    authorizer = Authorizer(q, settings.hold_ttl)
+    lowest: list[Decimal] = []
+    errors: list[BaseException] = []
+
+    def worker(w: int) -> None:
+        try:
+            for i in range(15):
+                with pool.connection() as c:
+                    a = authorizer.authorize(c, request(hold_id=f"w{w}-{i}"), NOW)
+                    if not a.allowed:
+                        continue
+                    record(c, q, f"ev-{w}-{i}", a.hold_id, input_tokens=1000,
+                           output_tokens=(w * 97 + i * 31) % 1001)  # fmt: skip
+                    lowest.append(holds.availability(c, q, "acme", NOW).balance)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    pool.close()
+    assert not errors, errors[:3]
+    assert lowest and min(lowest) >= 0
+    assert holds.availability(conn, q, "acme", NOW).held == 0
+    n_active = conn.execute("SELECT count(*) FROM holds WHERE status <> 'settled'").fetchone()
+    assert n_active == (0,)
+    assert_audit_clean(conn, q)
+
+
+def test_key_limit_resets_at_the_period_boundary(
+    conn: psycopg.Connection[Any], q: Queries, authorizer: Authorizer
+) -> None:
+    open_account(conn, q, "acme", "100")
+    limits.set_limit(conn, q, account_id="acme", api_key_id="key-1", amount=WORST * 2,
+                     period=limits.Period.DAY, time_zone="Europe/Paris", actor="tests")  # fmt: skip
+    # NOW is 2026-03-31 23:00 UTC = 2026-04-01 01:00 in Paris: the Paris day began at 22:00 UTC
+    day_start = datetime(2026, 3, 31, 22, 0, tzinfo=UTC)
+    a1 = authorizer.authorize(conn, request(hold_id="k1"), NOW)
+    record(conn, q, "k-e1", "k1", occurred_at=NOW)  # 1000 in / 500 out = 0.0033
+    assert authorizer.authorize(conn, request(hold_id="k2"), NOW).allowed
+    a3 = authorizer.authorize(conn, request(hold_id="k3"), NOW)
+    assert a1.allowed and (a3.allowed, a3.reason) == (False, Decision.KEY_LIMIT_EXCEEDED)
+    # other keys of the account are not limited
+    assert authorizer.authorize(conn, request(key="key-2", hold_id="o1"), NOW).allowed
+    shown = limits.show_limits(conn, q, NOW, api_key_id="key-1")[0]
+    assert shown.period_start == day_start
+    assert shown.period_end == day_start + timedelta(days=1)
+    assert shown.used == Decimal("0.0033") + WORST
+    record(conn, q, "k-e2", "k2", occurred_at=NOW)
+    assert limits.show_limits(conn, q, NOW, api_key_id="key-1")[0].used == Decimal("0.0066")
+    # one microsecond before midnight in Paris: still the same day
+    just_before = day_start + timedelta(days=1) - timedelta(microseconds=1)
+    assert not authorizer.authorize(conn, request(hold_id="k4"), just_before).allowed
+    # midnight in Paris: a new day, the limit is whole again
+    boundary = day_start + timedelta(days=1)
+    a5 = authorizer.authorize(conn, request(hold_id="k5"), boundary)
+    assert (a5.allowed, a5.key_remaining) == (True, WORST)
+    assert_audit_clean(conn, q)
+
+
+def test_key_limit_counts_byok_only_when_asked(
+    conn: psycopg.Connection[Any], q: Queries, authorizer: Authorizer
+) -> None:
+    open_account(conn, q, "acme", "0")  # an empty wallet: BYOK still runs
+    limits.set_limit(conn, q, account_id="acme", api_key_id="key-1", amount=WORST,
+                     period=limits.Period.MONTH, actor="tests")  # fmt: skip
+    for i in range(3):
+        a = authorizer.authorize(conn, request(hold_id=f"b{i}", byok=True), NOW)
+        assert (a.allowed, a.reason) == (True, Decision.BYOK)
+    limits.set_limit(conn, q, account_id="acme", api_key_id="key-1", amount=WORST,
+                     period=limits.Period.MONTH, count_byok=True, actor="tests")  # fmt: skip
+    a = authorizer.authorize(conn, request(hold_id="c1", byok=True), NOW)
+    assert (a.allowed, a.reason) == (True, Decision.HELD)
+    record(conn, q, "byok-1", "c1", byok=True, occurred_at=NOW)
+    assert hold_row(conn, q, "c1")["settled_amount"] == Decimal("0.0033")
+    a = authorizer.authorize(conn, request(hold_id="c2", byok=True), NOW)
+    assert (a.allowed, a.reason) == (False, Decision.KEY_LIMIT_EXCEEDED)
+    assert holds.availability(conn, q, "acme", NOW).balance == 0
+    assert_audit_clean(conn, q)
