@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from billing import broker
+from billing import broker, holds
 from billing.catalog import CatalogCache
 from billing.db import connect, queries
 from billing.deadletters import replay
@@ -67,3 +67,10 @@ def export_period_task(period: str, fmt: str, account: str | None = None) -> dic
     """Write a period's statements into BILLING_EXPORTS_DIR/<period> (runs on the exports queue)."""
     result = export_period(settings, period, fmt, settings.exports_dir / period, account)
     return {"accounts": result.accounts, "files": [str(p) for p in result.files[:100]]}
+
+
+@app.task(name="billing.expire_holds", autoretry_for=(Transient,), retry_backoff=True)
+def expire_holds_task() -> int:
+    """Close holds whose request never reported usage (safe with several schedulers)."""
+    with connect(settings) as conn:
+        return holds.expire_holds(conn, queries(settings), datetime.now(UTC))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -288,3 +289,99 @@ def test_key_limit_counts_byok_only_when_asked(
     assert (a.allowed, a.reason) == (False, Decision.KEY_LIMIT_EXCEEDED)
     assert holds.availability(conn, q, "acme", NOW).balance == 0
     assert_audit_clean(conn, q)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_http_authorize_and_release(
+    settings: Settings, conn: psycopg.Connection[Any], q: Queries
+) -> None:
+    from dataclasses import replace
+
+    from starlette.testclient import TestClient
+
+    from billing.webhooks import create_app
+
+    open_account(conn, q, "acme", WORST)
+    s = replace(settings, authorize_token="t0ken")
+    pool = db.make_pool(s, min_size=1, max_size=2)
+    auth = {"Authorization": "Bearer t0ken"}
+    body = {"account_id": "acme", "api_key_id": "k", "model": "openai/o4-mini",
+            "provider": "openai", "input_tokens": 1000, "max_tokens": 1000}  # fmt: skip
+    try:
+        with TestClient(create_app(s, pool, lambda _id: None)) as client:
+            assert client.post("/v1/authorize", json=body).status_code == 401
+            ok = client.post("/v1/authorize", json=body, headers=auth)
+            assert ok.status_code == 200, ok.text
+            held = ok.json()
+            assert (held["allowed"], held["reason"], held["amount"]) == (True, "held", "0.0055")
+            denied = client.post("/v1/authorize", json=body, headers=auth)
+            assert denied.status_code == 402
+            assert denied.json()["reason"] == "insufficient_credits"
+            bad = client.post("/v1/authorize", json={**body, "max_tokens": -1}, headers=auth)
+            assert bad.status_code == 400 and bad.json()["field"] == "$.max_tokens"
+            extra = client.post("/v1/authorize", json={**body, "prompt": "hi"}, headers=auth)
+            assert extra.status_code == 400 and "prompt" in extra.json()["error"]
+            unpriced = client.post("/v1/authorize", json={**body, "model": "x/y"}, headers=auth)
+            assert unpriced.status_code == 400 and unpriced.json()["field"] == "$.model"
+            rel = client.post(f"/v1/holds/{held['hold_id']}/release", headers=auth)
+            assert rel.json() == {"released": held["hold_id"], "amount": "0.0055"}
+            assert (
+                client.post(f"/v1/holds/{held['hold_id']}/release", headers=auth).status_code == 409
+            )
+            assert client.post("/v1/authorize", json=body, headers=auth).status_code == 200
+    finally:
+        pool.close()
+
+
+def test_cli_holds_and_limits(
+    settings: Settings, conn: psycopg.Connection[Any], q: Queries
+) -> None:
+    from click.testing import CliRunner
+
+    from billing.cli import main
+
+    from .conftest import worker_env
+
+    open_account(conn, q, "acme", "1")
+    cli = CliRunner(env=worker_env(settings))
+
+    def run(*args: str, code: int = 0) -> str:
+        result = cli.invoke(main, list(args), catch_exceptions=False)
+        assert result.exit_code == code, result.output
+        return result.output
+
+    now = datetime.now(UTC)
+    a = Authorizer(q, settings.hold_ttl).authorize(conn, request(hold_id="cli-1"), now)
+    assert a.allowed
+    listed = json.loads(run("holds", "list", "--account", "acme", "--json"))
+    assert [(h["hold_id"], h["amount"], h["status"]) for h in listed] == [
+        ("cli-1", "0.0055", "active")
+    ]
+    assert "held 0.0055  available 0.9945" in run("holds", "available", "acme")
+    assert "released cli-1: 0.0055 USD" in run("holds", "release", "cli-1")
+    assert "not active" in run("holds", "release", "cli-1", code=2)
+    assert "0 holds expired" in run("holds", "expire")
+    run("holds", "ceiling", "openai/o4-mini", "0.5")
+    run("limits", "set", "acme", "key-1", "2.50", "--period", "week", "--time-zone", "Asia/Tokyo")
+    assert "unknown time zone" in run(
+        "limits", "set", "acme", "k", "1", "--time-zone", "Mars/X", code=2
+    )
+    shown = json.loads(
+        run("limits", "show", "--key", "key-1", "--at", "2026-04-01T12:00:00Z", "--json")
+    )
+    assert shown == [
+        {
+            "api_key_id": "key-1",
+            "account_id": "acme",
+            "limit": "2.50",
+            "period": "week",
+            "time_zone": "Asia/Tokyo",
+            "count_byok": False,
+            "period_start": "2026-03-29T15:00:00+00:00",  # Monday 00:00 in Tokyo
+            "period_end": "2026-04-05T15:00:00+00:00",
+            "used": "0.00",
+            "remaining": "2.50",
+        }
+    ]
+    run("limits", "remove", "key-1")
+    assert run("limits", "show", "--json").strip() == "[]"
