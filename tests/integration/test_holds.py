@@ -385,3 +385,33 @@ def test_cli_holds_and_limits(
     ]
     run("limits", "remove", "key-1")
     assert run("limits", "show", "--json").strip() == "[]"
+
+
+@pytest.mark.slow
+def test_quick_holds_benchmark_is_correct() -> None:
+    """bench.holds --quick: timings mean nothing here; exactness and clean books are asserted."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from .conftest import ADMIN_URL
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BILLING_")}
+    env.update(
+        {
+            "BILLING_BENCH_DATABASE_URL": ADMIN_URL,
+            "BILLING_BENCH_DB_PREFIX": f"billing_benchh_{os.getpid()}",
+        }
+    )
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.holds", "--quick"],
+        env=env,
+        cwd=Path(__file__).parents[2],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "exactness: 10 of 40 allowed, wallet affords 10: ok" in run.stdout
+    assert "audit: clean" in run.stdout
