@@ -13,23 +13,22 @@ answers why not (``insufficient_credits``, ``key_limit_exceeded``, ``wallet_froz
 row lock serialises every authorization and every debit of one wallet, so concurrent holds can
 never together exceed the available balance.
 
-The usage event that follows names its hold (``hold_id``); ``settle_batch`` settles the holds of
-a batch's newly recorded events in the batch transaction (one statement): the wallet was debited
-the actual cost by the batch, and the hold stops counting. Holds never settled expire
-(``expire_holds``, a beat task); an expired hold stops counting at ``expires_at`` even before the
-task marks it. BYOK requests need no hold (unless the key's limit counts BYOK).
+The usage event that follows names its hold (``hold_id``); ``billing.spend_controls.after_debit``
+settles the holds of a batch's newly recorded events in the batch transaction (one statement):
+the wallet was debited the actual cost by the batch, and the hold stops counting. Holds never
+settled expire (``expire_holds``, a beat task); an expired hold stops counting at ``expires_at``
+even before the task marks it. BYOK requests need no hold (unless the key's limit counts BYOK).
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 import psycopg
@@ -40,9 +39,6 @@ from billing.errors import BillingError, InvalidEvent, Unpriced
 from billing.events import Count, Ident, Usage
 from billing.money import ZERO, exact, format_usd
 from billing.pricing import price
-
-if TYPE_CHECKING:
-    from billing.usage import PricedEvent
 
 
 class HoldStatus(StrEnum):
@@ -198,33 +194,6 @@ class Authorizer:
         return Authorization(
             allowed, Decision(reason), hold_id, held, available, key_remaining, expires_at
         )
-
-
-def settle_recorded(
-    conn: psycopg.Connection[Any],
-    q: Queries,
-    events: Mapping[str, PricedEvent],
-    inserted: Sequence[tuple[Any, ...]],
-) -> int:
-    """Settle the holds named by a batch's newly recorded events (``inserted``: the rows the
-    insert returned, event_id first). Call inside the batch transaction, after the debit: one
-    statement for the whole batch, none when no event names a hold. Each hold takes its event's
-    priced cost (the debit, or the notional cost of BYOK usage under a limit counting BYOK).
-    """
-    settlements = [
-        (p.event.hold_id, p.event.event_id, p.event.account_id, p.charge.total)
-        for p in (events[row[0]] for row in inserted)
-        if p.event.hold_id is not None
-    ]
-    if not settlements:
-        return 0
-    hold_ids, event_ids, accounts, amounts = (list(c) for c in zip(*settlements, strict=True))
-    row = conn.execute(
-        q["settle_holds"],
-        {"hold_ids": hold_ids, "event_ids": event_ids, "accounts": accounts, "amounts": amounts},
-    ).fetchone()
-    assert row is not None
-    return int(row[0])
 
 
 def expire_holds(

@@ -34,11 +34,11 @@ from billing.catalog import Catalog, PriceVersion
 from billing.db import Queries, map_error
 from billing.errors import DatabaseRejected, Transient, Unpriced
 from billing.events import Reason, Rejected, UsageEvent, decode_message, encode_event
-from billing.holds import settle_recorded
 from billing.ledger import PostingKind, SystemAccount, next_posting_id, post_wallet_movement
 from billing.money import EXACT, ZERO, sum_exact
 from billing.pricing import Charge, price
 from billing.settings import Settings
+from billing.spend_controls import after_debit
 from billing.wallets import record_crossings
 
 
@@ -245,7 +245,7 @@ def record_batch(
         )
         result.amount_debited = EXACT.minus(sum_exact(deltas.values()))
         result.crossings = record_crossings(conn, q, changes)
-        settle_recorded(conn, q, unique, inserted)  # holds named by the new events (issue 9)
+        after_debit(conn, q, posting_id, deltas, unique, inserted)  # holds, grants (issue 9)
         # Parked dead letters whose event is now recorded are resolved; skipped (one cheap
         # EXISTS) in the common case where nothing is parked.
         if conn.execute(q["any_parked"]).fetchone() != (False,):

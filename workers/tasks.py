@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from billing import broker, holds
+from billing import broker, grants, holds
 from billing.catalog import CatalogCache
 from billing.db import connect, queries
 from billing.deadletters import replay
@@ -74,3 +74,14 @@ def expire_holds_task() -> int:
     """Close holds whose request never reported usage (safe with several schedulers)."""
     with connect(settings) as conn:
         return holds.expire_holds(conn, queries(settings), datetime.now(UTC))
+
+
+@app.task(name="billing.credit_grants", autoretry_for=(Transient,), retry_backoff=True)
+def credit_grants_task() -> dict[str, str | int]:
+    """Issue due scheduled grants, then expire lapsed ones (each exactly once)."""
+    now = datetime.now(UTC)
+    q = queries(settings)
+    with connect(settings) as conn:
+        issued = grants.issue_due_grants(conn, q, now)
+        expired = grants.expire_grants(conn, q, now)
+    return {"issued": issued, "expired": str(expired)}

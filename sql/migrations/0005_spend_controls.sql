@@ -186,3 +186,63 @@ BEGIN
         CASE WHEN p_byok THEN v_avail ELSE v_avail - v_amount END,
         v_key_left - v_amount, p_now + p_ttl;
 END $$;
+
+-- Credit grants: promotional or free credit with an expiry, kept apart from paid credit.
+-- A grant is credited to the wallet (posting kind 'grant', from equity:grants); usage consumes the
+-- credit that expires first, so grants before paid credit, the earliest expiry first
+-- (grant_consumptions: which usage posting took what); at expiry what is left goes back to
+-- equity:grants (posting kind 'grant_expiry'), exactly once. Refunds and disputes take back paid
+-- credit only: they never touch a grant. Paid credit = balance - granted credit remaining.
+INSERT INTO ledger_accounts (code, kind) VALUES ('equity:grants', 'equity');
+
+ALTER TABLE postings DROP CONSTRAINT postings_kind_check;
+ALTER TABLE postings ADD CONSTRAINT postings_kind_check CHECK (kind IN (
+    'usage', 'adjustment',
+    'topup', 'topup_refund', 'dispute_hold', 'dispute_release', 'dispute_loss',
+    'grant', 'grant_expiry'));
+
+-- "$5 every 30 days": the beat task issues each due grant once (grant_id = schedule_id:N).
+CREATE TABLE grant_schedules (
+    schedule_id  text PRIMARY KEY CHECK (length(schedule_id) BETWEEN 1 AND 150),
+    account_id   text NOT NULL REFERENCES accounts,
+    amount       numeric(38, 12) NOT NULL CHECK (amount > 0),
+    every        interval NOT NULL CHECK (every >= interval '1 hour'),
+    valid_for    interval NOT NULL CHECK (valid_for > interval '0'),
+    reason       text NOT NULL,
+    next_at      timestamptz NOT NULL,
+    issued       integer NOT NULL DEFAULT 0,
+    enabled      boolean NOT NULL DEFAULT true,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    created_by   text
+);
+
+CREATE TABLE credit_grants (
+    grant_id           text PRIMARY KEY CHECK (length(grant_id) BETWEEN 1 AND 200),
+    account_id         text NOT NULL REFERENCES accounts,
+    amount             numeric(38, 12) NOT NULL CHECK (amount > 0),
+    consumed           numeric(38, 12) NOT NULL DEFAULT 0,
+    expired            numeric(38, 12) NOT NULL DEFAULT 0,
+    granted_at         timestamptz NOT NULL,
+    expires_at         timestamptz NOT NULL,
+    expired_at         timestamptz,              -- set once, by the expiry
+    reason             text NOT NULL,
+    actor              text,
+    schedule_id        text REFERENCES grant_schedules,
+    grant_posting_id   bigint NOT NULL REFERENCES postings,
+    expiry_posting_id  bigint REFERENCES postings DEFERRABLE INITIALLY DEFERRED,
+    CHECK (expires_at > granted_at),
+    CHECK (consumed >= 0 AND expired >= 0 AND consumed + expired <= amount),
+    CHECK (expired_at IS NOT NULL OR expired = 0),
+    CHECK ((expiry_posting_id IS NOT NULL) = (expired > 0))
+);
+CREATE INDEX credit_grants_open ON credit_grants (account_id, expires_at, grant_id)
+    WHERE expired_at IS NULL;
+CREATE INDEX credit_grants_due ON credit_grants (expires_at) WHERE expired_at IS NULL;
+
+CREATE TABLE grant_consumptions (
+    grant_id    text NOT NULL REFERENCES credit_grants,
+    posting_id  bigint NOT NULL REFERENCES postings,
+    amount      numeric(38, 12) NOT NULL CHECK (amount > 0),
+    PRIMARY KEY (grant_id, posting_id)
+);
+CREATE INDEX grant_consumptions_posting ON grant_consumptions (posting_id);

@@ -4,33 +4,6 @@ SELECT allowed, reason, hold_id, amount, available, key_remaining, expires_at
 FROM billing_authorize(%(hold_id)s, %(account_id)s, %(api_key_id)s, %(model)s, %(provider)s,
                        %(byok)s, %(amount)s, %(use_ceiling)s, %(ttl)s, %(now)s)
 
--- name: settle_holds
--- Settle the holds named by a batch's newly recorded events, in the batch transaction (one
--- statement per batch): each hold takes its event's actual cost, and a limited key's period
--- spend grows by it. A hold that already expired is still settled (the usage happened).
--- Holds are updated in hold_id order and spend rows upserted in key order (lock order).
-WITH s AS (
-    SELECT * FROM unnest(%(hold_ids)s::text[], %(event_ids)s::text[], %(accounts)s::text[],
-                         %(amounts)s::numeric[]) AS s(hold_id, event_id, account_id, amount)
-    ORDER BY hold_id
-), settled AS (
-    UPDATE holds h
-    SET status = 'settled', closed_at = now(), settled_event_id = s.event_id,
-        settled_amount = s.amount, close_reason = NULL
-    FROM s
-    WHERE h.hold_id = s.hold_id AND h.account_id = s.account_id
-      AND h.status IN ('active', 'expired')
-    RETURNING h.hold_id, h.api_key_id, h.limit_period_start, h.settled_amount
-), spend AS (
-    INSERT INTO key_spend (api_key_id, period_start, spent)
-    SELECT api_key_id, limit_period_start, sum(settled_amount)
-    FROM settled WHERE limit_period_start IS NOT NULL
-    GROUP BY api_key_id, limit_period_start
-    ORDER BY api_key_id, limit_period_start
-    ON CONFLICT (api_key_id, period_start) DO UPDATE SET spent = key_spend.spent + excluded.spent
-)
-SELECT count(*) FROM settled
-
 -- name: expire_holds
 -- Close active holds past their expiry (the beat task). SKIP LOCKED: several schedulers may run
 -- at once, and a hold being settled is left to its settlement.

@@ -1,0 +1,67 @@
+"""The spend controls' step of a usage batch: ONE statement after the debit.
+
+``record_batch`` (billing/usage.py) calls ``after_debit`` in its transaction, after the wallets
+were debited (their rows are locked). The statement (``after_usage_debit``):
+
+* settles the holds named by the batch's newly recorded events (``billing.holds``): each takes
+  its event's actual cost, and a limited key's period spend grows by it;
+* lets each wallet's debit consume its granted credit first, the earliest expiry first
+  (``billing.grants``), recording which grant the usage posting took what from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+
+from billing.db import Queries
+from billing.money import EXACT
+
+if TYPE_CHECKING:
+    from billing.usage import PricedEvent
+
+
+def after_debit(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    posting_id: int,
+    deltas: Mapping[str, Decimal],
+    events: Mapping[str, PricedEvent],
+    inserted: Sequence[tuple[Any, ...]],
+) -> tuple[int, Decimal]:
+    """Settle holds and consume grants; returns (holds settled, granted credit used).
+
+    ``deltas``: each wallet's (negative) usage delta of ``posting_id``; ``inserted``: the rows
+    the batch's insert returned (event_id first). Nothing runs when neither applies.
+    """
+    hold_ids: list[str] = []
+    event_ids: list[str] = []
+    hold_accounts: list[str] = []
+    hold_amounts: list[Decimal] = []
+    for row in inserted:
+        p = events[row[0]]
+        if p.event.hold_id is not None:
+            hold_ids.append(p.event.hold_id)
+            event_ids.append(p.event.event_id)
+            hold_accounts.append(p.event.account_id)
+            hold_amounts.append(p.charge.total)
+    accounts = sorted(a for a, v in deltas.items() if v < 0)
+    if not hold_ids and not accounts:
+        return 0, Decimal(0)
+    result = conn.execute(
+        q["after_usage_debit"],
+        {
+            "hold_ids": hold_ids,
+            "event_ids": event_ids,
+            "hold_accounts": hold_accounts,
+            "hold_amounts": hold_amounts,
+            "accounts": accounts,
+            "debits": [EXACT.minus(deltas[a]) for a in accounts],
+            "posting_id": posting_id,
+        },
+    ).fetchone()
+    assert result is not None
+    return int(result[0]), result[1]

@@ -1,0 +1,48 @@
+-- name: after_usage_debit
+-- The spend controls' part of a usage batch: ONE statement, in the batch transaction, after the
+-- debit (the batch holds its wallets' row locks).
+-- 1. Settle the holds named by the batch's new events: each takes its event's actual cost, and
+--    a limited key's period spend grows by it. A hold that already expired is still settled
+--    (the usage happened). Holds in hold_id order, spend rows in key order (lock order).
+-- 2. Usage consumes granted credit first, the earliest expiry first (d = each wallet's debit).
+WITH s AS (
+    SELECT * FROM unnest(%(hold_ids)s::text[], %(event_ids)s::text[], %(hold_accounts)s::text[],
+                         %(hold_amounts)s::numeric[]) AS s(hold_id, event_id, account_id, amount)
+    ORDER BY hold_id
+), settled AS (
+    UPDATE holds h
+    SET status = 'settled', closed_at = now(), settled_event_id = s.event_id,
+        settled_amount = s.amount, close_reason = NULL
+    FROM s
+    WHERE h.hold_id = s.hold_id AND h.account_id = s.account_id
+      AND h.status IN ('active', 'expired')
+    RETURNING h.hold_id, h.api_key_id, h.limit_period_start, h.settled_amount
+), spend AS (
+    INSERT INTO key_spend (api_key_id, period_start, spent)
+    SELECT api_key_id, limit_period_start, sum(settled_amount)
+    FROM settled WHERE limit_period_start IS NOT NULL
+    GROUP BY api_key_id, limit_period_start
+    ORDER BY api_key_id, limit_period_start
+    ON CONFLICT (api_key_id, period_start) DO UPDATE SET spent = key_spend.spent + excluded.spent
+), d AS (
+    SELECT * FROM unnest(%(accounts)s::text[], %(debits)s::numeric[]) AS d(account_id, amount)
+), g AS (
+    SELECT c.grant_id, c.account_id, c.amount - c.consumed - c.expired AS remaining,
+           sum(c.amount - c.consumed - c.expired)
+               OVER (PARTITION BY c.account_id ORDER BY c.expires_at, c.grant_id) AS upto
+    FROM credit_grants c JOIN d USING (account_id)
+    WHERE c.expired_at IS NULL AND c.expires_at > now() AND c.consumed + c.expired < c.amount
+), take AS (
+    SELECT g.grant_id, least(g.remaining, greatest(d.amount - (g.upto - g.remaining), 0)) AS amount
+    FROM g JOIN d USING (account_id)
+), consumed AS (
+    UPDATE credit_grants c SET consumed = c.consumed + t.amount
+    FROM take t WHERE c.grant_id = t.grant_id AND t.amount > 0
+    RETURNING c.grant_id
+), consumption AS (
+    INSERT INTO grant_consumptions (grant_id, posting_id, amount)
+    SELECT grant_id, %(posting_id)s, amount FROM take WHERE amount > 0
+    RETURNING amount
+)
+SELECT (SELECT count(*) FROM settled) AS settled_holds,
+       (SELECT coalesce(sum(amount), 0) FROM consumption) AS granted_used
