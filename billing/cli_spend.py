@@ -7,12 +7,12 @@ hierarchy print one line and exit 2.
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import click
 
-from billing import db, holds, limits
+from billing import db, grants, holds, limits
 from billing.cli_common import current_actor, handles_errors, parse_amount, settings_of
 from billing.money import format_usd
 
@@ -218,4 +218,151 @@ def limits_show(
         )
 
 
-COMMANDS = (holds_group, limits_group)
+# --- grants ---------------------------------------------------------------------------------
+def _days(value: str, name: str) -> timedelta:
+    try:
+        days = float(value)
+    except ValueError:
+        raise click.BadParameter(f"not a number of days: {value!r}", param_hint=name) from None
+    if days <= 0:
+        raise click.BadParameter("must be positive", param_hint=name)
+    return timedelta(days=days)
+
+
+@click.group("grants")
+def grants_group() -> None:
+    """Promotional credit with an expiry, kept apart from paid credit."""
+
+
+@grants_group.command("add")
+@click.argument("account_id")
+@click.argument("amount")
+@click.option("--expires", "expires", default=None, help="Expiry time (ISO 8601 with offset).")
+@click.option("--days", default=None, help="Or: valid this many days from now.")
+@click.option("--reason", required=True)
+@click.option("--id", "grant_id", default=None, help="Idempotency key: a repeat does nothing.")
+@click.pass_context
+@handles_errors
+def grants_add(
+    ctx: click.Context,
+    account_id: str,
+    amount: str,
+    expires: str | None,
+    days: str | None,
+    reason: str,
+    grant_id: str | None,
+) -> None:
+    """Grant AMOUNT USD of credit to ACCOUNT_ID until --expires (or for --days)."""
+    now = datetime.now(UTC)
+    if (expires is None) == (days is None):
+        raise click.UsageError("give exactly one of --expires and --days")
+    until = _now(expires) if expires else now + _days(str(days), "--days")
+    settings = settings_of(ctx)
+    with db.connect(settings) as conn:
+        gid = grants.grant_credit(
+            conn,
+            db.queries(settings),
+            account_id=account_id,
+            amount=parse_amount(amount),
+            expires_at=until,
+            reason=reason,
+            actor=current_actor(),
+            now=now,
+            grant_id=grant_id,
+        )
+    click.echo(f"grant {gid}: {amount} USD to {account_id} until {until.isoformat()}")
+
+
+@grants_group.command("list")
+@click.option("--account", default=None)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@handles_errors
+def grants_list(ctx: click.Context, account: str | None, as_json: bool) -> None:
+    """Grants with what was consumed, what expired and what is left."""
+    settings = settings_of(ctx)
+    with db.connect(settings) as conn:
+        data = [_jsonable(r) for r in grants.list_grants(conn, db.queries(settings), account)]
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    for r in data:
+        click.echo(
+            f"{r['grant_id']}  {r['account_id']}  {r['amount']:>10}  used {r['consumed']:>10}  "
+            f"expired {r['expired']:>10}  left {r['remaining']:>10}  until {r['expires_at']}"
+        )
+
+
+@grants_group.command("credit")
+@click.argument("account_id")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@handles_errors
+def grants_credit(ctx: click.Context, account_id: str, as_json: bool) -> None:
+    """A wallet's balance split into paid and granted credit."""
+    settings = settings_of(ctx)
+    with db.connect(settings) as conn:
+        credit = grants.credit_of(conn, db.queries(settings), account_id)
+    data = credit.as_json()
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    click.echo(
+        f"{account_id}: balance {data['balance']} = paid {data['paid']} + granted "
+        f"{data['granted']} USD"
+    )
+
+
+@grants_group.command("expire")
+@click.pass_context
+@handles_errors
+def grants_expire(ctx: click.Context) -> None:
+    """Issue due scheduled grants and expire lapsed ones now (a beat task does it every 60 s)."""
+    settings = settings_of(ctx)
+    q = db.queries(settings)
+    now = datetime.now(UTC)
+    with db.connect(settings) as conn:
+        issued = grants.issue_due_grants(conn, q, now)
+        expired = grants.expire_grants(conn, q, now)
+    click.echo(f"{issued} scheduled grants issued; {format_usd(expired)} USD of grants expired")
+
+
+@grants_group.command("schedule")
+@click.argument("schedule_id")
+@click.argument("account_id")
+@click.argument("amount")
+@click.option("--every-days", default="30", show_default=True)
+@click.option("--valid-days", default="30", show_default=True)
+@click.option("--reason", required=True)
+@click.option("--first", default=None, help="First issue time (ISO 8601; default now).")
+@click.pass_context
+@handles_errors
+def grants_schedule(
+    ctx: click.Context,
+    schedule_id: str,
+    account_id: str,
+    amount: str,
+    every_days: str,
+    valid_days: str,
+    reason: str,
+    first: str | None,
+) -> None:
+    """A recurring grant: AMOUNT USD every N days, each valid M days."""
+    settings = settings_of(ctx)
+    with db.connect(settings) as conn:
+        grants.set_schedule(
+            conn,
+            db.queries(settings),
+            schedule_id=schedule_id,
+            account_id=account_id,
+            amount=parse_amount(amount),
+            every=_days(every_days, "--every-days"),
+            valid_for=_days(valid_days, "--valid-days"),
+            reason=reason,
+            first_at=_now(first),
+            actor=current_actor(),
+        )
+    click.echo(f"{schedule_id}: {amount} USD to {account_id} every {every_days} days")
+
+
+COMMANDS = (holds_group, limits_group, grants_group)

@@ -77,6 +77,7 @@ SUMMARY_COLUMNS: tuple[tuple[str, str], ...] = (
     ("period_end", "time"),
     ("opening", "cents"),
     ("topups", "cents"),
+    ("grants", "cents"),
     ("refunds_disputes", "cents"),
     ("adjustments", "cents"),
     ("other", "cents"),
@@ -133,6 +134,7 @@ def summary_record(st: Statement) -> dict[str, Any]:
         "period_end": st.period_end,
         "opening": st.section_cents(Section.OPENING),
         "topups": st.section_cents(Section.TOPUPS),
+        "grants": st.section_cents(Section.GRANTS),
         "refunds_disputes": st.section_cents(Section.REFUNDS_DISPUTES),
         "adjustments": st.section_cents(Section.ADJUSTMENTS),
         "other": st.section_cents(Section.OTHER),
@@ -413,6 +415,7 @@ def statement_html(st: Statement, header: InvoiceHeader | None = None) -> bytes:
     summary = [
         ("Opening balance", st.section_cents(Section.OPENING)),
         ("Top-ups", st.section_cents(Section.TOPUPS)),
+        ("Granted credit (promotional)", st.section_cents(Section.GRANTS)),
         ("Refunds and disputes", st.section_cents(Section.REFUNDS_DISPUTES)),
         ("Adjustments", st.section_cents(Section.ADJUSTMENTS)),
         ("Other movements", st.section_cents(Section.OTHER)),

@@ -79,6 +79,7 @@ class Section(StrEnum):
 
     OPENING = "opening"
     TOPUPS = "topups"
+    GRANTS = "grants"  # promotional credit granted and expired (kept apart from paid credit)
     REFUNDS_DISPUTES = "refunds_disputes"
     ADJUSTMENTS = "adjustments"
     OTHER = "other"
@@ -94,8 +95,16 @@ _SECTION_OF_KIND = {
     "dispute_release": Section.REFUNDS_DISPUTES,
     "dispute_loss": Section.REFUNDS_DISPUTES,
     "adjustment": Section.ADJUSTMENTS,
+    "grant": Section.GRANTS,
+    "grant_expiry": Section.GRANTS,
 }
-MOVEMENT_SECTIONS = (Section.TOPUPS, Section.REFUNDS_DISPUTES, Section.ADJUSTMENTS, Section.OTHER)
+MOVEMENT_SECTIONS = (
+    Section.TOPUPS,
+    Section.GRANTS,
+    Section.REFUNDS_DISPUTES,
+    Section.ADJUSTMENTS,
+    Section.OTHER,
+)
 
 
 @dataclass(frozen=True)
@@ -133,6 +142,8 @@ class Movement:
             "dispute_release": "Dispute released",
             "dispute_loss": "Dispute lost",
             "adjustment": "Adjustment",
+            "grant": "Credit grant",
+            "grant_expiry": "Granted credit expired",
         }.get(self.kind, self.kind)
         detail = self.memo or self.reference
         return f"{label}: {detail}" if detail else label

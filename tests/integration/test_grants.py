@@ -153,3 +153,67 @@ def test_scheduled_grants_are_issued_once_per_period(
     assert g["monthly-5:3"]["remaining"] == 5
     assert grants.credit_of(conn, q, "acme").granted == 5
     assert_audit_clean(conn, q)
+
+
+def test_the_statement_shows_granted_credit_apart_from_paid(
+    conn: psycopg.Connection[Any], q: Queries
+) -> None:
+    from billing.exports.formats import summary_record
+    from billing.exports.statements import Period, Section, statement_for
+
+    open_account(conn, q, "acme", "10")
+    now = datetime.now(UTC)
+    grants.grant_credit(conn, q, account_id="acme", amount=D("5"), reason="welcome",
+                        expires_at=now + timedelta(seconds=1), actor="tests", now=now,
+                        grant_id="welcome")  # fmt: skip
+    spend(conn, q, "e1")
+    import time
+
+    time.sleep(1.1)
+    grants.expire_grants(conn, q, datetime.now(UTC))
+    st = statement_for(conn, q, "acme", Period.of(datetime.now(UTC)))
+    granted = [(p.description, p.amount) for p in st.printed() if p.section is Section.GRANTS]
+    assert granted == [
+        ("Credit grant: welcome", D(5)),
+        ("Granted credit expired: expired: welcome", D("-4.9967")),
+    ]
+    summary = summary_record(st)
+    assert (summary["topups"], summary["adjustments"], summary["grants"]) == (0, 1000, 0)
+    # the usage was paid from the grant (expiring first): the paid credit is whole
+    assert summary["usage_exact"] == D("0.0033")
+    assert summary["closing_exact"] == D(10)
+    assert grants.credit_of(conn, q, "acme").paid == D(10)
+
+
+def test_cli_grants(settings: Settings, conn: psycopg.Connection[Any], q: Queries) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from billing.cli import main
+
+    from .conftest import worker_env
+
+    open_account(conn, q, "acme", "2")
+    cli = CliRunner(env=worker_env(settings))
+
+    def run(*args: str, code: int = 0) -> str:
+        result = cli.invoke(main, list(args), catch_exceptions=False)
+        assert result.exit_code == code, result.output
+        return result.output
+
+    run("grants", "add", "acme", "5", "--days", "30", "--reason", "welcome", "--id", "w1")
+    run("grants", "add", "acme", "5", "--days", "30", "--reason", "welcome", "--id", "w1")
+    assert "needs a reason" in run("grants", "add", "acme", "1", "--days", "1", "--reason", " ",
+                                   code=2)  # fmt: skip
+    assert "exactly one" in run("grants", "add", "acme", "1", "--reason", "x", code=2)
+    listed = json.loads(run("grants", "list", "--account", "acme", "--json"))
+    assert [(g["grant_id"], g["amount"], g["remaining"]) for g in listed] == [
+        ("w1", "5.00", "5.00")
+    ]
+    assert json.loads(run("grants", "credit", "acme", "--json")) == {
+        "account_id": "acme", "balance": "7.00", "paid": "2.00", "granted": "5.00"}  # fmt: skip
+    run("grants", "schedule", "free", "acme", "1", "--reason", "free tier")
+    assert "1 scheduled grants issued" in run("grants", "expire")
+    assert "0 scheduled grants issued; 0.00 USD" in run("grants", "expire")
+    assert "granted 6.00" in run("grants", "credit", "acme")
