@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from billing import db, grants, holds, limits
+from billing import alerts, db, grants, holds, limits
 from billing.cli_common import current_actor, handles_errors, parse_amount, settings_of
 from billing.money import format_usd
 
@@ -365,4 +365,54 @@ def grants_schedule(
     click.echo(f"{schedule_id}: {amount} USD to {account_id} every {every_days} days")
 
 
-COMMANDS = (holds_group, limits_group, grants_group)
+# --- alerts ---------------------------------------------------------------------------------
+@click.group("alerts")
+def alerts_group() -> None:
+    """Low-balance alerts (wallet.low_balance, once per crossing)."""
+
+
+@alerts_group.command("set")
+@click.argument("account_id")
+@click.argument("threshold")
+@click.pass_context
+@handles_errors
+def alerts_set(ctx: click.Context, account_id: str, threshold: str) -> None:
+    """Publish wallet.low_balance when ACCOUNT_ID's balance falls below THRESHOLD USD."""
+    settings = settings_of(ctx)
+    with db.connect(settings) as conn:
+        alerts.set_alert(
+            conn, db.queries(settings), account_id, parse_amount(threshold), current_actor()
+        )
+    click.echo(f"{account_id}: alert below {threshold} USD")
+
+
+@alerts_group.command("remove")
+@click.argument("account_id")
+@click.argument("threshold")
+@click.pass_context
+@handles_errors
+def alerts_remove(ctx: click.Context, account_id: str, threshold: str) -> None:
+    settings = settings_of(ctx)
+    with db.connect(settings) as conn:
+        alerts.remove_alert(conn, db.queries(settings), account_id, parse_amount(threshold))
+    click.echo(f"{account_id}: no alert at {threshold} USD")
+
+
+@alerts_group.command("list")
+@click.option("--account", default=None)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@handles_errors
+def alerts_list(ctx: click.Context, account: str | None, as_json: bool) -> None:
+    settings = settings_of(ctx)
+    with db.connect(settings) as conn:
+        data = [_jsonable(r) for r in alerts.list_alerts(conn, db.queries(settings), account)]
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    for r in data:
+        state = "below" if r["below"] else "above"
+        click.echo(f"{r['account_id']}: {r['threshold']} USD ({state}; balance {r['balance']})")
+
+
+COMMANDS = (holds_group, limits_group, grants_group, alerts_group)

@@ -19,6 +19,7 @@ import orjson
 import psycopg
 from psycopg.types.json import Jsonb
 
+from billing import alerts
 from billing.db import Queries, fetch_dicts
 from billing.errors import AccountExists, BillingError, UnknownAccount
 from billing.ledger import (
@@ -135,7 +136,12 @@ def adjust(
 def record_crossings(
     conn: psycopg.Connection[Any], q: Queries, changes: Iterable[WalletChange]
 ) -> int:
-    """Write an outbox row for each wallet whose state changed. Call inside the transaction."""
+    """Write an outbox row for each wallet whose state changed. Call inside the transaction.
+
+    Also checks the wallets' low-balance alert thresholds (``billing.alerts``, issue 9).
+    """
+    changes = list(changes)
+    alerts.check(conn, q, changes)
     crossed = [c for c in changes if c.crossed]
     if not crossed:
         return 0

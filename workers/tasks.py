@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from billing import broker, grants, holds
+from billing.alerts import AutoTopupTrigger
 from billing.catalog import CatalogCache
 from billing.db import connect, queries
 from billing.deadletters import replay
@@ -20,7 +21,10 @@ from workers.app import app, settings
 def relay_outbox_task() -> int:
     """Publish pending wallet events (those a worker could not publish right after commit)."""
     with connect(settings) as conn, broker.connect(settings) as bconn:
-        return relay_outbox(conn, queries(settings), broker.WalletEventPublisher(settings, bconn))
+        publish = AutoTopupTrigger(
+            broker.WalletEventPublisher(settings, bconn), lambda: check_auto_topups_task.delay()
+        )
+        return relay_outbox(conn, queries(settings), publish)
 
 
 @app.task(name="billing.replay_dead_letters", autoretry_for=(Transient,), retry_backoff=True)

@@ -246,3 +246,16 @@ CREATE TABLE grant_consumptions (
     PRIMARY KEY (grant_id, posting_id)
 );
 CREATE INDEX grant_consumptions_posting ON grant_consumptions (posting_id);
+
+-- Low-balance alerts: per account thresholds. `below` is the state last published: a crossing
+-- from >= threshold to < threshold publishes wallet.low_balance once (and re-arms when the
+-- balance is back at or above the threshold). Evaluated under the wallet's row lock by every
+-- transaction that moves its balance (billing.wallets.record_crossings).
+CREATE TABLE balance_alerts (
+    account_id  text NOT NULL REFERENCES accounts,
+    threshold   numeric(38, 12) NOT NULL CHECK (threshold > 0),
+    below       boolean NOT NULL,
+    changed_at  timestamptz NOT NULL DEFAULT now(),
+    created_by  text,
+    PRIMARY KEY (account_id, threshold)
+);
