@@ -6,9 +6,9 @@ database round trip:
 * 200 ``{"allowed": true, "reason": "held" | "existing" | "byok", "hold_id": ..., "amount": ...,
   "available": ..., "key_remaining": ..., "expires_at": ...}``: dispatch the request and put
   ``hold_id`` in its usage event;
-* 402 ``insufficient_credits`` or ``key_limit_exceeded``, 403 ``wallet_frozen``, 404
-  ``unknown_account``, 400 ``no_ceiling`` (no max_tokens and no ceiling for the model) or a bad
-  request (``{"error": ..., "field": "$.max_tokens"}``).
+* 402 ``insufficient_credits``, ``key_limit_exceeded`` or ``member_limit_exceeded``, 403
+  ``wallet_frozen``, 404 ``unknown_account``, 400 ``no_ceiling`` (no max_tokens and no ceiling
+  for the model) or a bad request (``{"error": ..., "field": "$.max_tokens"}``).
 
 ``POST /v1/holds/{hold_id}/release`` releases a hold whose request was not dispatched.
 
@@ -43,6 +43,7 @@ STATUS = {
     Decision.BYOK: 200,
     Decision.INSUFFICIENT_CREDITS: 402,
     Decision.KEY_LIMIT_EXCEEDED: 402,
+    Decision.MEMBER_LIMIT_EXCEEDED: 402,
     Decision.WALLET_FROZEN: 403,
     Decision.UNKNOWN_ACCOUNT: 404,
     Decision.NO_CEILING: 400,

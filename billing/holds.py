@@ -56,6 +56,7 @@ class Decision(StrEnum):
     BYOK = "byok"  # allowed, nothing to reserve
     INSUFFICIENT_CREDITS = "insufficient_credits"
     KEY_LIMIT_EXCEEDED = "key_limit_exceeded"
+    MEMBER_LIMIT_EXCEEDED = "member_limit_exceeded"  # a sub-account's own limit
     WALLET_FROZEN = "wallet_frozen"
     UNKNOWN_ACCOUNT = "unknown_account"
     NO_CEILING = "no_ceiling"  # no max_tokens and no ceiling configured for the model

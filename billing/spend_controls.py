@@ -6,7 +6,8 @@ were debited (their rows are locked). The statement (``after_usage_debit``):
 * settles the holds named by the batch's newly recorded events (``billing.holds``): each takes
   its event's actual cost, and a limited key's period spend grows by it;
 * lets each wallet's debit consume its granted credit first, the earliest expiry first
-  (``billing.grants``), recording which grant the usage posting took what from.
+  (``billing.grants``), recording which grant the usage posting took what from;
+* records which member accounts' usage an organisation's wallet paid (``billing.members``).
 """
 
 from __future__ import annotations
@@ -29,19 +30,25 @@ def after_debit(
     q: Queries,
     posting_id: int,
     deltas: Mapping[str, Decimal],
+    payers: Mapping[str, str],
     events: Mapping[str, PricedEvent],
     inserted: Sequence[tuple[Any, ...]],
 ) -> tuple[int, Decimal]:
     """Settle holds and consume grants; returns (holds settled, granted credit used).
 
-    ``deltas``: each wallet's (negative) usage delta of ``posting_id``; ``inserted``: the rows
-    the batch's insert returned (event_id first). Nothing runs when neither applies.
+    ``deltas``: each paying wallet's (negative) usage delta of ``posting_id``; ``payers``: each
+    account's paying wallet; ``inserted``: the rows the batch's insert returned (event_id,
+    account_id, byok, debited). Nothing runs when nothing applies.
     """
     hold_ids: list[str] = []
     event_ids: list[str] = []
     hold_accounts: list[str] = []
     hold_amounts: list[Decimal] = []
+    members: dict[tuple[str, str], Decimal] = {}
     for row in inserted:
+        if payers[row[1]] != row[1] and not row[2] and row[3] > 0:
+            key = (row[1], payers[row[1]])
+            members[key] = EXACT.add(members.get(key, Decimal(0)), row[3])
         p = events[row[0]]
         if p.event.hold_id is not None:
             hold_ids.append(p.event.hold_id)
@@ -61,6 +68,9 @@ def after_debit(
             "accounts": accounts,
             "debits": [EXACT.minus(deltas[a]) for a in accounts],
             "posting_id": posting_id,
+            "members": [m for m, _ in members],
+            "member_payers": [p for _, p in members],
+            "member_amounts": list(members.values()),
         },
     ).fetchone()
     assert result is not None

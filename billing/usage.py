@@ -201,7 +201,8 @@ def record_batch(
 
     # Unknown accounts are parked, not guessed.
     accounts = sorted({p.event.account_id for p in priced})
-    known = {row[0] for row in conn.execute(q["known_accounts"], {"accounts": accounts})}
+    # account -> the wallet that pays: its own, or its organisation's (sub-accounts, issue 9)
+    known = dict(conn.execute(q["batch_payers"], {"accounts": accounts}).fetchall())
     unique: dict[str, PricedEvent] = {}
     for p in priced:
         if p.event.account_id not in known:
@@ -233,7 +234,8 @@ def record_batch(
                 result.byok += 1
             else:
                 result.debited += 1
-                deltas[account_id] = EXACT.subtract(deltas[account_id], debited)
+                payer = known[account_id]
+                deltas[payer] = EXACT.subtract(deltas[payer], debited)
         changes = post_wallet_movement(
             conn,
             q,
@@ -245,7 +247,7 @@ def record_batch(
         )
         result.amount_debited = EXACT.minus(sum_exact(deltas.values()))
         result.crossings = record_crossings(conn, q, changes)
-        after_debit(conn, q, posting_id, deltas, unique, inserted)  # holds, grants (issue 9)
+        after_debit(conn, q, posting_id, deltas, known, unique, inserted)  # issue 9
         # Parked dead letters whose event is now recorded are resolved; skipped (one cheap
         # EXISTS) in the common case where nothing is parked.
         if conn.execute(q["any_parked"]).fetchone() != (False,):

@@ -163,9 +163,11 @@ class UsageLine:
     unit_price: Decimal | None  # USD per ``per`` units, of the version applied
     per: int | None
     events: int
+    member: str | None = None  # a member account whose usage this organisation paid
 
     def description(self) -> str:
-        return f"{self.model} via {self.provider}: {self.billable_class}"
+        who = f"{self.member}: " if self.member else ""
+        return f"{who}{self.model} via {self.provider}: {self.billable_class}"
 
 
 @dataclass(frozen=True)
@@ -285,9 +287,9 @@ class Statement:
 
 
 def _events(lines: tuple[UsageLine, ...]) -> int:
-    seen: dict[tuple[str, str, datetime], int] = {}
+    seen: dict[tuple[str | None, str, str, datetime], int] = {}
     for line in lines:
-        seen[(line.model, line.provider, line.price_effective_from)] = line.events
+        seen[(line.member, line.model, line.provider, line.price_effective_from)] = line.events
     return sum(seen.values())
 
 
@@ -310,12 +312,13 @@ def build_statement(
             unit_price=r["unit_price"],
             per=None if r["per"] is None else int(r["per"]),
             events=int(r["events"]),
+            member=r.get("member"),
         )
         for r in usage
     ]
-    late: dict[tuple[str, str, bool, datetime], tuple[int, Decimal]] = {}
+    late: dict[tuple[str | None, str, str, bool, datetime], tuple[int, Decimal]] = {}
     for r in usage:
-        key = (r["model"], r["provider"], r["byok"], r["price_effective_from"])
+        key = (r.get("member"), r["model"], r["provider"], r["byok"], r["price_effective_from"])
         late[key] = (int(r["late_events"]), r["late_amount"] if not r["byok"] else ZERO)
     statement = Statement(
         account_id=account["account_id"],

@@ -50,6 +50,8 @@ CREATE TABLE holds (
     created_at          timestamptz NOT NULL,
     expires_at          timestamptz NOT NULL,
     limit_period_start  timestamptz,            -- the key-limit period it counts in (NULL: no limit)
+    member_account_id   text,                   -- a sub-account's request, held on its org's wallet
+    member_period_start timestamptz,            -- the member-limit period it counts in
     closed_at           timestamptz,
     settled_event_id    text UNIQUE,
     settled_amount      numeric(38, 12) CHECK (settled_amount >= 0),
@@ -63,7 +65,45 @@ CREATE INDEX holds_account_active ON holds (account_id) INCLUDE (amount, expires
 CREATE INDEX holds_key_active ON holds (api_key_id, limit_period_start) INCLUDE (amount, expires_at)
     WHERE status = 'active';
 CREATE INDEX holds_expiry ON holds (expires_at) WHERE status = 'active';
+CREATE INDEX holds_member_active ON holds (member_account_id, member_period_start)
+    INCLUDE (amount, expires_at) WHERE status = 'active' AND member_account_id IS NOT NULL;
 CREATE INDEX holds_account_created ON holds (account_id, created_at);
+
+-- Sub-accounts: a member account's usage is paid from its organisation's wallet (one level: an
+-- organisation is never a member). Optional per-member limit per period, like a key limit.
+CREATE TABLE account_members (
+    member_account_id  text PRIMARY KEY REFERENCES accounts,
+    org_account_id     text NOT NULL REFERENCES accounts,
+    limit_amount       numeric(38, 12) CHECK (limit_amount >= 0),
+    limit_period       text CHECK (limit_period IN ('day', 'week', 'month')),
+    time_zone          text NOT NULL DEFAULT 'UTC',
+    added_at           timestamptz NOT NULL DEFAULT now(),
+    added_by           text,
+    CHECK (member_account_id <> org_account_id),
+    CHECK ((limit_amount IS NULL) = (limit_period IS NULL))
+);
+CREATE INDEX account_members_org ON account_members (org_account_id);
+CREATE TRIGGER account_members_time_zone BEFORE INSERT OR UPDATE OF time_zone ON account_members
+    FOR EACH ROW EXECUTE FUNCTION billing_check_time_zone();
+
+-- What a limited member spent per period (settled holds), like key_spend.
+CREATE TABLE member_spend (
+    member_account_id  text NOT NULL,
+    period_start       timestamptz NOT NULL,
+    spent              numeric(38, 12) NOT NULL DEFAULT 0 CHECK (spent >= 0),
+    PRIMARY KEY (member_account_id, period_start)
+);
+
+-- Which usage posting debited an organisation's wallet for a member's events, and how much:
+-- the audit maps those events to the paying wallet, and statements attribute them to the member.
+CREATE TABLE usage_attributions (
+    posting_id         bigint NOT NULL,
+    member_account_id  text NOT NULL,
+    payer_account_id   text NOT NULL,
+    amount             numeric(38, 12) NOT NULL CHECK (amount > 0),
+    PRIMARY KEY (posting_id, member_account_id)
+);
+CREATE INDEX usage_attributions_payer ON usage_attributions (payer_account_id, posting_id);
 
 -- The start of the limit period containing p_at, in time zone p_tz.
 CREATE FUNCTION billing_limit_period_start(p_period text, p_tz text, p_at timestamptz)
@@ -96,9 +136,21 @@ RETURNS numeric LANGUAGE sql STABLE AS $$
            )::numeric(38, 12)
 $$;
 
--- Authorize one request: ONE call. Locks the wallet row (serialising every authorization and
--- every debit of that wallet), checks the frozen flag, the available balance and the key limit,
--- and inserts the hold. p_amount is the worst case priced by the caller from the catalog
+-- What a limited member has used in the period starting p_period.
+CREATE FUNCTION billing_member_used(p_member text, p_period timestamptz, p_now timestamptz)
+RETURNS numeric LANGUAGE sql STABLE AS $$
+    SELECT (coalesce((SELECT s.spent FROM member_spend s
+                      WHERE s.member_account_id = p_member AND s.period_start = p_period), 0)
+          + coalesce((SELECT sum(h.amount) FROM holds h
+                      WHERE h.member_account_id = p_member AND h.status = 'active'
+                        AND h.member_period_start = p_period AND h.expires_at > p_now), 0)
+           )::numeric(38, 12)
+$$;
+
+-- Authorize one request: ONE call. Locks the paying wallet's row (the account's own, or its
+-- organisation's for a member), serialising every authorization and every debit of that wallet;
+-- checks the frozen flag, the available balance, the key limit and the member limit; inserts the
+-- hold. p_amount is the worst case priced by the caller from the catalog
 -- (billing.holds.worst_case); with p_use_ceiling the model's configured ceiling is added.
 -- A retried call with the same hold_id returns the hold already made.
 CREATE FUNCTION billing_authorize(
@@ -109,20 +161,25 @@ RETURNS TABLE (allowed boolean, reason text, hold_id text, amount numeric, avail
 LANGUAGE plpgsql VOLATILE AS $$
 #variable_conflict use_column
 DECLARE
-    v_amount   numeric(38, 12) := p_amount;
-    v_ceiling  numeric(38, 12);
-    v_limit    key_limits%ROWTYPE;
+    v_amount    numeric(38, 12) := p_amount;
+    v_ceiling   numeric(38, 12);
+    v_limit     key_limits%ROWTYPE;
     v_has_limit boolean;
-    v_period   timestamptz;
-    v_balance  numeric(38, 12);
-    v_frozen   boolean;
-    v_avail    numeric(38, 12);
-    v_key_left numeric(38, 12);
-    v_old      holds%ROWTYPE;
+    v_period    timestamptz;
+    v_member    account_members%ROWTYPE;
+    v_is_member boolean;
+    v_payer     text := p_account;
+    v_mperiod   timestamptz;
+    v_mleft     numeric(38, 12);
+    v_frozen    boolean;
+    v_avail     numeric(38, 12);
+    v_key_left  numeric(38, 12);
+    v_old       holds%ROWTYPE;
 BEGIN
     SELECT * INTO v_old FROM holds h WHERE h.hold_id = p_hold_id;
     IF FOUND THEN
-        IF v_old.account_id <> p_account OR v_old.api_key_id <> p_key THEN
+        IF coalesce(v_old.member_account_id, v_old.account_id) <> p_account
+           OR v_old.api_key_id <> p_key THEN
             RAISE EXCEPTION 'hold % belongs to another account or key', p_hold_id
                 USING ERRCODE = 'unique_violation';
         END IF;
@@ -147,8 +204,13 @@ BEGIN
             NULL::numeric, NULL::timestamptz;
         RETURN;
     END IF;
+    SELECT * INTO v_member FROM account_members m WHERE m.member_account_id = p_account;
+    v_is_member := FOUND;
+    IF v_is_member THEN
+        v_payer := v_member.org_account_id;
+    END IF;
     -- The lock. Every later statement sees what committed before it was granted.
-    PERFORM 1 FROM wallets w WHERE w.account_id = p_account FOR UPDATE;
+    PERFORM 1 FROM wallets w WHERE w.account_id = v_payer FOR UPDATE;
     IF NOT FOUND THEN
         RETURN QUERY SELECT false, 'unknown_account'::text, NULL::text, NULL::numeric,
             NULL::numeric, NULL::numeric, NULL::timestamptz;
@@ -157,12 +219,17 @@ BEGIN
     IF v_has_limit THEN
         v_period := billing_limit_period_start(v_limit.period, v_limit.time_zone, p_now);
     END IF;
-    -- one statement, one snapshot: balance, holds and key spend are read together
-    SELECT w.balance, w.frozen, w.balance - billing_wallet_held(p_account, p_now),
+    IF v_is_member AND v_member.limit_amount IS NOT NULL THEN
+        v_mperiod := billing_limit_period_start(v_member.limit_period, v_member.time_zone, p_now);
+    END IF;
+    -- one statement, one snapshot: balance, holds and spend are read together
+    SELECT w.frozen, w.balance - billing_wallet_held(v_payer, p_now),
            CASE WHEN v_has_limit
-                THEN v_limit.amount - billing_key_used(p_key, v_period, p_now) END
-    INTO v_balance, v_frozen, v_avail, v_key_left
-    FROM wallets w WHERE w.account_id = p_account;
+                THEN v_limit.amount - billing_key_used(p_key, v_period, p_now) END,
+           CASE WHEN v_mperiod IS NOT NULL
+                THEN v_member.limit_amount - billing_member_used(p_account, v_mperiod, p_now) END
+    INTO v_frozen, v_avail, v_key_left, v_mleft
+    FROM wallets w WHERE w.account_id = v_payer;
     IF v_frozen THEN
         RETURN QUERY SELECT false, 'wallet_frozen'::text, NULL::text, v_amount, v_avail,
             v_key_left, NULL::timestamptz;
@@ -178,10 +245,17 @@ BEGIN
             v_key_left, NULL::timestamptz;
         RETURN;
     END IF;
+    IF NOT p_byok AND v_mleft IS NOT NULL AND v_mleft < v_amount THEN
+        RETURN QUERY SELECT false, 'member_limit_exceeded'::text, NULL::text, v_amount, v_avail,
+            v_key_left, NULL::timestamptz;
+        RETURN;
+    END IF;
     INSERT INTO holds (hold_id, account_id, api_key_id, model, provider, byok, amount,
-                       created_at, expires_at, limit_period_start)
-    VALUES (p_hold_id, p_account, p_key, p_model, p_provider, p_byok, v_amount,
-            p_now, p_now + p_ttl, v_period);
+                       created_at, expires_at, limit_period_start, member_account_id,
+                       member_period_start)
+    VALUES (p_hold_id, v_payer, p_key, p_model, p_provider, p_byok, v_amount,
+            p_now, p_now + p_ttl, v_period, CASE WHEN v_is_member THEN p_account END,
+            CASE WHEN p_byok THEN NULL ELSE v_mperiod END);
     RETURN QUERY SELECT true, 'held'::text, p_hold_id, v_amount,
         CASE WHEN p_byok THEN v_avail ELSE v_avail - v_amount END,
         v_key_left - v_amount, p_now + p_ttl;

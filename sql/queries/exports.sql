@@ -53,11 +53,35 @@ WITH b AS MATERIALIZED (
     SELECT * FROM billing_period_bounds(%(year)s, %(month)s, %(end_year)s, %(end_month)s,
                                         %(account)s::text)
 ),
+-- A member account's usage paid by its organisation (usage_attributions, issue 9) is on the
+-- organisation's statement, attributed to the member, and not on the member's own.
+ev AS (
+    SELECT b.account_id, NULL::text AS member, b.period_start, u.model, u.provider, u.byok,
+           u.price_effective_from, u.occurred_at, u.amount, u.input_tokens, u.input_amount,
+           u.cached_input_tokens, u.cached_input_amount, u.cache_write_tokens,
+           u.cache_write_amount, u.output_tokens, u.output_amount, u.image_count, u.image_amount,
+           u.web_search_count, u.web_search_amount, u.request_amount
+    FROM b
+    JOIN usage_events u ON u.account_id = b.account_id
+                       AND u.recorded_at >= b.period_start AND u.recorded_at < b.period_end
+    WHERE NOT EXISTS (SELECT 1 FROM usage_attributions ua
+                      WHERE ua.posting_id = u.posting_id AND ua.member_account_id = u.account_id)
+    UNION ALL
+    SELECT b.account_id, u.account_id, b.period_start, u.model, u.provider, u.byok,
+           u.price_effective_from, u.occurred_at, u.amount, u.input_tokens, u.input_amount,
+           u.cached_input_tokens, u.cached_input_amount, u.cache_write_tokens,
+           u.cache_write_amount, u.output_tokens, u.output_amount, u.image_count, u.image_amount,
+           u.web_search_count, u.web_search_amount, u.request_amount
+    FROM b
+    JOIN usage_attributions ua ON ua.payer_account_id = b.account_id
+    JOIN usage_events u ON u.account_id = ua.member_account_id AND u.posting_id = ua.posting_id
+                       AND u.recorded_at >= b.period_start AND u.recorded_at < b.period_end
+),
 g AS (
-    SELECT u.account_id, u.model, u.provider, u.byok, u.price_effective_from,
+    SELECT u.account_id, u.member, u.model, u.provider, u.byok, u.price_effective_from,
            count(*) AS events,
-           count(*) FILTER (WHERE u.occurred_at < b.period_start) AS late_events,
-           coalesce(sum(u.amount) FILTER (WHERE u.occurred_at < b.period_start), 0) AS late_amount,
+           count(*) FILTER (WHERE u.occurred_at < u.period_start) AS late_events,
+           coalesce(sum(u.amount) FILTER (WHERE u.occurred_at < u.period_start), 0) AS late_amount,
            sum(u.input_tokens) AS input_tokens, sum(u.input_amount) AS input_amount,
            sum(u.cached_input_tokens) AS cached_input_tokens,
            sum(u.cached_input_amount) AS cached_input_amount,
@@ -67,12 +91,10 @@ g AS (
            sum(u.image_count) AS image_count, sum(u.image_amount) AS image_amount,
            sum(u.web_search_count) AS web_search_count, sum(u.web_search_amount) AS web_search_amount,
            sum(u.request_amount) AS request_amount
-    FROM b
-    JOIN usage_events u ON u.account_id = b.account_id
-                       AND u.recorded_at >= b.period_start AND u.recorded_at < b.period_end
-    GROUP BY u.account_id, u.model, u.provider, u.byok, u.price_effective_from
+    FROM ev u
+    GROUP BY u.account_id, u.member, u.model, u.provider, u.byok, u.price_effective_from
 )
-SELECT g.account_id, g.model, g.provider, g.byok, g.price_effective_from, g.events,
+SELECT g.account_id, g.member, g.model, g.provider, g.byok, g.price_effective_from, g.events,
        g.late_events, g.late_amount, l.billable_class, l.quantity, l.amount,
        pr.unit_price, pr.per
 FROM g
@@ -89,7 +111,8 @@ LEFT JOIN prices pr ON pr.model = g.model AND pr.provider = g.provider
                    AND pr.effective_from = g.price_effective_from
                    AND pr.billable_class = l.billable_class
 WHERE l.amount <> 0 OR (l.ord = 7 AND pr.unit_price IS NOT NULL) OR (l.ord < 7 AND l.quantity > 0)
-ORDER BY g.account_id COLLATE "C", g.byok, g.model, g.provider, g.price_effective_from, l.ord
+ORDER BY g.account_id COLLATE "C", g.byok, g.member COLLATE "C" NULLS FIRST, g.model, g.provider,
+         g.price_effective_from, l.ord
 
 -- name: set_account_time_zone
 UPDATE accounts SET time_zone = %(time_zone)s WHERE account_id = %(account_id)s

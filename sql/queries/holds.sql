@@ -98,7 +98,8 @@ SELECT h.hold_id, h.account_id, h.settled_event_id, h.settled_amount,
        u.account_id AS event_account, u.amount AS event_amount
 FROM holds h LEFT JOIN usage_events u ON u.event_id = h.settled_event_id
 WHERE h.status = 'settled'
-  AND (u.event_id IS NULL OR u.account_id <> h.account_id OR u.amount <> h.settled_amount)
+  AND (u.event_id IS NULL OR u.account_id <> coalesce(h.member_account_id, h.account_id)
+       OR u.amount <> h.settled_amount)
 ORDER BY h.hold_id
 LIMIT 1000
 
@@ -114,4 +115,27 @@ SELECT coalesce(s.api_key_id, k.api_key_id) AS api_key_id,
        coalesce(s.spent, 0) AS holds_total, coalesce(k.spent, 0) AS key_spend
 FROM settled s FULL JOIN key_spend k USING (api_key_id, period_start)
 WHERE coalesce(s.spent, 0) <> coalesce(k.spent, 0)
+ORDER BY 1, 2
+
+-- name: audit_member_spend
+-- A limited member's period spend is the sum of its settled holds in that period.
+WITH settled AS (
+    SELECT member_account_id, member_period_start AS period_start, sum(settled_amount) AS spent
+    FROM holds WHERE status = 'settled' AND member_period_start IS NOT NULL
+    GROUP BY 1, 2
+)
+SELECT coalesce(s.member_account_id, k.member_account_id) AS member_account_id,
+       coalesce(s.period_start, k.period_start) AS period_start,
+       coalesce(s.spent, 0) AS holds_total, coalesce(k.spent, 0) AS member_spend
+FROM settled s FULL JOIN member_spend k USING (member_account_id, period_start)
+WHERE coalesce(s.spent, 0) <> coalesce(k.spent, 0)
+ORDER BY 1, 2
+
+-- name: audit_usage_attributions
+-- What an organisation paid for a member in a usage posting is exactly the member's events in it.
+SELECT ua.posting_id, ua.member_account_id, ua.amount, coalesce(sum(u.debited), 0) AS events_total
+FROM usage_attributions ua
+LEFT JOIN usage_events u ON u.posting_id = ua.posting_id AND u.account_id = ua.member_account_id
+GROUP BY ua.posting_id, ua.member_account_id, ua.amount
+HAVING ua.amount <> coalesce(sum(u.debited), 0)
 ORDER BY 1, 2

@@ -291,7 +291,7 @@ def test_key_limit_counts_byok_only_when_asked(
     assert_audit_clean(conn, q)
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
 def test_http_authorize_and_release(
     settings: Settings, conn: psycopg.Connection[Any], q: Queries
 ) -> None:
