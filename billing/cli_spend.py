@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from billing import alerts, db, grants, holds, limits
+from billing import alerts, db, grants, holds, limits, members
 from billing.cli_common import current_actor, handles_errors, parse_amount, settings_of
 from billing.money import format_usd
 
@@ -415,4 +415,79 @@ def alerts_list(ctx: click.Context, account: str | None, as_json: bool) -> None:
         click.echo(f"{r['account_id']}: {r['threshold']} USD ({state}; balance {r['balance']})")
 
 
-COMMANDS = (holds_group, limits_group, grants_group, alerts_group)
+# --- sub-accounts ---------------------------------------------------------------------------
+@click.group("members")
+def members_group() -> None:
+    """Sub-accounts: member accounts whose usage an organisation's wallet pays."""
+
+
+@members_group.command("add")
+@click.argument("org")
+@click.argument("member")
+@click.option("--limit", "limit_amount", default=None, help="The member's spending limit (USD).")
+@click.option("--period", type=click.Choice([p.value for p in limits.Period]), default=None)
+@click.option("--time-zone", default="UTC", show_default=True)
+@click.pass_context
+@handles_errors
+def members_add(
+    ctx: click.Context,
+    org: str,
+    member: str,
+    limit_amount: str | None,
+    period: str | None,
+    time_zone: str,
+) -> None:
+    """Make MEMBER a sub-account of ORG (or change its limit)."""
+    settings = settings_of(ctx)
+    with db.connect(settings) as conn:
+        members.add_member(
+            conn,
+            db.queries(settings),
+            org=org,
+            member=member,
+            actor=current_actor(),
+            limit=None if limit_amount is None else parse_amount(limit_amount, "--limit"),
+            period=None if period is None else limits.Period(period),
+            time_zone=time_zone,
+        )
+    extra = f", limit {limit_amount} USD per {period} ({time_zone})" if limit_amount else ""
+    click.echo(f"{member}: usage paid by {org}{extra}")
+
+
+@members_group.command("remove")
+@click.argument("org")
+@click.argument("member")
+@click.pass_context
+@handles_errors
+def members_remove(ctx: click.Context, org: str, member: str) -> None:
+    """MEMBER pays for itself again."""
+    settings = settings_of(ctx)
+    with db.connect(settings) as conn:
+        members.remove_member(conn, db.queries(settings), org=org, member=member)
+    click.echo(f"{member}: no longer a member of {org}")
+
+
+@members_group.command("list")
+@click.option("--org", default=None)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@handles_errors
+def members_list(ctx: click.Context, org: str | None, as_json: bool) -> None:
+    """Members with their limit and what they used in the current period."""
+    settings = settings_of(ctx)
+    with db.connect(settings) as conn:
+        rows = members.list_members(conn, db.queries(settings), datetime.now(UTC), org)
+    data = [_jsonable(r) for r in rows]
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    for r in data:
+        limit = (
+            f"{r['used']} of {r['limit_amount']} USD this {r['limit_period']}"
+            if r["limit_period"]
+            else "no limit"
+        )
+        click.echo(f"{r['org_account_id']} <- {r['member_account_id']}: {limit}")
+
+
+COMMANDS = (holds_group, limits_group, grants_group, alerts_group, members_group)

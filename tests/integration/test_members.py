@@ -162,3 +162,33 @@ def test_membership_rules(conn: psycopg.Connection[Any], q: Queries) -> None:
     with pytest.raises(BillingError, match="no account"):
         members.add_member(conn, q, org="org", member="ghost", actor="tests")
     wallets.adjust(conn, q, "m1", D(1), reason="x", actor="tests")
+
+
+def test_cli_members(settings: Settings, conn: psycopg.Connection[Any], q: Queries) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from billing.cli import main
+
+    from .conftest import worker_env
+
+    open_account(conn, q, "org", "1")
+    open_account(conn, q, "m1", "0")
+    cli = CliRunner(env=worker_env(settings))
+
+    def run(*args: str, code: int = 0) -> str:
+        result = cli.invoke(main, list(args), catch_exceptions=False)
+        assert result.exit_code == code, result.output
+        return result.output
+
+    run("members", "add", "org", "m1", "--limit", "2", "--period", "month")
+    assert "cannot join" in run("members", "add", "m1", "org", code=2)
+    assert "both an amount and a period" in run("members", "add", "org", "m1", "--limit", "2",
+                                                code=2)  # fmt: skip
+    listed = json.loads(run("members", "list", "--org", "org", "--json"))
+    assert [(m["member_account_id"], m["limit_amount"], m["used"]) for m in listed] == [
+        ("m1", "2.00", "0.00")
+    ]
+    run("members", "remove", "org", "m1")
+    assert "not a member" in run("members", "remove", "org", "m1", code=2)
