@@ -4,7 +4,7 @@ A *hold* reserves the worst-case cost of one request against the wallet (and aga
 key's spending limit, see ``billing.limits``). It is a reservation, not ledger money::
 
     held      = sum of the wallet's active, unexpired, non-BYOK holds
-    available = balance - held
+    available = balance - held - granted credit past its expiry not yet expired by the task
 
 ``Authorizer.authorize`` prices the worst case in Python (pure: ``worst_case``, from the catalog
 version in force) and makes ONE database call, ``billing_authorize`` (migration 0005): it locks
@@ -248,6 +248,7 @@ class Availability:
     account_id: str
     balance: Decimal
     held: Decimal
+    lapsed: Decimal  # granted credit past its expiry, not yet moved out by the expiry task
     available: Decimal
 
 

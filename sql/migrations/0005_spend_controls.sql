@@ -3,7 +3,7 @@
 --
 -- A hold is a reservation, not ledger money: a wallet's
 --     held      = sum(amount) of its active, unexpired, non-BYOK holds
---     available = balance - held
+--     available = balance - held - granted credit already past its expiry (not yet posted)
 -- billing_authorize() is the one round trip the gateway makes before dispatching a request.
 
 -- The worst case of a request without max_tokens: USD on top of its input cost.
@@ -223,7 +223,8 @@ BEGIN
         v_mperiod := billing_limit_period_start(v_member.limit_period, v_member.time_zone, p_now);
     END IF;
     -- one statement, one snapshot: balance, holds and spend are read together
-    SELECT w.frozen, w.balance - billing_wallet_held(v_payer, p_now),
+    SELECT w.frozen,
+           w.balance - billing_wallet_held(v_payer, p_now) - billing_grants_lapsed(v_payer, p_now),
            CASE WHEN v_has_limit
                 THEN v_limit.amount - billing_key_used(p_key, v_period, p_now) END,
            CASE WHEN v_mperiod IS NOT NULL
@@ -312,6 +313,14 @@ CREATE TABLE credit_grants (
 CREATE INDEX credit_grants_open ON credit_grants (account_id, expires_at, grant_id)
     WHERE expired_at IS NULL;
 CREATE INDEX credit_grants_due ON credit_grants (expires_at) WHERE expired_at IS NULL;
+
+-- Granted credit past its expiry that the expiry task has not moved out yet: not available.
+CREATE FUNCTION billing_grants_lapsed(p_account text, p_now timestamptz)
+RETURNS numeric LANGUAGE sql STABLE AS $$
+    SELECT coalesce(sum(c.amount - c.consumed - c.expired), 0)::numeric(38, 12)
+    FROM credit_grants c
+    WHERE c.account_id = p_account AND c.expired_at IS NULL AND c.expires_at <= p_now
+$$;
 
 CREATE TABLE grant_consumptions (
     grant_id    text NOT NULL REFERENCES credit_grants,

@@ -39,8 +39,11 @@ ORDER BY created_at DESC, hold_id
 LIMIT %(limit)s
 
 -- name: wallet_availability
+-- available = balance - held - granted credit already lapsed (its expiry not yet posted).
 SELECT w.account_id, w.balance, billing_wallet_held(w.account_id, %(now)s) AS held,
-       w.balance - billing_wallet_held(w.account_id, %(now)s) AS available
+       billing_grants_lapsed(w.account_id, %(now)s) AS lapsed,
+       w.balance - billing_wallet_held(w.account_id, %(now)s)
+                 - billing_grants_lapsed(w.account_id, %(now)s) AS available
 FROM wallets w WHERE w.account_id = %(account_id)s
 
 -- name: set_hold_ceiling
@@ -76,18 +79,25 @@ WHERE (%(api_key_id)s::text IS NULL OR l.api_key_id = %(api_key_id)s)
 ORDER BY l.account_id, l.api_key_id
 
 -- name: audit_hold_availability
--- held + available = balance for every wallet: the authorization's own arithmetic
--- (billing_wallet_held) against an independent sum of the active holds; and no active hold is
--- on a missing wallet.
+-- held + available (+ lapsed grants) = balance for every wallet: the authorization's arithmetic
+-- (billing_wallet_held, billing_grants_lapsed) against independent sums of the active holds and
+-- of the lapsed grants; and no hold is on a missing wallet.
 SELECT w.account_id, w.balance, billing_wallet_held(w.account_id, now()) AS held,
-       coalesce(h.held, 0) AS independent_held
+       coalesce(h.held, 0) AS independent_held,
+       billing_grants_lapsed(w.account_id, now()) AS lapsed, coalesce(g.lapsed, 0) AS independent_lapsed
 FROM wallets w
 LEFT JOIN (SELECT account_id, sum(amount) AS held FROM holds
            WHERE status = 'active' AND NOT byok AND expires_at > now()
            GROUP BY account_id) h USING (account_id)
-WHERE (w.balance - billing_wallet_held(w.account_id, now())) + coalesce(h.held, 0) <> w.balance
+LEFT JOIN (SELECT account_id, sum(amount - consumed - expired) AS lapsed FROM credit_grants
+           WHERE expired_at IS NULL AND expires_at <= now()
+           GROUP BY account_id) g USING (account_id)
+WHERE (w.balance - billing_wallet_held(w.account_id, now())
+                 - billing_grants_lapsed(w.account_id, now()))
+      + coalesce(h.held, 0) + coalesce(g.lapsed, 0) <> w.balance
 UNION ALL
-SELECT h.account_id, NULL, h.amount, NULL FROM holds h LEFT JOIN wallets w USING (account_id)
+SELECT h.account_id, NULL, h.amount, NULL, NULL, NULL
+FROM holds h LEFT JOIN wallets w USING (account_id)
 WHERE w.account_id IS NULL
 ORDER BY 1
 

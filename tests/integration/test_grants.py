@@ -217,3 +217,30 @@ def test_cli_grants(settings: Settings, conn: psycopg.Connection[Any], q: Querie
     assert "1 scheduled grants issued" in run("grants", "expire")
     assert "0 scheduled grants issued; 0.00 USD" in run("grants", "expire")
     assert "granted 6.00" in run("grants", "credit", "acme")
+
+
+def test_lapsed_granted_credit_is_not_available_before_the_expiry_task(
+    settings: Settings, conn: psycopg.Connection[Any], q: Queries
+) -> None:
+    from billing import holds
+    from billing.holds import AuthorizationRequest, Authorizer, Decision
+
+    open_account(conn, q, "acme", "0.001")
+    grants.grant_credit(conn, q, account_id="acme", amount=D("0.01"), reason="promo",
+                        expires_at=NOW + timedelta(hours=1), actor="tests", now=NOW)  # fmt: skip
+    authorizer = Authorizer(q, settings.hold_ttl)
+    request = AuthorizationRequest(
+        account_id="acme",
+        api_key_id="k",
+        model="openai/o4-mini",
+        provider="openai",
+        input_tokens=1000,
+        max_tokens=1000,
+    )
+    assert authorizer.authorize(conn, request, NOW).allowed  # 0.0055 of 0.011
+    later = NOW + timedelta(hours=1)  # the grant lapsed, the task has not run
+    a = holds.availability(conn, q, "acme", later)
+    assert (a.balance, a.lapsed, a.available) == (D("0.011"), D("0.01"), D("0.001"))
+    denied = authorizer.authorize(conn, request, later)
+    assert (denied.allowed, denied.reason) == (False, Decision.INSUFFICIENT_CREDITS)
+    assert_audit_clean(conn, q)
