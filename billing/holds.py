@@ -33,12 +33,14 @@ from typing import Any
 import msgspec
 import psycopg
 
-from billing.catalog import Catalog, snapshot
+from billing.catalog import CLASS_ORDER, BillableClass, Catalog, snapshot
 from billing.db import Queries, fetch_dicts, map_error
 from billing.errors import BillingError, InvalidEvent, Unpriced
 from billing.events import Count, Ident, Usage
 from billing.money import ZERO, exact, format_usd
 from billing.pricing import price
+
+_CACHE_WRITE = CLASS_ORDER.index(BillableClass.CACHE_WRITE)
 
 
 class HoldStatus(StrEnum):
@@ -123,9 +125,10 @@ def decode_request(body: bytes) -> AuthorizationRequest:
 def worst_case(request: AuthorizationRequest, catalog: Catalog, at: datetime) -> Decimal:
     """Pure: the most this request can cost at the version in force at ``at``.
 
-    Input tokens at the (uncached) input rate, ``max_tokens`` at the output rate, images, and
-    the per-request fee. Without ``max_tokens`` the output part is the model's configured
-    ceiling, added by the database call. Raises ``Unpriced`` naming the field.
+    Input tokens at the uncached input rate (or the cache-write rate when the version has a
+    higher one), ``max_tokens`` at the output rate, images, and the per-request fee. Without
+    ``max_tokens`` the output part is the model's configured ceiling, added by the database
+    call. Raises ``Unpriced`` naming the field.
     """
     version = catalog.in_force(request.model, request.provider, at)
     if version is None:
@@ -136,7 +139,16 @@ def worst_case(request: AuthorizationRequest, catalog: Catalog, at: datetime) ->
         image_count=request.image_count,
     )
     try:
-        return price(usage, version).total
+        worst = price(usage, version).total
+        if version.unit_rates[_CACHE_WRITE] is not None:
+            # the provider may write the whole prompt to its cache, at a surcharge
+            written = Usage(
+                cache_write_tokens=request.input_tokens,
+                output_tokens=request.max_tokens or 0,
+                image_count=request.image_count,
+            )
+            worst = max(worst, price(written, version).total)
+        return worst
     except Unpriced as exc:
         field = exc.field.replace("$.usage.output_tokens", "$.max_tokens")
         raise Unpriced(str(exc), field=field.replace("$.usage.", "$.")) from None
