@@ -96,6 +96,9 @@ SUMMARY_COLUMNS: tuple[tuple[str, str], ...] = (
     ("fees_exact", "exact"),
     ("byok_notional_exact", "exact"),
     ("late_amount_exact", "exact"),
+    ("paid_closing_exact", "exact"),
+    ("granted_closing_exact", "exact"),
+    ("usage_from_grants_exact", "exact"),
 )
 LINE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("account_id", "text"),
@@ -153,6 +156,9 @@ def summary_record(st: Statement) -> dict[str, Any]:
         "fees_exact": st.fees,
         "byok_notional_exact": st.byok_notional,
         "late_amount_exact": st.late_amount,
+        "paid_closing_exact": st.paid_closing,
+        "granted_closing_exact": st.granted_closing,
+        "usage_from_grants_exact": st.usage_from_grants,
     }
 
 
@@ -431,6 +437,20 @@ def statement_html(st: Statement, header: InvoiceHeader | None = None) -> bytes:
         f'</thead><tbody>{rows}<tr class="total"><td>Closing balance</td>'
         f'<td class="num">{_money(st.section_cents(Section.CLOSING))}</td></tr></tbody></table>'
     ]
+    if st.granted_closing or st.usage_from_grants:  # paid and granted credit apart (issue 9)
+        split = [
+            ("of which paid credit", st.paid_closing),
+            ("of which granted credit", st.granted_closing),
+            ("usage paid from granted credit", st.usage_from_grants),
+        ]
+        body.append(
+            "<table><tbody>"
+            + "".join(
+                f'<tr><td>{_e(label)}</td><td class="num">{_money(to_cents(v))}</td></tr>'
+                for label, v in split
+            )
+            + "</tbody></table>"
+        )
     moves = [line for line in printed if line.movement is not None]
     if moves:
         body.append(

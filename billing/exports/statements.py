@@ -197,6 +197,13 @@ class Statement:
     byok: tuple[UsageLine, ...]
     late_events: int = 0
     late_amount: Decimal = ZERO
+    granted_closing: Decimal = ZERO  # of the closing balance, promotional credit (grants)
+    usage_from_grants: Decimal = ZERO  # of the period's usage, what granted credit paid
+
+    @property
+    def paid_closing(self) -> Decimal:
+        """Of the closing balance, paid credit (negative if refunds took back spent credit)."""
+        return EXACT.subtract(self.closing, self.granted_closing)
 
     @property
     def usage_total(self) -> Decimal:
@@ -346,6 +353,8 @@ def build_statement(
         byok=tuple(line for line in lines if line.byok),
         late_events=sum(n for n, _ in late.values()),
         late_amount=sum_exact(a for _, a in late.values()),
+        granted_closing=account.get("granted_closing", ZERO),
+        usage_from_grants=account.get("usage_from_grants", ZERO),
     )
     ledger_usage = EXACT.minus(account["usage_ledger"])
     if statement.usage_total != ledger_usage:

@@ -313,6 +313,7 @@ CREATE TABLE credit_grants (
 CREATE INDEX credit_grants_open ON credit_grants (account_id, expires_at, grant_id)
     WHERE expired_at IS NULL;
 CREATE INDEX credit_grants_due ON credit_grants (expires_at) WHERE expired_at IS NULL;
+CREATE INDEX credit_grants_account ON credit_grants (account_id);  -- statements
 
 -- Granted credit past its expiry that the expiry task has not moved out yet: not available.
 CREATE FUNCTION billing_grants_lapsed(p_account text, p_now timestamptz)

@@ -23,7 +23,25 @@ SELECT b.account_id, b.name, b.time_zone, b.period_start, b.period_end,
        coalesce((SELECT sum(e.amount) FROM ledger_entries e JOIN postings p USING (posting_id)
                   WHERE e.ledger_account_id = b.ledger_account_id
                     AND e.created_at >= b.period_start AND e.created_at < b.period_end
-                    AND p.kind = 'usage'), 0) AS usage_ledger
+                    AND p.kind = 'usage'), 0) AS usage_ledger,
+       -- granted credit (issue 9): what the account's grants had left at the period's end, and
+       -- how much of the period's usage they paid (by the time of each posting)
+       coalesce((SELECT sum(c.amount) FROM credit_grants c
+                  JOIN postings p ON p.posting_id = c.grant_posting_id
+                  WHERE c.account_id = b.account_id AND p.created_at < b.period_end), 0)
+     - coalesce((SELECT sum(c.expired) FROM credit_grants c
+                  JOIN postings p ON p.posting_id = c.expiry_posting_id
+                  WHERE c.account_id = b.account_id AND p.created_at < b.period_end), 0)
+     - coalesce((SELECT sum(gc.amount) FROM credit_grants c
+                  JOIN grant_consumptions gc USING (grant_id)
+                  JOIN postings p ON p.posting_id = gc.posting_id
+                  WHERE c.account_id = b.account_id AND p.created_at < b.period_end), 0)
+           AS granted_closing,
+       coalesce((SELECT sum(gc.amount) FROM credit_grants c
+                  JOIN grant_consumptions gc USING (grant_id)
+                  JOIN postings p ON p.posting_id = gc.posting_id
+                  WHERE c.account_id = b.account_id AND p.created_at >= b.period_start
+                    AND p.created_at < b.period_end), 0) AS usage_from_grants
 FROM b
 ORDER BY b.account_id COLLATE "C"
 

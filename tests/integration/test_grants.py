@@ -183,6 +183,31 @@ def test_the_statement_shows_granted_credit_apart_from_paid(
     assert summary["usage_exact"] == D("0.0033")
     assert summary["closing_exact"] == D(10)
     assert grants.credit_of(conn, q, "acme").paid == D(10)
+    assert (summary["paid_closing_exact"], summary["granted_closing_exact"]) == (D(10), 0)
+    assert summary["usage_from_grants_exact"] == D("0.0033")
+
+
+def test_the_statement_splits_the_closing_balance_into_paid_and_granted(
+    conn: psycopg.Connection[Any], q: Queries
+) -> None:
+    from billing.exports.formats import statement_html, summary_record
+    from billing.exports.statements import Period, statement_for
+
+    open_account(conn, q, "acme", "1")
+    grant(conn, q, "0.005", 30, "g1")
+    spend(conn, q, "e1")  # 0.0033 from the grant
+    spend(conn, q, "e2")  # 0.0017 from the grant, 0.0016 paid
+    wallets.adjust(conn, q, "acme", D("-0.5"), reason="refund clawback", actor="tests")
+    grant(conn, q, "2", 30, "g2")
+    st = statement_for(conn, q, "acme", Period.of(datetime.now(UTC)))
+    summary = summary_record(st)
+    assert summary["granted_closing_exact"] == D(2)
+    assert summary["paid_closing_exact"] == D("0.5") - D("0.0016")
+    assert summary["usage_from_grants_exact"] == D("0.005")
+    assert st.closing == D(1) + D("0.005") + D(2) - D("0.0066") - D("0.5")
+    html = statement_html(st).decode()
+    assert 'of which granted credit</td><td class="num">$2.00' in html
+    assert "Granted credit (promotional)" in html
 
 
 def test_cli_grants(settings: Settings, conn: psycopg.Connection[Any], q: Queries) -> None:
