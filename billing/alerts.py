@@ -13,7 +13,7 @@ asks for an immediate auto top-up check (``AutoTopupTrigger``) instead of waitin
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +40,17 @@ def check(conn: psycopg.Connection[Any], q: Queries, changes: Iterable[WalletCha
         q["flip_balance_alerts"],
         {"accounts": [c.account_id for c in changed], "balances": [c.balance for c in changed]},
     ).fetchall()
-    down = [r for r in flipped if r[2]]
+    return publish_crossings(conn, q, [(r[0], r[1], r[3], r[4]) for r in flipped if r[2]])
+
+
+def publish_crossings(
+    conn: psycopg.Connection[Any], q: Queries, down: Sequence[tuple[str, Any, Any, bool]]
+) -> int:
+    """Outbox rows for thresholds crossed downwards: (account, threshold, balance, auto top-up).
+
+    The usage batch flips thresholds inside its spend-controls statement and calls this with
+    what crossed (amounts as exact decimal text there).
+    """
     if not down:
         return 0
     conn.execute(
@@ -52,13 +62,13 @@ def check(conn: psycopg.Connection[Any], q: Queries, changes: Iterable[WalletCha
                     {
                         "type": LOW_BALANCE,
                         "account_id": account_id,
-                        "threshold": format_usd(threshold),
-                        "balance": format_usd(balance),
+                        "threshold": format_usd(Decimal(threshold)),
+                        "balance": format_usd(Decimal(balance)),
                         "currency": "USD",
                         "auto_topup": auto_topup,
                     }
                 )
-                for account_id, threshold, _below, balance, auto_topup in down
+                for account_id, threshold, balance, auto_topup in down
             ],
         },
     )

@@ -7,7 +7,8 @@ were debited (their rows are locked). The statement (``after_usage_debit``):
   its event's actual cost, and a limited key's period spend grows by it;
 * lets each wallet's debit consume its granted credit first, the earliest expiry first
   (``billing.grants``), recording which grant the usage posting took what from;
-* records which member accounts' usage an organisation's wallet paid (``billing.members``).
+* records which member accounts' usage an organisation's wallet paid (``billing.members``);
+* flips the low-balance alert thresholds the new balances crossed (``billing.alerts``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
+from billing.alerts import publish_crossings
 from billing.db import Queries
+from billing.ledger import WalletChange
 from billing.money import EXACT
 
 if TYPE_CHECKING:
@@ -33,12 +36,14 @@ def after_debit(
     payers: Mapping[str, str],
     events: Mapping[str, PricedEvent],
     inserted: Sequence[tuple[Any, ...]],
+    changes: Sequence[WalletChange],
 ) -> tuple[int, Decimal]:
     """Settle holds and consume grants; returns (holds settled, granted credit used).
 
     ``deltas``: each paying wallet's (negative) usage delta of ``posting_id``; ``payers``: each
     account's paying wallet; ``inserted``: the rows the batch's insert returned (event_id,
-    account_id, byok, debited). Nothing runs when nothing applies.
+    account_id, byok, debited); ``changes``: the debited wallets' new balances. Nothing runs
+    when nothing applies.
     """
     hold_ids: list[str] = []
     event_ids: list[str] = []
@@ -56,7 +61,8 @@ def after_debit(
             hold_accounts.append(p.event.account_id)
             hold_amounts.append(p.charge.total)
     accounts = sorted(a for a, v in deltas.items() if v < 0)
-    if not hold_ids and not accounts:
+    changed = sorted(changes, key=lambda c: c.account_id)
+    if not hold_ids and not accounts and not changed:
         return 0, Decimal(0)
     result = conn.execute(
         q["after_usage_debit"],
@@ -71,7 +77,10 @@ def after_debit(
             "members": [m for m, _ in members],
             "member_payers": [p for _, p in members],
             "member_amounts": list(members.values()),
+            "changed_accounts": [c.account_id for c in changed],
+            "changed_balances": [c.balance for c in changed],
         },
     ).fetchone()
     assert result is not None
+    publish_crossings(conn, q, [tuple(r) for r in result[2]])
     return int(result[0]), result[1]

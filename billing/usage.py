@@ -246,8 +246,8 @@ def record_batch(
             reference=f"batch:{uuid.uuid4()}",
         )
         result.amount_debited = EXACT.minus(sum_exact(deltas.values()))
-        result.crossings = record_crossings(conn, q, changes)
-        after_debit(conn, q, posting_id, deltas, known, unique, inserted)  # issue 9
+        result.crossings = record_crossings(conn, q, changes, check_alerts=False)
+        after_debit(conn, q, posting_id, deltas, known, unique, inserted, changes)  # issue 9
         # Parked dead letters whose event is now recorded are resolved; skipped (one cheap
         # EXISTS) in the common case where nothing is parked.
         if conn.execute(q["any_parked"]).fetchone() != (False,):

@@ -134,14 +134,20 @@ def adjust(
 
 
 def record_crossings(
-    conn: psycopg.Connection[Any], q: Queries, changes: Iterable[WalletChange]
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    changes: Iterable[WalletChange],
+    *,
+    check_alerts: bool = True,
 ) -> int:
     """Write an outbox row for each wallet whose state changed. Call inside the transaction.
 
-    Also checks the wallets' low-balance alert thresholds (``billing.alerts``, issue 9).
+    Also checks the wallets' low-balance alert thresholds (``billing.alerts``, issue 9), unless
+    the caller does it itself (the usage batch, in its spend-controls statement).
     """
     changes = list(changes)
-    alerts.check(conn, q, changes)
+    if check_alerts:
+        alerts.check(conn, q, changes)
     crossed = [c for c in changes if c.crossed]
     if not crossed:
         return 0

@@ -6,6 +6,8 @@
 --    (the usage happened). Holds in hold_id order, spend rows in key order (lock order).
 -- 2. Usage consumes granted credit first, the earliest expiry first (d = each wallet's debit).
 -- 3. Record what an organisation's wallet paid for each member's usage (attribution).
+-- 4. Flip the low-balance alert thresholds the new balances crossed; return the downward ones
+--    (amounts as text: exact) for the caller's outbox rows.
 WITH s AS (
     SELECT * FROM unnest(%(hold_ids)s::text[], %(event_ids)s::text[], %(hold_accounts)s::text[],
                          %(hold_amounts)s::numeric[]) AS s(hold_id, event_id, account_id, amount)
@@ -58,9 +60,24 @@ WITH s AS (
     SELECT %(posting_id)s, m.member, m.payer, m.amount
     FROM unnest(%(members)s::text[], %(member_payers)s::text[], %(member_amounts)s::numeric[])
         AS m(member, payer, amount)
+), changed AS (
+    SELECT * FROM unnest(%(changed_accounts)s::text[], %(changed_balances)s::numeric[])
+        AS c(account_id, balance)
+), flipped AS (
+    UPDATE balance_alerts a
+    SET below = c.balance < a.threshold, changed_at = now()
+    FROM changed c
+    WHERE a.account_id = c.account_id AND a.below <> (c.balance < a.threshold)
+    RETURNING a.account_id, a.threshold, a.below, c.balance
 )
 SELECT (SELECT count(*) FROM settled) AS settled_holds,
-       (SELECT coalesce(sum(amount), 0) FROM consumption) AS granted_used
+       (SELECT coalesce(sum(amount), 0) FROM consumption) AS granted_used,
+       (SELECT coalesce(json_agg(json_build_array(
+                   f.account_id, f.threshold::text, f.balance::text,
+                   EXISTS (SELECT 1 FROM auto_topup_settings t
+                           WHERE t.account_id = f.account_id AND t.enabled))
+                   ORDER BY f.account_id, f.threshold DESC), '[]')
+          FROM flipped f WHERE f.below) AS crossed
 
 -- name: batch_payers
 -- The batch's known accounts and the wallet that pays for each: its own, or its organisation's.
