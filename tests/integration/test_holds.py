@@ -415,3 +415,33 @@ def test_quick_holds_benchmark_is_correct() -> None:
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "exactness: 10 of 40 allowed, wallet affords 10: ok" in run.stdout
     assert "audit: clean" in run.stdout
+
+
+def test_the_usage_event_on_the_queue_settles_its_hold(
+    settings: Settings, conn: psycopg.Connection[Any], q: Queries
+) -> None:
+    """Wire to ledger: a usage.v1 message naming its hold, consumed by the real usage consumer
+    from RabbitMQ, debits the wallet and settles the hold; the redelivery settles nothing."""
+    from billing import broker
+
+    from .helpers import drain
+
+    open_account(conn, q, "acme", "1")
+    a = Authorizer(q, settings.hold_ttl).authorize(conn, request(hold_id="wire-1"), NOW)
+    assert a.allowed
+    body = (
+        b'{"schema": "usage.v1", "event_id": "req-wire-1", "occurred_at": "'
+        + datetime.now(UTC).isoformat().encode()
+        + b'", "account_id": "acme", "api_key_id": "key-1", "model": "openai/o4-mini",'
+        b' "provider": "openai", "byok": false, "hold_id": "wire-1",'
+        b' "usage": {"input_tokens": 1000, "output_tokens": 100}}'
+    )
+    with broker.UsagePublisher(settings) as publisher:
+        publisher.publish_raw(body)
+        publisher.publish_raw(body)
+    drain(settings, idle=0.5)
+    h = hold_row(conn, q, "wire-1")
+    assert (h["status"], h["settled_event_id"], h["settled_amount"]) == (
+        "settled", "req-wire-1", Decimal("0.00154"))  # fmt: skip
+    assert holds.availability(conn, q, "acme", NOW).balance == Decimal(1) - Decimal("0.00154")
+    assert_audit_clean(conn, q)
