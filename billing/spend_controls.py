@@ -34,31 +34,30 @@ def after_debit(
     posting_id: int,
     deltas: Mapping[str, Decimal],
     payers: Mapping[str, str],
-    events: Mapping[str, PricedEvent],
-    inserted: Sequence[tuple[Any, ...]],
+    recorded: Sequence[PricedEvent],
     changes: Sequence[WalletChange],
 ) -> tuple[int, Decimal]:
     """Settle holds and consume grants; returns (holds settled, granted credit used).
 
     ``deltas``: each paying wallet's (negative) usage delta of ``posting_id``; ``payers``: each
-    account's paying wallet; ``inserted``: the rows the batch's insert returned (event_id,
-    account_id, byok, debited); ``changes``: the debited wallets' new balances. Nothing runs
-    when nothing applies.
+    account's paying wallet; ``recorded``: the batch's newly recorded events (not the
+    duplicates); ``changes``: the debited wallets' new balances. Nothing runs when nothing
+    applies.
     """
     hold_ids: list[str] = []
     event_ids: list[str] = []
     hold_accounts: list[str] = []
     hold_amounts: list[Decimal] = []
     members: dict[tuple[str, str], Decimal] = {}
-    for row in inserted:
-        if payers[row[1]] != row[1] and not row[2] and row[3] > 0:
-            key = (row[1], payers[row[1]])
-            members[key] = EXACT.add(members.get(key, Decimal(0)), row[3])
-        p = events[row[0]]
+    for p in recorded:
+        account = p.event.account_id
+        if payers[account] != account and not p.event.byok and p.charge.total > 0:
+            key = (account, payers[account])
+            members[key] = EXACT.add(members.get(key, Decimal(0)), p.charge.total)
         if p.event.hold_id is not None:
             hold_ids.append(p.event.hold_id)
             event_ids.append(p.event.event_id)
-            hold_accounts.append(p.event.account_id)
+            hold_accounts.append(account)
             hold_amounts.append(p.charge.total)
     accounts = sorted(a for a, v in deltas.items() if v < 0)
     changed = sorted(changes, key=lambda c: c.account_id)

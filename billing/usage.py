@@ -247,7 +247,8 @@ def record_batch(
         )
         result.amount_debited = EXACT.minus(sum_exact(deltas.values()))
         result.crossings = record_crossings(conn, q, changes, check_alerts=False)
-        after_debit(conn, q, posting_id, deltas, known, unique, inserted, changes)  # issue 9
+        recorded = [unique[row[0]] for row in inserted]
+        after_debit(conn, q, posting_id, deltas, known, recorded, changes)  # issue 9
         # Parked dead letters whose event is now recorded are resolved; skipped (one cheap
         # EXISTS) in the common case where nothing is parked.
         if conn.execute(q["any_parked"]).fetchone() != (False,):
