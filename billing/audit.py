@@ -37,6 +37,15 @@ CHECKS = (
     ("usage is recorded at its posting's time (statements)", "audit_event_recorded_at"),
     ("every invoice's content matches its hash", "audit_invoice_hashes"),
     ("invoice numbers run 1..N per issuer without gaps", "audit_invoice_numbers"),
+    # spend controls (issue 9; queries in sql/queries/holds.sql)
+    ("held + available = balance for every wallet", "audit_hold_availability"),
+    ("each settled hold took exactly its event's cost", "audit_settled_holds"),
+    ("each limited key's period spend equals its settled holds", "audit_key_spend"),
+    ("each limited member's period spend equals its settled holds", "audit_member_spend"),
+    ("an organisation paid exactly its members' usage", "audit_usage_attributions"),
+    ("each grant and grant expiry moved exactly its amount", "audit_grant_ledger"),
+    ("grant consumption matches the usage postings", "audit_grant_consumption"),
+    ("equity:grants equals expired minus granted credit", "audit_grants_equity"),
     ("events in a service tier were priced from that tier's prices", "audit_event_tier_prices"),
     ("new classes have amounts exactly with counts", "audit_event_new_classes"),
     # sql/queries/partitions.sql (migration 0006)

@@ -27,6 +27,7 @@ from billing.cli_common import (
 )
 from billing.cli_exports import COMMANDS as EXPORT_COMMANDS
 from billing.cli_ops import COMMANDS as OPS_COMMANDS
+from billing.cli_spend import COMMANDS as SPEND_COMMANDS
 from billing.cli_stripe import COMMANDS as STRIPE_COMMANDS
 from billing.errors import BillingError
 from billing.events import SCHEMA_V1, Usage, UsageEvent, decode_event
@@ -579,7 +580,7 @@ def demo(
 
 
 # --- feature commands (their own modules; they import cli_common, never this module) -------
-for _command in (*STRIPE_COMMANDS, *EXPORT_COMMANDS, *OPS_COMMANDS):
+for _command in (*STRIPE_COMMANDS, *EXPORT_COMMANDS, *OPS_COMMANDS, *SPEND_COMMANDS):
     main.add_command(_command)
 
 

@@ -99,6 +99,7 @@ class UsageEvent(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_d
     usage: Usage = NO_USAGE
     latency_ms: Count | None = None
     ttft_ms: Count | None = None
+    hold_id: Ident | None = None  # the hold the gateway authorized this request with (optional)
     service_tier: ServiceTier | None = None  # None: standard, unless provider_usage says
     status: RequestStatus = RequestStatus.COMPLETED
     provider_usage_format: ProviderFormat | None = None

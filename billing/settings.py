@@ -118,6 +118,10 @@ class Settings:
     # Exports (billing/exports): where the export task writes, and its Celery queue.
     exports_dir: Path = Path(".billing/exports")
     exports_queue: str = "billing.exports"
+    # Spend controls (billing/holds.py): how long an unsettled hold reserves credit, and the
+    # bearer token the gateway must send to POST /v1/authorize ("" = no token required).
+    hold_ttl: timedelta = timedelta(minutes=15)
+    authorize_token: str = field(default="", repr=False)
     sql_dir: Path = field(default_factory=lambda: Path(__file__).resolve().parent.parent / "sql")
     # Deployment (issue 8, docs/operations.md): usage queue topology, back-pressure, partitions of
     # the queue and of usage_events, payload retention, pool size. The filesystem transport of
@@ -171,6 +175,8 @@ class Settings:
             ),
             exports_dir=Path(env.get("BILLING_EXPORTS_DIR", "") or data_dir / "exports"),
             exports_queue=env.get("BILLING_EXPORTS_QUEUE", base.exports_queue),
+            hold_ttl=timedelta(seconds=_int(env, "BILLING_HOLD_TTL_S", 900)),
+            authorize_token=env.get("BILLING_AUTHORIZE_TOKEN", ""),
             sql_dir=Path(env["BILLING_SQL_DIR"]) if env.get("BILLING_SQL_DIR") else base.sql_dir,
             **_deploy_settings(env, base),
         )

@@ -46,6 +46,7 @@ from billing.provider_usage import reported_cost
 from billing.request_status import RequestStatus
 from billing.service_tier import ServiceTier
 from billing.settings import Settings
+from billing.spend_controls import after_debit
 from billing.wallets import record_crossings
 
 
@@ -249,7 +250,8 @@ def record_batch(
 
     # Unknown accounts are parked, not guessed.
     accounts = sorted({p.event.account_id for p in priced})
-    known = {row[0] for row in conn.execute(q["known_accounts"], {"accounts": accounts})}
+    # account -> the wallet that pays: its own, or its organisation's (sub-accounts)
+    known = dict(conn.execute(q["batch_payers"], {"accounts": accounts}).fetchall())
     unique: dict[str, PricedEvent] = {}
     for p in priced:
         if p.event.account_id not in known:
@@ -283,8 +285,8 @@ def record_batch(
                 result.byok += 1
             else:
                 result.debited += 1
-                account_id = p.event.account_id
-                deltas[account_id] = EXACT.subtract(deltas[account_id], p.charge.total)
+                payer = known[p.event.account_id]
+                deltas[payer] = EXACT.subtract(deltas[payer], p.charge.total)
         changes = post_wallet_movement(
             conn,
             q,
@@ -295,7 +297,8 @@ def record_batch(
             reference=f"batch:{uuid.uuid4()}",
         )
         result.amount_debited = EXACT.minus(sum_exact(deltas.values()))
-        result.crossings = record_crossings(conn, q, changes)
+        result.crossings = record_crossings(conn, q, changes, check_alerts=False)
+        after_debit(conn, q, posting_id, deltas, known, new, changes)
         # Parked dead letters whose event is now recorded are resolved; skipped (one cheap
         # EXISTS) in the common case where nothing is parked.
         if conn.execute(q["any_parked"]).fetchone() != (False,):

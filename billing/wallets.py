@@ -19,6 +19,7 @@ import orjson
 import psycopg
 from psycopg.types.json import Jsonb
 
+from billing import alerts
 from billing.db import Queries, fetch_dicts
 from billing.errors import AccountExists, BillingError, UnknownAccount
 from billing.ledger import (
@@ -133,9 +134,20 @@ def adjust(
 
 
 def record_crossings(
-    conn: psycopg.Connection[Any], q: Queries, changes: Iterable[WalletChange]
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    changes: Iterable[WalletChange],
+    *,
+    check_alerts: bool = True,
 ) -> int:
-    """Write an outbox row for each wallet whose state changed. Call inside the transaction."""
+    """Write an outbox row for each wallet whose state changed. Call inside the transaction.
+
+    Also checks the wallets' low-balance alert thresholds (``billing.alerts``, issue 9), unless
+    the caller does it itself (the usage batch, in its spend-controls statement).
+    """
+    changes = list(changes)
+    if check_alerts:
+        alerts.check(conn, q, changes)
     crossed = [c for c in changes if c.crossed]
     if not crossed:
         return 0

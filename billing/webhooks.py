@@ -12,7 +12,8 @@
    If the hand-off fails the event is still stored; ``billing stripe process-pending`` (and
    the beat task) pick it up. Money moves only in the worker.
 
-``GET /healthz`` answers 200 when the database answers.
+``GET /healthz`` answers 200 when the database answers. The same app serves the gateway's
+``POST /v1/authorize`` (billing/authorize_http.py).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from billing import db
+from billing import authorize_http, db
 from billing.errors import WebhookRejected
 from billing.settings import Settings
 from billing.stripe_client import verify_webhook
@@ -98,6 +99,7 @@ def create_app(settings: Settings, pool: ConnectionPool, dispatch: Dispatch) -> 
         routes=[
             Route("/stripe/webhook", webhook, methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),
+            *authorize_http.routes(settings, pool),  # the gateway's holds (issue 9)
         ]
     )
 

@@ -62,6 +62,8 @@ app.conf.update(
     beat_schedule={
         "relay-outbox": {"task": "billing.relay_outbox", "schedule": 10.0},
         "check-auto-topups": {"task": "billing.check_auto_topups", "schedule": 15.0},
+        "expire-holds": {"task": "billing.expire_holds", "schedule": 30.0},
+        "credit-grants": {"task": "billing.credit_grants", "schedule": 60.0},
         "process-pending-stripe-events": {
             "task": "billing.process_pending_stripe_events",
             "schedule": 300.0,

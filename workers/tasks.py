@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from billing import broker
+from billing import broker, grants, holds
+from billing.alerts import AutoTopupTrigger
 from billing.catalog import CatalogCache
 from billing.db import connect, queries
 from billing.deadletters import replay
@@ -21,7 +22,10 @@ from workers.app import app, settings
 def relay_outbox_task() -> int:
     """Publish pending wallet events (those a worker could not publish right after commit)."""
     with connect(settings) as conn, broker.connect(settings) as bconn:
-        return relay_outbox(conn, queries(settings), broker.WalletEventPublisher(settings, bconn))
+        publish = AutoTopupTrigger(
+            broker.WalletEventPublisher(settings, bconn), lambda: check_auto_topups_task.delay()
+        )
+        return relay_outbox(conn, queries(settings), publish)
 
 
 @app.task(name="billing.replay_dead_letters", autoretry_for=(Transient,), retry_backoff=True)
@@ -77,3 +81,21 @@ def ensure_partitions_task() -> list[str]:
         return ensure_partitions(
             conn, queries(settings), datetime.now(UTC), settings.partition_months_ahead
         )
+
+
+@app.task(name="billing.expire_holds", autoretry_for=(Transient,), retry_backoff=True)
+def expire_holds_task() -> int:
+    """Close holds whose request never reported usage (safe with several schedulers)."""
+    with connect(settings) as conn:
+        return holds.expire_holds(conn, queries(settings), datetime.now(UTC))
+
+
+@app.task(name="billing.credit_grants", autoretry_for=(Transient,), retry_backoff=True)
+def credit_grants_task() -> dict[str, str | int]:
+    """Issue due scheduled grants, then expire lapsed ones (each exactly once)."""
+    now = datetime.now(UTC)
+    q = queries(settings)
+    with connect(settings) as conn:
+        issued = grants.issue_due_grants(conn, q, now)
+        expired = grants.expire_grants(conn, q, now)
+    return {"issued": issued, "expired": str(expired)}

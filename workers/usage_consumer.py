@@ -41,6 +41,7 @@ from kombu.mixins import ConsumerMixin
 from psycopg_pool import ConnectionPool
 
 from billing import broker, metrics
+from billing.alerts import AutoTopupTrigger
 from billing.backoff import Backoff
 from billing.catalog import CatalogCache
 from billing.db import Queries, map_error, queries
@@ -274,9 +275,21 @@ class UsageConsumer(ConsumerMixin):
             if self._wallet_publisher is None:
                 self._wallet_publisher = broker.WalletEventPublisher(self.settings, self.connection)
             with self.pool.connection() as conn:
-                relay_outbox(conn, self.q, self._wallet_publisher)
+                relay_outbox(
+                    conn, self.q, AutoTopupTrigger(self._wallet_publisher, request_auto_topup)
+                )
         except Exception:
             log.exception("outbox relay failed; the rows stay pending and are retried")
+
+
+def request_auto_topup() -> None:
+    """A low-balance alert of an account with auto top-up: check it now, not at the next beat."""
+    try:
+        from celery import current_app
+
+        current_app.send_task("billing.check_auto_topups")
+    except Exception:  # best effort: the beat task checks every 15 s anyway
+        log.exception("could not request an auto top-up check")
 
 
 def _body(message: Message) -> bytes:

@@ -77,6 +77,7 @@ SUMMARY_COLUMNS: tuple[tuple[str, str], ...] = (
     ("period_end", "time"),
     ("opening", "cents"),
     ("topups", "cents"),
+    ("grants", "cents"),
     ("refunds_disputes", "cents"),
     ("adjustments", "cents"),
     ("other", "cents"),
@@ -95,6 +96,9 @@ SUMMARY_COLUMNS: tuple[tuple[str, str], ...] = (
     ("fees_exact", "exact"),
     ("byok_notional_exact", "exact"),
     ("late_amount_exact", "exact"),
+    ("paid_closing_exact", "exact"),
+    ("granted_closing_exact", "exact"),
+    ("usage_from_grants_exact", "exact"),
 )
 LINE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("account_id", "text"),
@@ -133,6 +137,7 @@ def summary_record(st: Statement) -> dict[str, Any]:
         "period_end": st.period_end,
         "opening": st.section_cents(Section.OPENING),
         "topups": st.section_cents(Section.TOPUPS),
+        "grants": st.section_cents(Section.GRANTS),
         "refunds_disputes": st.section_cents(Section.REFUNDS_DISPUTES),
         "adjustments": st.section_cents(Section.ADJUSTMENTS),
         "other": st.section_cents(Section.OTHER),
@@ -151,6 +156,9 @@ def summary_record(st: Statement) -> dict[str, Any]:
         "fees_exact": st.fees,
         "byok_notional_exact": st.byok_notional,
         "late_amount_exact": st.late_amount,
+        "paid_closing_exact": st.paid_closing,
+        "granted_closing_exact": st.granted_closing,
+        "usage_from_grants_exact": st.usage_from_grants,
     }
 
 
@@ -413,6 +421,7 @@ def statement_html(st: Statement, header: InvoiceHeader | None = None) -> bytes:
     summary = [
         ("Opening balance", st.section_cents(Section.OPENING)),
         ("Top-ups", st.section_cents(Section.TOPUPS)),
+        ("Granted credit (promotional)", st.section_cents(Section.GRANTS)),
         ("Refunds and disputes", st.section_cents(Section.REFUNDS_DISPUTES)),
         ("Adjustments", st.section_cents(Section.ADJUSTMENTS)),
         ("Other movements", st.section_cents(Section.OTHER)),
@@ -428,6 +437,20 @@ def statement_html(st: Statement, header: InvoiceHeader | None = None) -> bytes:
         f'</thead><tbody>{rows}<tr class="total"><td>Closing balance</td>'
         f'<td class="num">{_money(st.section_cents(Section.CLOSING))}</td></tr></tbody></table>'
     ]
+    if st.granted_closing or st.usage_from_grants:  # paid and granted credit apart (issue 9)
+        split = [
+            ("of which paid credit", st.paid_closing),
+            ("of which granted credit", st.granted_closing),
+            ("usage paid from granted credit", st.usage_from_grants),
+        ]
+        body.append(
+            "<table><tbody>"
+            + "".join(
+                f'<tr><td>{_e(label)}</td><td class="num">{_money(to_cents(v))}</td></tr>'
+                for label, v in split
+            )
+            + "</tbody></table>"
+        )
     moves = [line for line in printed if line.movement is not None]
     if moves:
         body.append(

@@ -79,6 +79,7 @@ class Section(StrEnum):
 
     OPENING = "opening"
     TOPUPS = "topups"
+    GRANTS = "grants"  # promotional credit granted and expired (kept apart from paid credit)
     REFUNDS_DISPUTES = "refunds_disputes"
     ADJUSTMENTS = "adjustments"
     OTHER = "other"
@@ -94,8 +95,16 @@ _SECTION_OF_KIND = {
     "dispute_release": Section.REFUNDS_DISPUTES,
     "dispute_loss": Section.REFUNDS_DISPUTES,
     "adjustment": Section.ADJUSTMENTS,
+    "grant": Section.GRANTS,
+    "grant_expiry": Section.GRANTS,
 }
-MOVEMENT_SECTIONS = (Section.TOPUPS, Section.REFUNDS_DISPUTES, Section.ADJUSTMENTS, Section.OTHER)
+MOVEMENT_SECTIONS = (
+    Section.TOPUPS,
+    Section.GRANTS,
+    Section.REFUNDS_DISPUTES,
+    Section.ADJUSTMENTS,
+    Section.OTHER,
+)
 
 
 @dataclass(frozen=True)
@@ -133,6 +142,8 @@ class Movement:
             "dispute_release": "Dispute released",
             "dispute_loss": "Dispute lost",
             "adjustment": "Adjustment",
+            "grant": "Credit grant",
+            "grant_expiry": "Granted credit expired",
         }.get(self.kind, self.kind)
         detail = self.memo or self.reference
         return f"{label}: {detail}" if detail else label
@@ -152,9 +163,11 @@ class UsageLine:
     unit_price: Decimal | None  # USD per ``per`` units, of the version applied
     per: int | None
     events: int
+    member: str | None = None  # a member account whose usage this organisation paid
 
     def description(self) -> str:
-        return f"{self.model} via {self.provider}: {self.billable_class}"
+        who = f"{self.member}: " if self.member else ""
+        return f"{who}{self.model} via {self.provider}: {self.billable_class}"
 
 
 @dataclass(frozen=True)
@@ -184,6 +197,13 @@ class Statement:
     byok: tuple[UsageLine, ...]
     late_events: int = 0
     late_amount: Decimal = ZERO
+    granted_closing: Decimal = ZERO  # of the closing balance, promotional credit (grants)
+    usage_from_grants: Decimal = ZERO  # of the period's usage, what granted credit paid
+
+    @property
+    def paid_closing(self) -> Decimal:
+        """Of the closing balance, paid credit (negative if refunds took back spent credit)."""
+        return EXACT.subtract(self.closing, self.granted_closing)
 
     @property
     def usage_total(self) -> Decimal:
@@ -274,9 +294,9 @@ class Statement:
 
 
 def _events(lines: tuple[UsageLine, ...]) -> int:
-    seen: dict[tuple[str, str, datetime], int] = {}
+    seen: dict[tuple[str | None, str, str, datetime], int] = {}
     for line in lines:
-        seen[(line.model, line.provider, line.price_effective_from)] = line.events
+        seen[(line.member, line.model, line.provider, line.price_effective_from)] = line.events
     return sum(seen.values())
 
 
@@ -299,12 +319,13 @@ def build_statement(
             unit_price=r["unit_price"],
             per=None if r["per"] is None else int(r["per"]),
             events=int(r["events"]),
+            member=r.get("member"),
         )
         for r in usage
     ]
-    late: dict[tuple[str, str, bool, datetime], tuple[int, Decimal]] = {}
+    late: dict[tuple[str | None, str, str, bool, datetime], tuple[int, Decimal]] = {}
     for r in usage:
-        key = (r["model"], r["provider"], r["byok"], r["price_effective_from"])
+        key = (r.get("member"), r["model"], r["provider"], r["byok"], r["price_effective_from"])
         late[key] = (int(r["late_events"]), r["late_amount"] if not r["byok"] else ZERO)
     statement = Statement(
         account_id=account["account_id"],
@@ -332,6 +353,8 @@ def build_statement(
         byok=tuple(line for line in lines if line.byok),
         late_events=sum(n for n, _ in late.values()),
         late_amount=sum_exact(a for _, a in late.values()),
+        granted_closing=account.get("granted_closing", ZERO),
+        usage_from_grants=account.get("usage_from_grants", ZERO),
     )
     ledger_usage = EXACT.minus(account["usage_ledger"])
     if statement.usage_total != ledger_usage:

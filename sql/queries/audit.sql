@@ -18,10 +18,15 @@ ORDER BY p.posting_id
 -- name: audit_usage_debits
 -- Per usage posting and wallet, the ledger debit equals the sum of the events that reference it:
 -- each accepted event's amount is in the ledger exactly once.
+-- A member account's events are paid by its organisation's wallet (usage_attributions, issue 9).
 WITH ev AS (
-    SELECT posting_id, account_id, sum(debited) AS debited
-    FROM usage_events WHERE posting_id IS NOT NULL
-    GROUP BY posting_id, account_id
+    SELECT u.posting_id, coalesce(ua.payer_account_id, u.account_id) AS account_id,
+           sum(u.debited) AS debited
+    FROM usage_events u
+    LEFT JOIN usage_attributions ua
+           ON ua.posting_id = u.posting_id AND ua.member_account_id = u.account_id
+    WHERE u.posting_id IS NOT NULL
+    GROUP BY 1, 2
 ), en AS (
     SELECT e.posting_id, w.account_id, -sum(e.amount) AS debited
     FROM ledger_entries e

@@ -23,7 +23,25 @@ SELECT b.account_id, b.name, b.time_zone, b.period_start, b.period_end,
        coalesce((SELECT sum(e.amount) FROM ledger_entries e JOIN postings p USING (posting_id)
                   WHERE e.ledger_account_id = b.ledger_account_id
                     AND e.created_at >= b.period_start AND e.created_at < b.period_end
-                    AND p.kind = 'usage'), 0) AS usage_ledger
+                    AND p.kind = 'usage'), 0) AS usage_ledger,
+       -- granted credit (issue 9): what the account's grants had left at the period's end, and
+       -- how much of the period's usage they paid (by the time of each posting)
+       coalesce((SELECT sum(c.amount) FROM credit_grants c
+                  JOIN postings p ON p.posting_id = c.grant_posting_id
+                  WHERE c.account_id = b.account_id AND p.created_at < b.period_end), 0)
+     - coalesce((SELECT sum(c.expired) FROM credit_grants c
+                  JOIN postings p ON p.posting_id = c.expiry_posting_id
+                  WHERE c.account_id = b.account_id AND p.created_at < b.period_end), 0)
+     - coalesce((SELECT sum(gc.amount) FROM credit_grants c
+                  JOIN grant_consumptions gc USING (grant_id)
+                  JOIN postings p ON p.posting_id = gc.posting_id
+                  WHERE c.account_id = b.account_id AND p.created_at < b.period_end), 0)
+           AS granted_closing,
+       coalesce((SELECT sum(gc.amount) FROM credit_grants c
+                  JOIN grant_consumptions gc USING (grant_id)
+                  JOIN postings p ON p.posting_id = gc.posting_id
+                  WHERE c.account_id = b.account_id AND p.created_at >= b.period_start
+                    AND p.created_at < b.period_end), 0) AS usage_from_grants
 FROM b
 ORDER BY b.account_id COLLATE "C"
 
@@ -52,17 +70,33 @@ ORDER BY b.account_id COLLATE "C", e.created_at, e.entry_id
 -- and tier. `events`, `late_events` and `late_amount` are per (model, provider, BYOK, version),
 -- the same on each of its lines. Events that occurred before the period are counted as late.
 -- NULL in the columns of migration 0004 means 0 / standard / completed.
+-- A member account's usage paid by its organisation (usage_attributions, issue 9) is on the
+-- organisation's statement, attributed to the member (`member`), and not on the member's own.
 WITH b AS MATERIALIZED (
     SELECT * FROM billing_period_bounds(%(year)s, %(month)s, %(end_year)s, %(end_month)s,
                                         %(account)s::text)
 ),
+ev AS (
+    SELECT b.account_id AS stmt_account, NULL::text AS member, b.period_start AS stmt_start, u.*
+    FROM b
+    JOIN usage_events u ON u.account_id = b.account_id
+                       AND u.recorded_at >= b.period_start AND u.recorded_at < b.period_end
+    WHERE NOT EXISTS (SELECT 1 FROM usage_attributions ua
+                      WHERE ua.posting_id = u.posting_id AND ua.member_account_id = u.account_id)
+    UNION ALL
+    SELECT b.account_id, u.account_id, b.period_start, u.*
+    FROM b
+    JOIN usage_attributions ua ON ua.payer_account_id = b.account_id
+    JOIN usage_events u ON u.account_id = ua.member_account_id AND u.posting_id = ua.posting_id
+                       AND u.recorded_at >= b.period_start AND u.recorded_at < b.period_end
+),
 t AS (
-    SELECT u.account_id, u.model, u.provider, u.byok, u.price_effective_from,
+    SELECT u.stmt_account AS account_id, u.member, u.model, u.provider, u.byok, u.price_effective_from,
            coalesce(u.service_tier, 'standard') AS service_tier,
            count(*) AS tier_events,
            count(*) FILTER (WHERE u.status IS DISTINCT FROM 'failed') AS requests,
-           count(*) FILTER (WHERE u.occurred_at < b.period_start) AS tier_late_events,
-           coalesce(sum(u.amount) FILTER (WHERE u.occurred_at < b.period_start), 0)
+           count(*) FILTER (WHERE u.occurred_at < u.stmt_start) AS tier_late_events,
+           coalesce(sum(u.amount) FILTER (WHERE u.occurred_at < u.stmt_start), 0)
                AS tier_late_amount,
            sum(u.input_tokens) AS input_tokens, sum(u.input_amount) AS input_amount,
            sum(u.cached_input_tokens) AS cached_input_tokens,
@@ -79,10 +113,8 @@ t AS (
            sum(u.image_count) AS image_count, sum(u.image_amount) AS image_amount,
            sum(u.web_search_count) AS web_search_count, sum(u.web_search_amount) AS web_search_amount,
            sum(u.request_amount) AS request_amount
-    FROM b
-    JOIN usage_events u ON u.account_id = b.account_id
-                       AND u.recorded_at >= b.period_start AND u.recorded_at < b.period_end
-    GROUP BY u.account_id, u.model, u.provider, u.byok, u.price_effective_from,
+    FROM ev u
+    GROUP BY u.stmt_account, u.member, u.model, u.provider, u.byok, u.price_effective_from,
              coalesce(u.service_tier, 'standard')
 ),
 g AS (
@@ -91,9 +123,10 @@ g AS (
            sum(t.tier_late_events) OVER w AS late_events,
            sum(t.tier_late_amount) OVER w AS late_amount
     FROM t
-    WINDOW w AS (PARTITION BY t.account_id, t.model, t.provider, t.byok, t.price_effective_from)
+    WINDOW w AS (PARTITION BY t.account_id, t.member, t.model, t.provider, t.byok,
+                              t.price_effective_from)
 )
-SELECT g.account_id, g.model, g.provider, g.byok, g.price_effective_from, g.events,
+SELECT g.account_id, g.member, g.model, g.provider, g.byok, g.price_effective_from, g.events,
        g.late_events, g.late_amount,
        l.billable_class || CASE WHEN g.service_tier = 'standard' THEN ''
                                 ELSE ' [' || g.service_tier || ']' END AS billable_class,
@@ -117,8 +150,8 @@ LEFT JOIN prices pr ON pr.model = g.model AND pr.provider = g.provider
                    AND pr.billable_class = l.billable_class
 WHERE l.amount <> 0 OR (l.ord = 10 AND pr.unit_price IS NOT NULL)
    OR (l.ord < 10 AND l.quantity > 0)
-ORDER BY g.account_id COLLATE "C", g.byok, g.model, g.provider, g.price_effective_from,
-         g.service_tier <> 'standard', g.service_tier, l.ord
+ORDER BY g.account_id COLLATE "C", g.byok, g.member COLLATE "C" NULLS FIRST, g.model, g.provider,
+         g.price_effective_from, g.service_tier <> 'standard', g.service_tier, l.ord
 
 -- name: set_account_time_zone
 UPDATE accounts SET time_zone = %(time_zone)s WHERE account_id = %(account_id)s

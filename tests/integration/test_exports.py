@@ -371,7 +371,7 @@ def test_every_format_gives_the_same_numbers_to_the_cent(
         assert summary["usage_exact"] == scenario.usage[account]
         assert summary["byok_notional_exact"] == scenario.byok[account]
         assert summary["closing"] * 100 == to_cents(truth[account]["closing"])
-        parts = ("opening", "topups", "refunds_disputes", "adjustments", "other", "usage")
+        parts = ("opening", "topups", "grants", "refunds_disputes", "adjustments", "other", "usage")
         assert sum(summary[p] for p in parts) == summary["closing"]
         mine = [r for r in lines if r["account_id"] == account]
         body = [r for r in mine if r["section"] not in ("closing", "byok")]
@@ -454,6 +454,7 @@ def test_every_format_gives_the_same_numbers_to_the_cent(
 _CENT_COLS = {
     "opening",
     "topups",
+    "grants",
     "refunds_disputes",
     "adjustments",
     "other",

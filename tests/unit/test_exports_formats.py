@@ -143,7 +143,7 @@ def test_printed_lines_always_sum_to_the_printed_closing(
     body = [p for p in s.printed() if p.section not in (Section.CLOSING, Section.BYOK)]
     assert sum(p.cents for p in body) == to_cents(s.closing)
     summary = summary_record(s)
-    parts = ("opening", "topups", "refunds_disputes", "adjustments", "other", "usage")
+    parts = ("opening", "topups", "grants", "refunds_disputes", "adjustments", "other", "usage")
     assert sum(summary[p] for p in parts) == summary["closing"]
 
 

@@ -30,3 +30,15 @@ def test_bad_numbers_name_the_variable() -> None:
         Settings.from_env({"BILLING_BATCH_SIZE": "many"})
     with pytest.raises(ConfigError, match="BILLING_PREFETCH"):
         Settings.from_env({"BILLING_PREFETCH": "0"})
+
+
+def test_spend_control_settings() -> None:
+    from datetime import timedelta
+
+    default = Settings.from_env({})
+    assert (default.hold_ttl, default.authorize_token) == (timedelta(minutes=15), "")
+    s = Settings.from_env({"BILLING_HOLD_TTL_S": "60", "BILLING_AUTHORIZE_TOKEN": "secret"})
+    assert s.hold_ttl == timedelta(seconds=60)
+    assert "secret" not in repr(s)  # never logged
+    with pytest.raises(ConfigError, match="BILLING_HOLD_TTL_S"):
+        Settings.from_env({"BILLING_HOLD_TTL_S": "0"})

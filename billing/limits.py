@@ -1,0 +1,120 @@
+"""Per-API-key spending limits, enforced by the hold path (``billing.holds``).
+
+A key's limit is an amount per calendar period (a day, an ISO week starting Monday, or a month)
+in a time zone (UTC by default), so it resets at that zone's midnight. What a key has used in a
+period is the settled cost of its holds in that period plus its active holds; authorization
+refuses a request whose worst case would take it over (``key_limit_exceeded``). With
+``count_byok`` a BYOK request of the key is held (against the limit only, never the wallet) and
+its notional cost counts.
+
+Usage that never went through an authorization is billed to the wallet as always but does not
+count toward a key limit: the gateway authorizes every request of a limited key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from enum import StrEnum
+from typing import Any
+
+import psycopg
+
+from billing.db import Queries, fetch_dicts
+from billing.errors import BillingError, UnknownAccount
+from billing.money import format_usd
+
+
+class Period(StrEnum):
+    DAY = "day"
+    WEEK = "week"
+    MONTH = "month"
+
+
+@dataclass(frozen=True)
+class KeyLimit:
+    api_key_id: str
+    account_id: str
+    amount: Decimal
+    period: Period
+    time_zone: str
+    count_byok: bool
+    period_start: datetime
+    period_end: datetime
+    used: Decimal
+
+    @property
+    def remaining(self) -> Decimal:
+        return self.amount - self.used
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "api_key_id": self.api_key_id,
+            "account_id": self.account_id,
+            "limit": format_usd(self.amount),
+            "period": self.period.value,
+            "time_zone": self.time_zone,
+            "count_byok": self.count_byok,
+            "period_start": self.period_start.isoformat(),
+            "period_end": self.period_end.isoformat(),
+            "used": format_usd(self.used),
+            "remaining": format_usd(self.remaining),
+        }
+
+
+def set_limit(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    *,
+    account_id: str,
+    api_key_id: str,
+    amount: Decimal,
+    period: Period,
+    time_zone: str = "UTC",
+    count_byok: bool = False,
+    actor: str,
+) -> None:
+    """Set (or change) a key's limit. A key belongs to one account."""
+    if amount < 0:
+        raise BillingError("a limit must not be negative")
+    with conn.transaction():
+        if conn.execute(q["known_accounts"], {"accounts": [account_id]}).fetchone() is None:
+            raise UnknownAccount(f"no account {account_id!r}")
+        try:
+            row = conn.execute(
+                q["set_key_limit"],
+                {
+                    "api_key_id": api_key_id,
+                    "account_id": account_id,
+                    "amount": amount,
+                    "period": period.value,
+                    "time_zone": time_zone,
+                    "count_byok": count_byok,
+                    "actor": actor,
+                },
+            ).fetchone()
+        except psycopg.errors.CheckViolation as exc:
+            raise BillingError(str(exc).splitlines()[0]) from None
+        if row is None:
+            raise BillingError(f"key {api_key_id!r} has a limit on another account")
+
+
+def remove_limit(conn: psycopg.Connection[Any], q: Queries, api_key_id: str) -> None:
+    with conn.transaction():
+        if conn.execute(q["remove_key_limit"], {"api_key_id": api_key_id}).fetchone() is None:
+            raise BillingError(f"key {api_key_id!r} has no limit")
+
+
+def show_limits(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    now: datetime,
+    *,
+    api_key_id: str | None = None,
+    account_id: str | None = None,
+) -> list[KeyLimit]:
+    rows = fetch_dicts(
+        conn, q["show_key_limit"], {"api_key_id": api_key_id, "account_id": account_id, "now": now}
+    )
+    return [KeyLimit(**{**r, "period": Period(r["period"])}) for r in rows]
