@@ -18,7 +18,7 @@ ORDER BY p.posting_id
 -- name: audit_usage_debits
 -- Per usage posting and wallet, the ledger debit equals the sum of the events that reference it:
 -- each accepted event's amount is in the ledger exactly once.
--- A member account's events are paid by its organisation's wallet (usage_attributions, issue 9).
+-- A member account's events are paid by its organisation's wallet (usage_attributions).
 WITH ev AS (
     SELECT u.posting_id, coalesce(ua.payer_account_id, u.account_id) AS account_id,
            sum(u.debited) AS debited

@@ -20,9 +20,14 @@ LIMIT 1000
 
 -- name: audit_wallet_usage_debits
 -- Per wallet: what the ledger took from it for usage equals the sum of its recorded events'
--- debits (BYOK events debit 0).
+-- debits (BYOK events debit 0). A member account's events are paid by its organisation's wallet
+-- (usage_attributions, per posting).
 WITH ev AS (
-    SELECT account_id, sum(debited) AS debited FROM usage_events GROUP BY account_id
+    SELECT coalesce(ua.payer_account_id, u.account_id) AS account_id, sum(u.debited) AS debited
+    FROM usage_events u
+    LEFT JOIN usage_attributions ua
+           ON ua.posting_id = u.posting_id AND ua.member_account_id = u.account_id
+    GROUP BY 1
 ), en AS (
     SELECT w.account_id, -sum(e.amount) AS debited
     FROM ledger_entries e
