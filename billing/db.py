@@ -180,11 +180,18 @@ _TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53", "55", "57")  # connection, roll
 # object state (lock not available), operator intervention (statement timeout, shutdown)
 
 
+_CHECK_VIOLATION = "23514"
+
+
 def map_error(exc: psycopg.Error) -> BillingError:
     """Map a driver error to the billing hierarchy: Transient (retry) or DatabaseRejected."""
     from billing.errors import DatabaseRejected, Transient
 
     sqlstate = exc.sqlstate or ""
+    if sqlstate == _CHECK_VIOLATION and "no partition of relation" in str(exc):
+        # A month without its usage_events partition (partition upkeep did not run): every row
+        # of the month would fail. Wait for `billing partitions ensure`, do not park the traffic.
+        return Transient(f"database: {exc} (run `billing partitions ensure`)")
     if isinstance(exc, psycopg.OperationalError) and not sqlstate:
         return Transient(f"database unavailable: {exc}")
     if sqlstate[:2] in _TRANSIENT_SQLSTATE_CLASSES or isinstance(exc, psycopg.InterfaceError):

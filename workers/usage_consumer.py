@@ -81,6 +81,7 @@ class UsageConsumer(ConsumerMixin):
         self.batches = 0
         self.prefetch = settings.prefetch
         self._channel: Any = None
+        self._depth_channel: Any = None
         self._multiple_ack = False
         self._wallet_publisher: broker.WalletEventPublisher | None = None
         self.backoff = Backoff(BACKOFF_START_S, BACKOFF_MAX_S)
@@ -94,6 +95,7 @@ class UsageConsumer(ConsumerMixin):
     # kombu ConsumerMixin hooks -------------------------------------------------------------
     def get_consumers(self, consumer_cls: Any, channel: Any) -> list[Any]:
         self._channel = channel
+        self._depth_channel = None  # a new connection: open a new one when sampling
         # basic.ack(multiple=True) is AMQP; kombu's virtual transports ack one tag at a time.
         self._multiple_ack = self.connection.transport.driver_type == "amqp"
         return [
@@ -253,13 +255,24 @@ class UsageConsumer(ConsumerMixin):
         metrics.OLDEST_UNACKED.set(now - self._received_first if self.messages else 0.0)
         if now >= self._next_depth_sample and self._channel is not None:
             self._next_depth_sample = now + metrics.QUEUE_SAMPLE_S
-            try:
-                declared = self._channel.queue_declare(
-                    queue=self.settings.usage_queue, passive=True
-                )
-                metrics.QUEUE_DEPTH.set(int(declared.message_count))
-            except Exception:  # a gauge must never stop the consumer
-                log.debug("queue depth sample failed", exc_info=True)
+            self._sample_depth()
+
+    def _sample_depth(self) -> None:
+        """Messages ready in the queues this worker consumes, read on a channel of its own.
+
+        Never on the consuming channel: a passive declare of a missing queue closes its channel.
+        """
+        try:
+            if self._depth_channel is None:
+                self._depth_channel = self.connection.channel()
+            depth = 0
+            for queue in broker.usage_queues(self.settings, consumed=True):
+                declared = self._depth_channel.queue_declare(queue=queue.name, passive=True)
+                depth += int(declared.message_count)
+            metrics.QUEUE_DEPTH.set(depth)
+        except Exception:  # a gauge must never stop the consumer
+            self._depth_channel = None  # closed by the broker, or by a lost connection
+            log.debug("queue depth sample failed", exc_info=True)
 
     def _resize_prefetch(self, items: int, messages: int) -> None:
         per_message = max(items / messages, 1.0)
