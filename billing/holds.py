@@ -33,14 +33,13 @@ from typing import Any
 import msgspec
 import psycopg
 
-from billing.catalog import CLASS_ORDER, BillableClass, Catalog, snapshot
+from billing.catalog import Catalog, snapshot
 from billing.db import Queries, fetch_dicts, map_error
 from billing.errors import BillingError, InvalidEvent, Unpriced
 from billing.events import Count, Ident, Usage
 from billing.money import ZERO, exact, format_usd
 from billing.pricing import price
-
-_CACHE_WRITE = CLASS_ORDER.index(BillableClass.CACHE_WRITE)
+from billing.service_tier import ServiceTier
 
 
 class HoldStatus(StrEnum):
@@ -80,6 +79,7 @@ class AuthorizationRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=Tr
     image_count: Count = 0
     byok: bool = False
     hold_id: Ident | None = None
+    service_tier: ServiceTier | None = None  # None: standard; priority costs more
 
 
 @dataclass(frozen=True)
@@ -123,35 +123,41 @@ def decode_request(body: bytes) -> AuthorizationRequest:
 
 
 def worst_case(request: AuthorizationRequest, catalog: Catalog, at: datetime) -> Decimal:
-    """Pure: the most this request can cost at the version in force at ``at``.
+    """Pure: the most this request can cost at the version (and service tier) in force at ``at``.
 
-    Input tokens at the uncached input rate (or the cache-write rate when the version has a
-    higher one), ``max_tokens`` at the output rate, images, and the per-request fee. Without
-    ``max_tokens`` the output part is the model's configured ceiling, added by the database
-    call. Raises ``Unpriced`` naming the field.
+    The provider decides how the prompt is billed: every input token may land in the dearest
+    input-side class the version prices (uncached input, a 5-minute or 1-hour cache write, audio
+    input), and every one of ``max_tokens`` in the dearest output-side class (text or audio
+    output); plus images and the per-request fee, all at the request's tier. A class the version
+    does not price cannot be billed (such usage is parked as unpriced), so it is not held for.
+    Without ``max_tokens`` the output part is the model's configured ceiling, added by the
+    database call. Raises ``Unpriced`` naming the field.
     """
     version = catalog.in_force(request.model, request.provider, at)
     if version is None:
         raise Unpriced(f"no price for {request.model} on {request.provider}", field="$.model")
-    usage = Usage(
-        input_tokens=request.input_tokens,
-        output_tokens=request.max_tokens or 0,
-        image_count=request.image_count,
-    )
-    try:
-        worst = price(usage, version).total
-        if version.unit_rates[_CACHE_WRITE] is not None:
-            # the provider may write the whole prompt to its cache, at a surcharge
-            written = Usage(
-                cache_write_tokens=request.input_tokens,
-                output_tokens=request.max_tokens or 0,
+    worst: Decimal | None = None
+    for input_class in _INPUT_SIDE:
+        for output_class in _OUTPUT_SIDE:
+            usage = Usage(
                 image_count=request.image_count,
+                **{input_class: request.input_tokens, output_class: request.max_tokens or 0},
             )
-            worst = max(worst, price(written, version).total)
-        return worst
-    except Unpriced as exc:
-        field = exc.field.replace("$.usage.output_tokens", "$.max_tokens")
-        raise Unpriced(str(exc), field=field.replace("$.usage.", "$.")) from None
+            try:
+                total = price(usage, version, request.service_tier).total
+            except Unpriced as exc:
+                if input_class == _INPUT_SIDE[0] and output_class == _OUTPUT_SIDE[0]:
+                    field = exc.field.replace("$.usage.output_tokens", "$.max_tokens")
+                    raise Unpriced(str(exc), field=field.replace("$.usage.", "$.")) from None
+                continue
+            worst = total if worst is None else max(worst, total)
+    assert worst is not None  # the plain text combination priced, or raised
+    return worst
+
+
+# Where the provider may bill a request's prompt and its completion (disjoint Usage classes).
+_INPUT_SIDE = ("input_tokens", "cache_write_tokens", "cache_write_1h_tokens", "audio_input_tokens")
+_OUTPUT_SIDE = ("output_tokens", "audio_output_tokens")
 
 
 class Authorizer:

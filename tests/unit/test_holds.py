@@ -9,11 +9,19 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from billing.catalog import DEFAULT_CATALOG, Catalog, read_catalog_file
+from billing.catalog import (
+    CLASS_ORDER,
+    DEFAULT_CATALOG,
+    BillableClass,
+    Catalog,
+    PriceVersion,
+    read_catalog_file,
+)
 from billing.errors import InvalidEvent, Unpriced
 from billing.events import Usage
 from billing.holds import AuthorizationRequest, decode_request, worst_case
 from billing.pricing import price
+from billing.service_tier import ServiceTier
 
 CATALOG = Catalog.of(read_catalog_file(DEFAULT_CATALOG))
 NOW = datetime(2026, 11, 1, tzinfo=UTC)
@@ -82,6 +90,76 @@ def test_the_worst_case_bounds_every_usage_within_the_request(
         version,
     ).total
     assert actual <= held
+
+
+LATER = datetime(2026, 12, 2, tzinfo=UTC)  # the catalog's tier sheets are in force
+# every (model, provider, tier) priced then
+SHEETS = sorted(
+    ((m, p, tier) for (m, p) in CATALOG.versions
+     if (v := CATALOG.in_force(m, p, LATER)) is not None and v.unit_rates[0] is not None
+     for tier in (None, *v.tier_rates)),
+    key=str,
+)  # fmt: skip
+SPLIT = st.integers(0, 4)
+
+
+@given(
+    st.sampled_from(SHEETS),
+    st.integers(0, 10**7),
+    st.integers(0, 10**6),
+    st.lists(SPLIT, min_size=5, max_size=5),
+    st.booleans(),
+)
+def test_the_worst_case_bounds_every_split_across_classes_and_tiers(
+    sheet: tuple[str, str, ServiceTier | None],
+    input_tokens: int,
+    max_tokens: int,
+    weights: list[int],
+    audio_out: bool,
+) -> None:
+    """The prompt split over every input-side class the sheet prices (uncached, cached, 5-minute
+    and 1-hour cache writes, audio), the completion in text or audio, at the request's tier: the
+    hold covers it (guards against holding at standard rates for a priority request)."""
+    model, provider, tier = sheet
+    version = CATALOG.in_force(model, provider, LATER)
+    assert version is not None
+    held = worst_case(
+        req(model=model, provider=provider, input_tokens=input_tokens, max_tokens=max_tokens,
+            service_tier=tier),
+        CATALOG,
+        LATER,
+    )  # fmt: skip
+    rates = dict(zip(CLASS_ORDER, _sheet_rates(version, tier), strict=True))
+    classes = [
+        ("input_tokens", BillableClass.INPUT),
+        ("cached_input_tokens", BillableClass.CACHED_INPUT),
+        ("cache_write_tokens", BillableClass.CACHE_WRITE),
+        ("cache_write_1h_tokens", BillableClass.CACHE_WRITE_1H),
+        ("audio_input_tokens", BillableClass.AUDIO_INPUT),
+    ]
+    priced = [(f, w) for (f, c), w in zip(classes, weights, strict=True) if rates[c] is not None]
+    total_weight = sum(w for _, w in priced) or 1
+    split = {f: input_tokens * w // total_weight for f, w in priced}
+    split["input_tokens"] = split.get("input_tokens", 0) + input_tokens - sum(split.values())
+    output_field = (
+        "audio_output_tokens"
+        if audio_out and rates[BillableClass.AUDIO_OUTPUT] is not None
+        else "output_tokens"
+    )
+    actual = price(Usage(**split, **{output_field: max_tokens}), version, tier).total
+    assert actual <= held
+
+
+def _sheet_rates(version: PriceVersion, tier: ServiceTier | None) -> tuple[Decimal | None, ...]:
+    if tier is None or tier is ServiceTier.STANDARD:
+        return version.unit_rates
+    return version.tier_rates[tier]
+
+
+def test_a_priority_request_is_held_at_the_priority_rates() -> None:
+    standard = worst_case(req(), CATALOG, LATER)
+    priority = worst_case(req(service_tier=ServiceTier.PRIORITY), CATALOG, LATER)
+    assert priority > standard
 
 
 def test_unpriced_requests_name_the_field() -> None:
