@@ -13,7 +13,9 @@ database round trip:
 ``POST /v1/holds/{hold_id}/release`` releases a hold whose request was not dispatched.
 
 Amounts are exact decimal strings. With ``BILLING_AUTHORIZE_TOKEN`` set, both require
-``Authorization: Bearer <token>``.
+``Authorization: Bearer <token>``; without it, they answer only callers on the loopback interface
+(the embedded and development setups), so a deployed service without a token refuses everyone:
+the endpoint reveals balances and can reserve a customer's credit.
 """
 
 from __future__ import annotations
@@ -29,12 +31,15 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from billing import db, holds
-from billing.errors import BillingError, InvalidEvent, Transient, Unpriced
+from billing.errors import BillingError, InvalidEvent, Transient, Unpriced, WebhookRejected
 from billing.holds import Authorization, Authorizer, Decision
+from billing.http_body import read_capped
 from billing.money import format_usd
 from billing.settings import Settings
 
 log = logging.getLogger("billing.authorize")
+
+_LOOPBACK = {"127.0.0.1", "::1"}
 
 MAX_BODY = 16_384
 STATUS = {
@@ -57,7 +62,7 @@ def routes(settings: Settings, pool: ConnectionPool) -> list[Route]:
 
     def permitted(request: Request) -> bool:
         if not settings.authorize_token:
-            return True
+            return request.client is not None and request.client.host in _LOOPBACK
         given = request.headers.get("authorization", "").encode()
         return hmac.compare_digest(given, expected)
 
@@ -69,9 +74,10 @@ def routes(settings: Settings, pool: ConnectionPool) -> list[Route]:
     async def authorize(request: Request) -> JSONResponse:
         if not permitted(request):
             return JSONResponse({"error": "missing or wrong bearer token"}, status_code=401)
-        body = await request.body()
-        if len(body) > MAX_BODY:
-            return JSONResponse({"error": f"body larger than {MAX_BODY} bytes"}, status_code=413)
+        try:
+            body = await read_capped(request, MAX_BODY)
+        except WebhookRejected as exc:
+            return JSONResponse({"error": exc.reason}, status_code=exc.status)
         try:
             result = await run_in_threadpool(run, body)
         except InvalidEvent as exc:

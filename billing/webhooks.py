@@ -31,6 +31,7 @@ from starlette.routing import Route
 
 from billing import authorize_http, db
 from billing.errors import WebhookRejected
+from billing.http_body import read_capped
 from billing.settings import Settings
 from billing.stripe_client import verify_webhook
 from billing.topups import store_event
@@ -38,22 +39,6 @@ from billing.topups import store_event
 log = logging.getLogger("billing.webhooks")
 
 Dispatch = Callable[[str], None]
-
-
-async def _read_capped(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            if int(declared) > limit:
-                raise WebhookRejected(f"body larger than {limit} bytes", status=413)
-        except ValueError:
-            raise WebhookRejected("malformed Content-Length header") from None
-    body = bytearray()
-    async for chunk in request.stream():
-        body.extend(chunk)
-        if len(body) > limit:
-            raise WebhookRejected(f"body larger than {limit} bytes", status=413)
-    return bytes(body)
 
 
 def create_app(settings: Settings, pool: ConnectionPool, dispatch: Dispatch) -> Starlette:
@@ -72,7 +57,7 @@ def create_app(settings: Settings, pool: ConnectionPool, dispatch: Dispatch) -> 
 
     async def webhook(request: Request) -> JSONResponse:
         try:
-            payload = await _read_capped(request, settings.webhook_max_body_bytes)
+            payload = await read_capped(request, settings.webhook_max_body_bytes)
             event = verify_webhook(
                 payload,
                 request.headers.get("stripe-signature"),

@@ -333,6 +333,33 @@ def test_http_authorize_and_release(
         pool.close()
 
 
+@pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
+def test_without_a_token_only_loopback_callers_are_answered(
+    settings: Settings, conn: psycopg.Connection[Any], q: Queries
+) -> None:
+    """Guards authorize_http.permitted: a deployed service without a token refuses everyone."""
+    from starlette.testclient import TestClient
+
+    from billing.webhooks import create_app
+
+    open_account(conn, q, "acme", WORST)
+    assert settings.authorize_token == ""
+    pool = db.make_pool(settings, min_size=1, max_size=2)
+    body = {"account_id": "acme", "api_key_id": "k", "model": "openai/o4-mini",
+            "provider": "openai", "input_tokens": 1000, "max_tokens": 1000}  # fmt: skip
+    app = create_app(settings, pool, lambda _id: None)
+    try:
+        with TestClient(app, client=("203.0.113.9", 40000)) as remote:
+            assert remote.post("/v1/authorize", json=body).status_code == 401
+            assert remote.post("/v1/holds/h-1/release").status_code == 401
+        with TestClient(app, client=("127.0.0.1", 40000)) as local:
+            assert local.post("/v1/authorize", json=body).status_code == 200
+            too_big = local.post("/v1/authorize", content=b"x" * 20_000)
+            assert too_big.status_code == 413
+    finally:
+        pool.close()
+
+
 def test_cli_holds_and_limits(
     settings: Settings, conn: psycopg.Connection[Any], q: Queries
 ) -> None:
