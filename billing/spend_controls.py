@@ -36,8 +36,10 @@ def after_debit(
     payers: Mapping[str, str],
     recorded: Sequence[PricedEvent],
     changes: Sequence[WalletChange],
-) -> tuple[int, Decimal]:
-    """Settle holds and consume grants; returns (holds settled, granted credit used).
+) -> tuple[int, Decimal, int]:
+    """Settle holds, consume grants, flip low-balance thresholds.
+
+    Returns (holds settled, granted credit used, low-balance outbox rows written).
 
     ``deltas``: each paying wallet's (negative) usage delta of ``posting_id``; ``payers``: each
     account's paying wallet; ``recorded``: the batch's newly recorded events (not the
@@ -62,7 +64,7 @@ def after_debit(
     accounts = sorted(a for a, v in deltas.items() if v < 0)
     changed = sorted(changes, key=lambda c: c.account_id)
     if not hold_ids and not accounts and not changed:
-        return 0, Decimal(0)
+        return 0, Decimal(0), 0
     result = conn.execute(
         q["after_usage_debit"],
         {
@@ -81,5 +83,5 @@ def after_debit(
         },
     ).fetchone()
     assert result is not None
-    publish_crossings(conn, q, [tuple(r) for r in result[2]])
-    return int(result[0]), result[1]
+    alerts = publish_crossings(conn, q, [tuple(r) for r in result[2]])
+    return int(result[0]), result[1], alerts

@@ -152,7 +152,7 @@ def decode_and_price(
 
 
 def staging_row(p: PricedEvent, posting_id: int) -> tuple[Any, ...]:
-    """One usage_events row as values, in the column order of ``copy_usage_staging``."""
+    """One usage_events row as values, in the column order of ``copy_usage_events``."""
     e, u, c = p.event, p.event.usage, p.charge
     debited = ZERO if e.byok else c.total
     return (
@@ -298,7 +298,8 @@ def record_batch(
         )
         result.amount_debited = EXACT.minus(sum_exact(deltas.values()))
         result.crossings = record_crossings(conn, q, changes, check_alerts=False)
-        after_debit(conn, q, posting_id, deltas, known, new, changes)
+        # holds, grants, member attribution; low-balance alerts are relayed like crossings
+        result.crossings += after_debit(conn, q, posting_id, deltas, known, new, changes)[2]
         # Parked dead letters whose event is now recorded are resolved; skipped (one cheap
         # EXISTS) in the common case where nothing is parked.
         if conn.execute(q["any_parked"]).fetchone() != (False,):
