@@ -40,8 +40,8 @@ CHECKS = (
     # spend controls (issue 9; queries in sql/queries/holds.sql)
     ("held + available = balance for every wallet", "audit_hold_availability"),
     ("each settled hold took exactly its event's cost", "audit_settled_holds"),
-    ("each limited key's period spend equals its settled holds", "audit_key_spend"),
-    ("each limited member's period spend equals its settled holds", "audit_member_spend"),
+    ("each limited key's period spend equals the cost of its events", "audit_key_spend"),
+    ("each limited member's period spend equals the cost of its events", "audit_member_spend"),
     ("an organisation paid exactly its members' usage", "audit_usage_attributions"),
     ("each grant and grant expiry moved exactly its amount", "audit_grant_ledger"),
     ("grant consumption matches the usage postings", "audit_grant_consumption"),

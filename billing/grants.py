@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -30,6 +31,8 @@ from billing.errors import BillingError, UnknownAccount
 from billing.ledger import WalletChange, next_posting_id, post_movement
 from billing.money import EXACT, ZERO, exact, format_usd, sum_exact
 from billing.wallets import record_crossings
+
+log = logging.getLogger("billing.grants")
 
 GRANTS_EQUITY = "equity:grants"
 GRANT = "grant"
@@ -193,6 +196,15 @@ def issue_due_grants(conn: psycopg.Connection[Any], q: Queries, now: datetime) -
             if not rows:
                 return issued
             s = rows[0]
+            grant_id = f"{s['schedule_id']}:{s['issued'] + 1}"
+            if s["next_at"] + s["valid_for"] <= now:
+                # a period missed entirely (the scheduler was down past its validity): its grant
+                # would be credited already lapsed and expired at once; skip it, keep counting
+                log.warning(
+                    "grant %s skipped: its validity ended before it could be issued", grant_id
+                )
+                conn.execute(q["advance_schedule"], {"schedule_id": s["schedule_id"]})
+                continue
             grant_credit(
                 conn,
                 q,
@@ -202,7 +214,7 @@ def issue_due_grants(conn: psycopg.Connection[Any], q: Queries, now: datetime) -
                 reason=s["reason"],
                 actor=f"schedule:{s['schedule_id']}",
                 now=min(now, s["next_at"]),
-                grant_id=f"{s['schedule_id']}:{s['issued'] + 1}",
+                grant_id=grant_id,
                 schedule_id=s["schedule_id"],
             )
             conn.execute(q["advance_schedule"], {"schedule_id": s["schedule_id"]})

@@ -78,6 +78,7 @@ CREATE TABLE account_members (
     limit_period       text CHECK (limit_period IN ('day', 'week', 'month')),
     time_zone          text NOT NULL DEFAULT 'UTC',
     added_at           timestamptz NOT NULL DEFAULT now(),
+    updated_at         timestamptz NOT NULL DEFAULT now(),   -- the limit last set
     added_by           text,
     CHECK (member_account_id <> org_account_id),
     CHECK ((limit_amount IS NULL) = (limit_period IS NULL))
@@ -107,13 +108,13 @@ CREATE INDEX usage_attributions_payer ON usage_attributions (payer_account_id, p
 
 -- The start of the limit period containing p_at, in time zone p_tz.
 CREATE FUNCTION billing_limit_period_start(p_period text, p_tz text, p_at timestamptz)
-RETURNS timestamptz LANGUAGE sql IMMUTABLE STRICT AS $$
+RETURNS timestamptz LANGUAGE sql STABLE STRICT AS $$
     SELECT date_trunc(p_period, p_at AT TIME ZONE p_tz) AT TIME ZONE p_tz
 $$;
 
 -- The end of that period (exclusive), in the same zone (a DST day is 23 or 25 hours long).
 CREATE FUNCTION billing_limit_period_end(p_period text, p_tz text, p_at timestamptz)
-RETURNS timestamptz LANGUAGE sql IMMUTABLE STRICT AS $$
+RETURNS timestamptz LANGUAGE sql STABLE STRICT AS $$
     SELECT (date_trunc(p_period, p_at AT TIME ZONE p_tz) + ('1 ' || p_period)::interval)
            AT TIME ZONE p_tz
 $$;
@@ -176,17 +177,6 @@ DECLARE
     v_key_left  numeric(38, 12);
     v_old       holds%ROWTYPE;
 BEGIN
-    SELECT * INTO v_old FROM holds h WHERE h.hold_id = p_hold_id;
-    IF FOUND THEN
-        IF coalesce(v_old.member_account_id, v_old.account_id) <> p_account
-           OR v_old.api_key_id <> p_key THEN
-            RAISE EXCEPTION 'hold % belongs to another account or key', p_hold_id
-                USING ERRCODE = 'unique_violation';
-        END IF;
-        RETURN QUERY SELECT true, 'existing'::text, v_old.hold_id, v_old.amount,
-            NULL::numeric, NULL::numeric, v_old.expires_at;
-        RETURN;
-    END IF;
     IF p_use_ceiling THEN
         SELECT c.amount INTO v_ceiling FROM hold_ceilings c WHERE c.model = p_model;
         IF NOT FOUND THEN
@@ -198,22 +188,44 @@ BEGIN
     END IF;
     SELECT * INTO v_limit FROM key_limits l WHERE l.api_key_id = p_key AND l.account_id = p_account;
     v_has_limit := FOUND;
-    IF p_byok AND NOT (v_has_limit AND v_limit.count_byok) THEN
-        -- BYOK costs the wallet nothing: no hold
-        RETURN QUERY SELECT true, 'byok'::text, NULL::text, 0::numeric, NULL::numeric,
-            NULL::numeric, NULL::timestamptz;
-        RETURN;
-    END IF;
     SELECT * INTO v_member FROM account_members m WHERE m.member_account_id = p_account;
     v_is_member := FOUND;
     IF v_is_member THEN
         v_payer := v_member.org_account_id;
+    END IF;
+    IF p_byok AND NOT (v_has_limit AND v_limit.count_byok) THEN
+        -- BYOK costs the wallet nothing: no hold and no lock, but a known, unfrozen account
+        SELECT w.frozen INTO v_frozen FROM wallets w WHERE w.account_id = v_payer;
+        IF NOT FOUND THEN
+            RETURN QUERY SELECT false, 'unknown_account'::text, NULL::text, NULL::numeric,
+                NULL::numeric, NULL::numeric, NULL::timestamptz;
+        ELSIF v_frozen THEN
+            RETURN QUERY SELECT false, 'wallet_frozen'::text, NULL::text, 0::numeric,
+                NULL::numeric, NULL::numeric, NULL::timestamptz;
+        ELSE
+            RETURN QUERY SELECT true, 'byok'::text, NULL::text, 0::numeric, NULL::numeric,
+                NULL::numeric, NULL::timestamptz;
+        END IF;
+        RETURN;
     END IF;
     -- The lock. Every later statement sees what committed before it was granted.
     PERFORM 1 FROM wallets w WHERE w.account_id = v_payer FOR UPDATE;
     IF NOT FOUND THEN
         RETURN QUERY SELECT false, 'unknown_account'::text, NULL::text, NULL::numeric,
             NULL::numeric, NULL::numeric, NULL::timestamptz;
+        RETURN;
+    END IF;
+    -- A retried call (same hold_id) returns the hold made the first time. Read under the wallet
+    -- lock, so that two concurrent first calls with one hold_id make one hold, not an error.
+    SELECT * INTO v_old FROM holds h WHERE h.hold_id = p_hold_id;
+    IF FOUND THEN
+        IF coalesce(v_old.member_account_id, v_old.account_id) <> p_account
+           OR v_old.api_key_id <> p_key THEN
+            RAISE EXCEPTION 'hold % belongs to another account or key', p_hold_id
+                USING ERRCODE = 'unique_violation';
+        END IF;
+        RETURN QUERY SELECT true, 'existing'::text, v_old.hold_id, v_old.amount,
+            NULL::numeric, NULL::numeric, v_old.expires_at;
         RETURN;
     END IF;
     IF v_has_limit THEN

@@ -114,31 +114,50 @@ ORDER BY h.hold_id
 LIMIT 1000
 
 -- name: audit_key_spend
--- A limited key's period spend is the sum of its settled holds in that period.
-WITH settled AS (
-    SELECT api_key_id, limit_period_start AS period_start, sum(settled_amount) AS spent
-    FROM holds WHERE status = 'settled' AND limit_period_start IS NOT NULL
+-- A limited key's spend in each period is the cost of the key's events that occurred in it (BYOK
+-- counted when the limit says so), whether or not they came through a hold. Checked for the
+-- periods that began after the limit was last set: a period that straddles a change of the
+-- limit's period or time zone follows the configuration of its time and is not compared.
+WITH l AS (
+    SELECT * FROM key_limits
+), ev AS (
+    SELECT l.api_key_id, billing_limit_period_start(l.period, l.time_zone, u.occurred_at) AS p,
+           sum(CASE WHEN u.byok AND NOT l.count_byok THEN 0 ELSE u.amount END) AS total
+    FROM l JOIN usage_events u ON u.api_key_id = l.api_key_id AND u.account_id = l.account_id
+    WHERE u.recorded_at >= l.updated_at
     GROUP BY 1, 2
 )
-SELECT coalesce(s.api_key_id, k.api_key_id) AS api_key_id,
-       coalesce(s.period_start, k.period_start) AS period_start,
-       coalesce(s.spent, 0) AS holds_total, coalesce(k.spent, 0) AS key_spend
-FROM settled s FULL JOIN key_spend k USING (api_key_id, period_start)
-WHERE coalesce(s.spent, 0) <> coalesce(k.spent, 0)
+SELECT coalesce(ev.api_key_id, k.api_key_id) AS api_key_id,
+       coalesce(ev.p, k.period_start) AS period_start,
+       coalesce(ev.total, 0) AS events_total, coalesce(k.spent, 0) AS key_spend
+FROM ev FULL JOIN (SELECT k.* FROM key_spend k JOIN l USING (api_key_id)) k
+    ON k.api_key_id = ev.api_key_id AND k.period_start = ev.p
+JOIN l ON l.api_key_id = coalesce(ev.api_key_id, k.api_key_id)
+WHERE coalesce(ev.p, k.period_start) >= l.updated_at
+  AND coalesce(ev.total, 0) <> coalesce(k.spent, 0)
 ORDER BY 1, 2
 
 -- name: audit_member_spend
--- A limited member's period spend is the sum of its settled holds in that period.
-WITH settled AS (
-    SELECT member_account_id, member_period_start AS period_start, sum(settled_amount) AS spent
-    FROM holds WHERE status = 'settled' AND member_period_start IS NOT NULL
+-- A limited member's spend in each period is the cost of its (non-BYOK) events that occurred in
+-- it, with the same rule as audit_key_spend for periods straddling a change of the limit.
+WITH m AS (
+    SELECT * FROM account_members WHERE limit_amount IS NOT NULL
+), ev AS (
+    SELECT m.member_account_id,
+           billing_limit_period_start(m.limit_period, m.time_zone, u.occurred_at) AS p,
+           sum(u.amount) AS total
+    FROM m JOIN usage_events u ON u.account_id = m.member_account_id AND NOT u.byok
+    WHERE u.recorded_at >= m.updated_at
     GROUP BY 1, 2
 )
-SELECT coalesce(s.member_account_id, k.member_account_id) AS member_account_id,
-       coalesce(s.period_start, k.period_start) AS period_start,
-       coalesce(s.spent, 0) AS holds_total, coalesce(k.spent, 0) AS member_spend
-FROM settled s FULL JOIN member_spend k USING (member_account_id, period_start)
-WHERE coalesce(s.spent, 0) <> coalesce(k.spent, 0)
+SELECT coalesce(ev.member_account_id, k.member_account_id) AS member_account_id,
+       coalesce(ev.p, k.period_start) AS period_start,
+       coalesce(ev.total, 0) AS events_total, coalesce(k.spent, 0) AS member_spend
+FROM ev FULL JOIN (SELECT k.* FROM member_spend k JOIN m USING (member_account_id)) k
+    ON k.member_account_id = ev.member_account_id AND k.period_start = ev.p
+JOIN m ON m.member_account_id = coalesce(ev.member_account_id, k.member_account_id)
+WHERE coalesce(ev.p, k.period_start) >= m.updated_at
+  AND coalesce(ev.total, 0) <> coalesce(k.spent, 0)
 ORDER BY 1, 2
 
 -- name: audit_usage_attributions

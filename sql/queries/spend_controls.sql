@@ -1,9 +1,11 @@
 -- name: after_usage_debit
 -- The spend controls' part of a usage batch: ONE statement, in the batch transaction, after the
 -- debit (the batch holds its wallets' row locks).
--- 1. Settle the holds named by the batch's new events: each takes its event's actual cost, and
---    a limited key's period spend grows by it. A hold that already expired is still settled
---    (the usage happened). Holds in hold_id order, spend rows in key order (lock order).
+-- 1. Settle the holds named by the batch's new events: each takes its event's actual cost. A
+--    hold that already expired is still settled (the usage happened). Holds in hold_id order.
+--    A limited key's (and a limited member's) period spend grows by the cost of EVERY new event
+--    of it, held or not, in the period its event occurred in (usage per 15-minute bucket of
+--    occurred_at: every time zone's midnight falls on one); spend rows in key order.
 -- 2. Usage consumes granted credit first, the earliest expiry first (d = each wallet's debit).
 -- 3. Record what an organisation's wallet paid for each member's usage (attribution).
 -- 4. Flip the low-balance alert thresholds the new balances crossed; return the downward ones
@@ -19,23 +21,32 @@ WITH s AS (
     FROM s
     WHERE h.hold_id = s.hold_id AND coalesce(h.member_account_id, h.account_id) = s.account_id
       AND h.status IN ('active', 'expired')
-    RETURNING h.hold_id, h.api_key_id, h.limit_period_start, h.member_account_id,
-              h.member_period_start, h.settled_amount
-), member_spent AS (
-    INSERT INTO member_spend (member_account_id, period_start, spent)
-    SELECT member_account_id, member_period_start, sum(settled_amount)
-    FROM settled WHERE member_period_start IS NOT NULL
-    GROUP BY member_account_id, member_period_start
-    ORDER BY member_account_id, member_period_start
-    ON CONFLICT (member_account_id, period_start)
-        DO UPDATE SET spent = member_spend.spent + excluded.spent
+    RETURNING h.hold_id
+), ku AS (
+    SELECT * FROM unnest(%(key_ids)s::text[], %(key_accounts)s::text[], %(key_at)s::timestamptz[],
+                         %(key_paid)s::numeric[], %(key_byok)s::numeric[])
+        AS ku(api_key_id, account_id, at, paid, byok)
 ), spend AS (
     INSERT INTO key_spend (api_key_id, period_start, spent)
-    SELECT api_key_id, limit_period_start, sum(settled_amount)
-    FROM settled WHERE limit_period_start IS NOT NULL
-    GROUP BY api_key_id, limit_period_start
-    ORDER BY api_key_id, limit_period_start
+    SELECT ku.api_key_id, billing_limit_period_start(l.period, l.time_zone, ku.at),
+           sum(ku.paid + CASE WHEN l.count_byok THEN ku.byok ELSE 0 END)
+    FROM ku JOIN key_limits l ON l.api_key_id = ku.api_key_id AND l.account_id = ku.account_id
+    GROUP BY 1, 2
+    ORDER BY 1, 2
     ON CONFLICT (api_key_id, period_start) DO UPDATE SET spent = key_spend.spent + excluded.spent
+), mu AS (
+    SELECT * FROM unnest(%(spend_members)s::text[], %(spend_member_at)s::timestamptz[],
+                         %(spend_member_amounts)s::numeric[]) AS mu(member, at, amount)
+), member_spent AS (
+    INSERT INTO member_spend (member_account_id, period_start, spent)
+    SELECT mu.member, billing_limit_period_start(m.limit_period, m.time_zone, mu.at),
+           sum(mu.amount)
+    FROM mu JOIN account_members m ON m.member_account_id = mu.member
+    WHERE m.limit_amount IS NOT NULL
+    GROUP BY 1, 2
+    ORDER BY 1, 2
+    ON CONFLICT (member_account_id, period_start)
+        DO UPDATE SET spent = member_spend.spent + excluded.spent
 ), d AS (
     SELECT * FROM unnest(%(accounts)s::text[], %(debits)s::numeric[]) AS d(account_id, amount)
 ), g AS (
@@ -94,7 +105,7 @@ WHERE NOT EXISTS (SELECT 1 FROM account_members WHERE org_account_id = %(member)
   AND NOT EXISTS (SELECT 1 FROM account_members WHERE member_account_id = %(org)s)
 ON CONFLICT (member_account_id) DO UPDATE
 SET limit_amount = excluded.limit_amount, limit_period = excluded.limit_period,
-    time_zone = excluded.time_zone
+    time_zone = excluded.time_zone, updated_at = now()
 WHERE account_members.org_account_id = excluded.org_account_id
 RETURNING member_account_id
 

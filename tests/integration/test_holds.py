@@ -188,6 +188,39 @@ def test_release_and_retry_and_byok_and_frozen(
         Decision.WALLET_FROZEN
     )
     assert authorizer.authorize(conn, request("nobody"), NOW).reason is Decision.UNKNOWN_ACCOUNT
+    # BYOK takes no hold, but not for an account that does not exist or a frozen wallet
+    assert authorizer.authorize(conn, request(byok=True), NOW).reason is Decision.WALLET_FROZEN
+    nobody = authorizer.authorize(conn, request("nobody", byok=True), NOW)
+    assert nobody.reason is Decision.UNKNOWN_ACCOUNT
+
+
+def test_concurrent_first_calls_with_one_hold_id_make_one_hold(
+    settings: Settings, conn: psycopg.Connection[Any], q: Queries
+) -> None:
+    """Guards the hold_id re-read under the wallet lock (billing_authorize)."""
+    open_account(conn, q, "acme", WORST * 10)
+    pool = db.make_pool(settings, min_size=8, max_size=8)
+    authorizer = Authorizer(q, settings.hold_ttl)
+    start = threading.Barrier(8)
+    results: list[Any] = []
+
+    def one() -> None:
+        start.wait()
+        try:
+            with pool.connection() as c:
+                results.append(authorizer.authorize(c, request(hold_id="same"), NOW).reason)
+        except BaseException as exc:  # reported below
+            results.append(exc)
+
+    threads = [threading.Thread(target=one) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    pool.close()
+    assert sorted(map(str, results)) == sorted(["held"] + ["existing"] * 7), results
+    assert holds.availability(conn, q, "acme", NOW).held == WORST
+    assert_audit_clean(conn, q)
 
 
 def test_no_max_tokens_uses_the_model_ceiling(
@@ -268,6 +301,27 @@ def test_key_limit_resets_at_the_period_boundary(
     a5 = authorizer.authorize(conn, request(hold_id="k5"), boundary)
     assert (a5.allowed, a5.key_remaining) == (True, WORST)
     assert_audit_clean(conn, q)
+
+
+def test_usage_without_a_hold_counts_toward_the_key_limit_and_the_audit_checks_it(
+    conn: psycopg.Connection[Any], q: Queries, authorizer: Authorizer
+) -> None:
+    """Guards the key spend of every recorded event (not only of settled holds)."""
+    open_account(conn, q, "acme", "100")
+    limits.set_limit(conn, q, account_id="acme", api_key_id="key-1", amount=WORST * 2,
+                     period=limits.Period.DAY, time_zone="UTC", actor="tests")  # fmt: skip
+    conn.execute("UPDATE key_limits SET updated_at = '2000-01-01'")  # set long ago: audit it all
+    now = datetime.now(UTC)
+    record(conn, q, "nh-1", None, occurred_at=now)  # no hold: 1000 in / 500 out = 0.0033
+    record(conn, q, "nh-2", None, occurred_at=now)
+    record(conn, q, "nh-3", None, key="key-2", occurred_at=now)  # another key: not limited
+    assert limits.show_limits(conn, q, now, api_key_id="key-1")[0].used == Decimal("0.0066")
+    denied = authorizer.authorize(conn, request(hold_id="after"), now)
+    assert (denied.allowed, denied.reason) == (False, Decision.KEY_LIMIT_EXCEEDED)
+    assert_audit_clean(conn, q)
+    conn.execute("UPDATE key_spend SET spent = spent - 0.0033")  # an undercount
+    failed = [c.name for c in run_audit(conn, q).checks if not c.ok]
+    assert failed == ["each limited key's period spend equals the cost of its events"]
 
 
 def test_key_limit_counts_byok_only_when_asked(
