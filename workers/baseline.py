@@ -4,7 +4,9 @@ Kept in the repo as the yardstick for ``bench/throughput.py`` (run it with
 ``celery -A workers.baseline worker``). It is correct and exactly-once like the fleet (same
 validation, pricing, idempotent insert and ledger posting) but shaped the straightforward way: a
 Celery task message per event, a prefetch of one task per process, and per event one transaction
-of a single-row ``INSERT .. ON CONFLICT DO NOTHING`` followed by the wallet's ledger posting.
+of a single-row insert that claims the event's idempotency key, followed by the wallet's ledger
+posting. A benchmark reference only: it bills each account's own wallet and skips the spend
+controls (holds, grants, sub-accounts), which the benchmark's traffic does not use.
 """
 
 from __future__ import annotations
