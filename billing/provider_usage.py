@@ -37,7 +37,7 @@ openapi.yaml, see /work/shared/reference/openrouter).
 from __future__ import annotations
 
 from collections.abc import Callable
-from decimal import Decimal
+from decimal import ROUND_DOWN, Decimal
 from enum import StrEnum
 from typing import Annotated, Any, Literal, NamedTuple
 
@@ -529,9 +529,20 @@ def openrouter(usage: OpenRouterUsage, status: RequestStatus) -> Derived:
         writes_priced=True,
     )
     _nonempty(counts, status)
-    if usage.cost is not None and (not usage.cost.is_finite() or usage.cost < 0):
-        raise UsageConflict(f"{ROOT}.cost", f"must be a non-negative number, got {usage.cost}")
+    if usage.cost is not None and (
+        not usage.cost.is_finite() or usage.cost < 0 or usage.cost >= MAX_REPORTED_COST
+    ):
+        raise UsageConflict(
+            f"{ROOT}.cost", f"must be a number from 0 to {MAX_REPORTED_COST}, got {usage.cost}"
+        )
+    if usage.cost is not None and usage.cost != usage.cost.quantize(COST_QUANTUM, ROUND_DOWN):
+        raise UsageConflict(f"{ROOT}.cost", f"more than 12 decimal places: {usage.cost}")
     return Derived(counts, byok=usage.is_byok, reported_cost=usage.cost)
+
+
+# The reported cost is stored beside ours in NUMERIC(38, 12): bounded, and exact as given.
+MAX_REPORTED_COST = Decimal(10) ** 9
+COST_QUANTUM = Decimal("1e-12")
 
 
 # ---- dispatch ------------------------------------------------------------------------------

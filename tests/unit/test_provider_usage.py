@@ -514,6 +514,17 @@ def test_canonical_usage_beside_provider_usage_must_agree() -> None:
 
 
 CONFLICTS: list[tuple[str, dict[str, Any], Reason, str]] = [
+    *(
+        (
+            f"openrouter cost {cost}",
+            event(
+                "openrouter", {"prompt_tokens": 10, "completion_tokens": 5, "cost": cost}, *O4_MINI
+            ),
+            Reason.PROVIDER_USAGE_CONFLICT,
+            "$.provider_usage.cost",
+        )
+        for cost in (-0.5, 1e30, 0.0000000000001)  # negative, too large, past 12 decimals
+    ),
     (
         "cached larger than prompt",
         event(
