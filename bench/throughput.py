@@ -216,6 +216,7 @@ def env_for(settings: Settings, **extra: str) -> dict[str, str]:
             "BILLING_WALLET_EVENTS_EXCHANGE": settings.wallet_events_exchange,
             "BILLING_TASKS_QUEUE": settings.tasks_queue,
             "BILLING_EXPORTS_QUEUE": settings.exports_queue,
+            "BILLING_METRICS_PORT": "0",  # several workers on one host; nothing scrapes them here
             **extra,
         }
     )

@@ -76,7 +76,7 @@ def export_period_task(period: str, fmt: str, account: str | None = None) -> dic
 
 @app.task(name="billing.ensure_partitions", autoretry_for=(Transient,), retry_backoff=True)
 def ensure_partitions_task() -> list[str]:
-    """Create the coming months' usage_events partitions (daily; idempotent)."""
+    """Create the coming months' usage_events partitions (every 6 hours; idempotent)."""
     with connect(settings) as conn:
         return ensure_partitions(
             conn, queries(settings), datetime.now(UTC), settings.partition_months_ahead

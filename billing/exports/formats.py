@@ -437,16 +437,19 @@ def statement_html(st: Statement, header: InvoiceHeader | None = None) -> bytes:
         f'</thead><tbody>{rows}<tr class="total"><td>Closing balance</td>'
         f'<td class="num">{_money(st.section_cents(Section.CLOSING))}</td></tr></tbody></table>'
     ]
-    if st.granted_closing or st.usage_from_grants:  # paid and granted credit apart (issue 9)
+    if st.granted_closing or st.usage_from_grants:  # paid and granted credit apart
+        # paid = closing - granted in cents, so that the two printed lines add up to the
+        # printed closing balance (rounding each on its own could be a cent off)
+        granted = to_cents(st.granted_closing)
         split = [
-            ("of which paid credit", st.paid_closing),
-            ("of which granted credit", st.granted_closing),
-            ("usage paid from granted credit", st.usage_from_grants),
+            ("of which paid credit", st.section_cents(Section.CLOSING) - granted),
+            ("of which granted credit", granted),
+            ("usage paid from granted credit", to_cents(st.usage_from_grants)),
         ]
         body.append(
             "<table><tbody>"
             + "".join(
-                f'<tr><td>{_e(label)}</td><td class="num">{_money(to_cents(v))}</td></tr>'
+                f'<tr><td>{_e(label)}</td><td class="num">{_money(v)}</td></tr>'
                 for label, v in split
             )
             + "</tbody></table>"
