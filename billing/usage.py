@@ -3,14 +3,13 @@
 ``process_batch`` decodes a batch of message bodies, prices each event at the version in force
 when it happened, and records everything in one transaction:
 
-1. look up which event ids are already recorded (one indexed ``= ANY`` query) and drop them:
-   redeliveries and gateway retries debit nothing;
-2. COPY the new events straight into ``usage_events`` in ``event_id`` order; its insert trigger
-   claims each event's idempotency key in ``usage_event_keys`` (one key per event_id across all
-   monthly partitions). The key is the exactly-once guarantee: if a concurrent worker commits one
-   of the same events between the look-up and the COPY, the COPY fails with a unique violation,
-   the transaction rolls back, and the batch is recorded again (the look-up then sees the other
-   worker's key);
+1. claim the idempotency key of every event of the batch in ``usage_event_keys`` (one
+   ``INSERT .. ON CONFLICT (event_id) DO NOTHING RETURNING``, keys in ``event_id`` order): only
+   the keys of events never recorded come back, so redeliveries, gateway retries and replays
+   debit nothing. A key another worker has claimed but not committed makes the claim wait for
+   that worker's commit, then skip it (the exactly-once step);
+2. COPY the claimed events straight into ``usage_events`` (partitioned by month); its insert
+   trigger finds each row's key already claimed at the same ``recorded_at``;
 3. debit each wallet once by the sum of its new events, locking wallets in account order (no
    deadlock between workers), and write the balanced ledger entries (wallets against usage
    revenue) as one posting that every new event references;
@@ -271,9 +270,9 @@ def record_batch(
     if unique:
         posting_id = next_posting_id(conn, q)
         ids = sorted(unique)
-        seen = {row[0] for row in conn.execute(q["recorded_event_ids"], {"event_ids": ids})}
-        new = [unique[event_id] for event_id in ids if event_id not in seen]
-        result.duplicates += len(seen)
+        claimed = {row[0] for row in conn.execute(q["claim_event_keys"], {"event_ids": ids})}
+        new = [unique[event_id] for event_id in ids if event_id in claimed]
+        result.duplicates += len(ids) - len(new)
         if new:
             data = "".join([copy_line(p, posting_id) for p in new]).encode()
             with conn.cursor() as cur, cur.copy(q["copy_usage_events"]) as copy:
@@ -358,25 +357,11 @@ def record_isolating(
     resolution: str = "recorded",
 ) -> BatchResult:
     """``record_batch`` in its own transaction; isolate and park items the database refuses."""
-    for attempt in range(1, CONCURRENT_RECORD_ATTEMPTS + 1):
-        try:
-            with conn.transaction():
-                return record_batch(conn, q, priced, rejected, resolution=resolution)
-        except psycopg.errors.UniqueViolation as exc:
-            # Another worker committed some of these events after our look-up: record again,
-            # the look-up now sees them. It committed, so every retry makes progress.
-            if exc.diag.constraint_name not in _CONCURRENT_KEYS or conn.closed or conn.broken:
-                return _split_or_raise(conn, q, priced, rejected, resolution, exc)
-            if attempt == CONCURRENT_RECORD_ATTEMPTS:
-                raise Transient(f"events recorded concurrently {attempt} times: {exc}") from exc
-        except psycopg.Error as exc:
-            return _split_or_raise(conn, q, priced, rejected, resolution, exc)
-    raise AssertionError("unreachable")
-
-
-CONCURRENT_RECORD_ATTEMPTS = 5
-# the idempotency key (claimed by the insert trigger, migration 0006)
-_CONCURRENT_KEYS = ("usage_events_pkey", "usage_event_keys_pkey")
+    try:
+        with conn.transaction():
+            return record_batch(conn, q, priced, rejected, resolution=resolution)
+    except psycopg.Error as exc:
+        return _split_or_raise(conn, q, priced, rejected, resolution, exc)
 
 
 def _split_or_raise(

@@ -1,9 +1,17 @@
+-- name: claim_event_keys
+-- The exactly-once step: claim each event's idempotency key (one key per event_id, across every
+-- monthly partition of usage_events). Only keys never claimed come back. In event_id order, so
+-- two workers holding the same events wait for each other's keys in the same order (no
+-- deadlock); a key claimed by an uncommitted transaction is waited for, then skipped.
+INSERT INTO usage_event_keys (event_id, recorded_at)
+SELECT event_id, now() FROM unnest(%(event_ids)s::text[]) AS event_id ORDER BY event_id
+ON CONFLICT (event_id) DO NOTHING
+RETURNING event_id
+
 -- name: copy_usage_events
--- Only events the look-up (recorded_event_ids) found new, in event_id order: two workers holding
--- the same events take the key locks in the same order. The insert trigger claims each event's
--- idempotency key (usage_event_keys, migration 0006): a concurrent commit of one of them makes
--- this fail on usage_event_keys_pkey, and the batch is recorded again
--- (billing.usage.record_isolating).
+-- The events whose key this transaction claimed (claim_event_keys), in event_id order. The insert
+-- trigger (billing_claim_event_keys, migration 0006) finds their keys claimed at the same
+-- recorded_at; on any other path it claims them itself.
 COPY usage_events (
     event_id, occurred_at, account_id, api_key_id, model, provider, byok, price_effective_from,
     input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens,

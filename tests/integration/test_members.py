@@ -30,8 +30,9 @@ NOW = datetime.now(UTC)
 
 
 def record(conn: psycopg.Connection[Any], q: Queries, event_id: str, account: str,
-           hold_id: str | None = None, byok: bool = False) -> None:  # fmt: skip
-    base = make_event(event_id, account, byok=byok)  # 1000 in / 500 out = 0.0033
+           hold_id: str | None = None, byok: bool = False,
+           occurred_at: datetime | None = None) -> None:  # fmt: skip
+    base = make_event(event_id, account, byok=byok, occurred_at=occurred_at)  # 1000/500: 0.0033
     fields = {f: getattr(base, f) for f in base.__struct_fields__}
     event = UsageEvent(**{**fields, "hold_id": hold_id})
     priced, rejected = price_events([event], snapshot(conn, q))
@@ -137,7 +138,7 @@ def test_a_member_limit_resets_each_period(
     day = datetime(2026, 5, 4, 12, tzinfo=UTC)
     a1 = authorizer.authorize(conn, req("m1", "d1"), day)
     assert a1.allowed
-    record(conn, q, "m1-e1", "m1", hold_id="d1")  # settles 0.0033 into the member's day
+    record(conn, q, "m1-e1", "m1", hold_id="d1", occurred_at=day)  # 0.0033 in the member's day
     assert authorizer.authorize(conn, req("m1", "d2"), day).allowed
     denied = authorizer.authorize(conn, req("m1", "d3"), day)
     assert (denied.allowed, denied.reason) == (False, Decision.MEMBER_LIMIT_EXCEEDED)

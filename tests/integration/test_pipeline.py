@@ -454,11 +454,10 @@ def test_parallel_batches_with_overlapping_events_never_deadlock_or_double_debit
 def test_an_event_committed_by_another_worker_during_the_copy_is_not_debited_twice(
     settings: Settings, conn: psycopg.Connection[Any], q: Queries
 ) -> None:
-    """Guards the primary key as the exactly-once step: the look-up cannot see uncommitted rows.
+    """Guards the key claim as the exactly-once step between two workers holding one event.
 
-    Worker A records ``race`` and holds its transaction open; worker B's look-up misses it, its
-    COPY waits on A's key, A commits, B's COPY fails on the primary key and B records the batch
-    again (without that retry the batch would be bisected: still correct, only slower).
+    Worker A records ``race`` and holds its transaction open; worker B's claim of the same key
+    waits on A's uncommitted key, A commits, B's claim skips it and B records only ``other``.
     """
     open_account(conn, q, "acme", "10")
     snap = catalog.snapshot(conn, q)
