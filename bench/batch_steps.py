@@ -4,7 +4,7 @@ One process, in-process (no broker), against real PostgreSQL: decode and price, 
 statements of ``billing.usage.record_batch`` one by one, in batches of 5,000 events from
 envelopes of 100, for 1,000 accounts. Prints microseconds of wall time per event for each step.
 
-    .venv/bin/python -m bench.batch_steps [--events 50000]
+    .venv/bin/python -m bench.batch_steps [--events 50000] [--batch 5000]
 """
 
 from __future__ import annotations
@@ -12,20 +12,29 @@ from __future__ import annotations
 import argparse
 import gc
 import time
+from collections import defaultdict
 from dataclasses import replace
 from datetime import UTC, datetime
+from decimal import Decimal
 
 from bench.throughput import TEMPLATE, _recreate, _url, prepare_template
 from billing import catalog, db
 from billing.events import encode_envelope
+from billing.ledger import PostingKind, SystemAccount, post_wallet_movement
+from billing.money import EXACT, ZERO
 from billing.settings import Settings
+from billing.spend_controls import after_debit
 from billing.synthetic import TrafficShape, generate
 from billing.usage import copy_line, decode_and_price
+from billing.wallets import record_crossings
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=50_000)
+    parser.add_argument(
+        "--batch", type=int, default=5_000, help="events per batch (a multiple of 100)"
+    )
     args = parser.parse_args()
     accounts = [f"acct-{i:05d}" for i in range(1_000)]
     prepare_template(accounts)
@@ -52,9 +61,12 @@ def main() -> None:
         def timed(step: str, start: float) -> None:
             spent[step] = spent.get(step, 0.0) + time.perf_counter() - start
 
-        for b in range(0, len(bodies), 50):
+        per_batch = max(args.batch // 100, 1)  # envelopes of 100 events
+        for b in range(0, len(bodies), per_batch):
             t = time.perf_counter()
-            priced, _ = decode_and_price(bodies[b : b + 50], snap, settings, datetime.now(UTC))
+            priced, _ = decode_and_price(
+                bodies[b : b + per_batch], snap, settings, datetime.now(UTC)
+            )
             timed("decode + price", t)
             with conn.transaction():
                 t = time.perf_counter()
@@ -65,12 +77,12 @@ def main() -> None:
                 timed("accounts check, posting id", t)
                 t = time.perf_counter()
                 ids = sorted({p.event.event_id for p in priced})
-                seen = {r[0] for r in conn.execute(q["recorded_event_ids"], {"event_ids": ids})}
+                claimed = {r[0] for r in conn.execute(q["claim_event_keys"], {"event_ids": ids})}
                 new = sorted(
-                    (p for p in priced if p.event.event_id not in seen),
+                    (p for p in priced if p.event.event_id in claimed),
                     key=lambda p: p.event.event_id,
                 )
-                timed("look-up of known event ids", t)
+                timed("claim of idempotency keys", t)
                 t = time.perf_counter()
                 data = "".join([copy_line(p, posting_id) for p in new]).encode()
                 timed("COPY line formatting", t)
@@ -79,13 +91,21 @@ def main() -> None:
                     copy.write(data)
                 timed("COPY into usage_events", t)
                 t = time.perf_counter()
-                touched = sorted({p.event.account_id for p in new})
-                conn.execute(q["lock_wallets"], {"accounts": touched}).fetchall()
-                conn.execute(
-                    q["update_wallet_balances"],
-                    {"accounts": touched, "amounts": [0] * len(touched)},
-                )
-                timed("wallet locks and updates", t)
+                deltas: dict[str, Decimal] = defaultdict(lambda: ZERO)
+                for p in new:
+                    if not p.event.byok:
+                        account = p.event.account_id
+                        deltas[account] = EXACT.subtract(deltas[account], p.charge.total)
+                changes = post_wallet_movement(
+                    conn, q, posting_id=posting_id, kind=PostingKind.USAGE, wallet_deltas=deltas,
+                    counterparty=SystemAccount.USAGE_REVENUE, reference=f"steps:{posting_id}",
+                )  # fmt: skip
+                timed("wallet locks, balances, ledger entries", t)
+                t = time.perf_counter()
+                record_crossings(conn, q, changes, check_alerts=False)
+                payers = {a: a for a in {p.event.account_id for p in new}}
+                after_debit(conn, q, posting_id, deltas, payers, new, changes)
+                timed("crossings, spend controls", t)
                 t = time.perf_counter()
             timed("commit", t)
     for step, seconds in spent.items():

@@ -5,8 +5,8 @@ Each line compares the chosen way with the way it replaced, on the same data, sa
 * msgspec decoding of a usage.v1 event with regex ``pattern`` constraints vs. plain ones;
 * COPY text built by psycopg's ``write_row`` (27 adapted values) vs. one f-string per row;
 * inserting 5,000 events into ``usage_events`` with vs. without the foreign keys we dropped.
-* recording 5,000 new events by COPY into staging + ``INSERT .. ON CONFLICT DO NOTHING`` vs.
-  an ``= ANY`` look-up of the known ids + COPY straight into ``usage_events``.
+* recording 5,000 new events by COPY into staging + one ``INSERT .. SELECT`` claiming keys
+  and inserting rows vs. claiming the keys from an array + COPY straight into ``usage_events``.
 
     .venv/bin/python -m bench.micro
 """
@@ -136,7 +136,7 @@ def main() -> None:
                 for _ in range(3):  # alternate, so that neither way always runs on a cold cache
                     for label, record in (
                         ("COPY to staging + INSERT .. ON CONFLICT (before)", _via_staging),
-                        ("= ANY look-up + COPY into the table (now)", _direct),
+                        ("key claim from an array + COPY into the table (now)", _direct),
                     ):
                         try:
                             with conn.transaction():
@@ -160,7 +160,7 @@ def _via_staging(conn: Any, q: Any, data: bytes, ids: list[str]) -> None:
 
 
 def _direct(conn: Any, q: Any, data: bytes, ids: list[str]) -> None:
-    conn.execute(q["recorded_event_ids"], {"event_ids": sorted(ids)}).fetchall()
+    conn.execute(q["claim_event_keys"], {"event_ids": sorted(ids)}).fetchall()
     with conn.cursor() as cur, cur.copy(q["copy_usage_events"]) as copy:
         copy.write(data)
 
