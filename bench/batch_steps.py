@@ -23,7 +23,7 @@ from billing.events import encode_envelope
 from billing.ledger import PostingKind, SystemAccount, post_wallet_movement
 from billing.money import EXACT, ZERO
 from billing.settings import Settings
-from billing.spend_controls import after_debit
+from billing.spend_controls import BatchControls, after_debit
 from billing.synthetic import TrafficShape, generate
 from billing.usage import copy_line, decode_and_price
 from billing.wallets import record_crossings
@@ -70,9 +70,9 @@ def main() -> None:
             timed("decode + price", t)
             with conn.transaction():
                 t = time.perf_counter()
-                conn.execute(
-                    q["known_accounts"], {"accounts": sorted({p.event.account_id for p in priced})}
-                )
+                controls = BatchControls.read(
+                    conn, q, sorted({p.event.account_id for p in priced})
+                )  # payers and the spend controls that apply
                 posting_id = conn.execute(q["next_posting_id"]).fetchone()[0]  # type: ignore[index]
                 timed("accounts check, posting id", t)
                 t = time.perf_counter()
@@ -103,8 +103,7 @@ def main() -> None:
                 timed("wallet locks, balances, ledger entries", t)
                 t = time.perf_counter()
                 record_crossings(conn, q, changes, check_alerts=False)
-                payers = {a: a for a in {p.event.account_id for p in new}}
-                after_debit(conn, q, posting_id, deltas, payers, new, changes)
+                after_debit(conn, q, posting_id, deltas, controls, new, changes)
                 timed("crossings, spend controls", t)
                 t = time.perf_counter()
             timed("commit", t)

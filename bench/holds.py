@@ -149,11 +149,14 @@ def check_exact(settings: Settings, afford: int) -> bool:
     calls = afford * 4
     start = threading.Barrier(calls)
     allowed: list[bool] = []
+    # at most 48 connections: the server's max_connections (100 by default) is shared
+    pool = db.make_pool(settings, min_size=min(calls, 48), max_size=min(calls, 48))
+    with pool.connection() as conn:
+        authorizer.catalog(conn)
 
     def one(i: int) -> None:
-        with db.connect(settings) as conn:
-            authorizer.catalog(conn)
-            start.wait()
+        start.wait()
+        with pool.connection() as conn:
             allowed.append(
                 authorizer.authorize(conn, req("exact", f"exact-{i}"), datetime.now(UTC)).allowed
             )
@@ -163,6 +166,7 @@ def check_exact(settings: Settings, afford: int) -> bool:
         t.start()
     for t in threads:
         t.join()
+    pool.close()
     ok = allowed.count(True) == afford
     print(f"exactness: {allowed.count(True)} of {calls} allowed, wallet affords {afford}: "
           f"{'ok' if ok else 'WRONG'}")  # fmt: skip

@@ -16,6 +16,7 @@ were debited (their rows are locked). The statement (``after_usage_debit``):
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -31,24 +32,58 @@ if TYPE_CHECKING:
     from billing.usage import PricedEvent
 
 
+@dataclass(frozen=True)
+class BatchControls:
+    """The batch's accounts, each one's paying wallet, and which spend controls apply to them.
+
+    Read in the batch's first statement (``batch_payers``); most accounts have no limit or alert,
+    and the spend-controls statement then gets nothing for them. Grants are not pre-read: whether
+    a wallet has granted credit is decided under its row lock, in the statement itself (a grant
+    credited between this read and the debit must still be consumed first).
+    """
+
+    payers: Mapping[str, str]  # account -> the wallet that pays (its own, or its organisation's)
+    limited_keys: frozenset[tuple[str, str]]  # (api_key_id, account_id) with a spending limit
+    limited_members: frozenset[str]  # member accounts with a limit of their own
+    alert_payers: frozenset[str]  # paying wallets with low-balance thresholds
+
+    @classmethod
+    def read(cls, conn: psycopg.Connection[Any], q: Queries, accounts: list[str]) -> BatchControls:
+        payers: dict[str, str] = {}
+        keys: set[tuple[str, str]] = set()
+        members: set[str] = set()
+        alerts: set[str] = set()
+        for account, payer, limited_keys, member_limited, has_alerts in conn.execute(
+            q["batch_payers"], {"accounts": accounts}
+        ):
+            payers[account] = payer
+            keys.update((key, account) for key in limited_keys)
+            if member_limited:
+                members.add(account)
+            if has_alerts:
+                alerts.add(payer)
+        return cls(payers, frozenset(keys), frozenset(members), frozenset(alerts))
+
+
 def after_debit(
     conn: psycopg.Connection[Any],
     q: Queries,
     posting_id: int,
     deltas: Mapping[str, Decimal],
-    payers: Mapping[str, str],
+    controls: BatchControls,
     recorded: Sequence[PricedEvent],
     changes: Sequence[WalletChange],
 ) -> tuple[int, Decimal, int]:
-    """Settle holds, consume grants, flip low-balance thresholds.
+    """Settle holds, count limited spend, consume grants, attribute members, flip alerts.
 
     Returns (holds settled, granted credit used, low-balance outbox rows written).
 
-    ``deltas``: each paying wallet's (negative) usage delta of ``posting_id``; ``payers``: each
-    account's paying wallet; ``recorded``: the batch's newly recorded events (not the
-    duplicates); ``changes``: the debited wallets' new balances. Nothing runs when nothing
-    applies.
+    ``deltas``: each paying wallet's (negative) usage delta of ``posting_id``; ``controls``: the
+    batch's payers and the controls that apply; ``recorded``: the batch's newly recorded events
+    (not the duplicates); ``changes``: the debited wallets' new balances. Only what applies is
+    sent; nothing runs when nothing applies (no debit, hold, limit, alert or sub-account).
     """
+    payers = controls.payers
     hold_ids: list[str] = []
     event_ids: list[str] = []
     hold_accounts: list[str] = []
@@ -57,25 +92,33 @@ def after_debit(
     # spend per (key, account, quarter hour) as [paid, BYOK notional]; per (member, quarter hour)
     key_usage: dict[tuple[str, str, datetime], list[Decimal]] = {}
     member_usage: dict[tuple[str, datetime], Decimal] = {}
+    limited_keys, limited_members = controls.limited_keys, controls.limited_members
     for p in recorded:
-        account, total = p.event.account_id, p.charge.total
-        if p.event.hold_id is not None:
-            hold_ids.append(p.event.hold_id)
-            event_ids.append(p.event.event_id)
+        e = p.event
+        account, total = e.account_id, p.charge.total
+        if e.hold_id is not None:
+            hold_ids.append(e.hold_id)
+            event_ids.append(e.event_id)
             hold_accounts.append(account)
             hold_amounts.append(total)
         if not total:
             continue
-        at = _quarter_hour(p.event.occurred_at)
-        spent = key_usage.setdefault((p.event.api_key_id, account, at), [ZERO, ZERO])
-        spent[p.event.byok] = EXACT.add(spent[p.event.byok], total)
-        if payers[account] != account and not p.event.byok:
+        if limited_keys and (e.api_key_id, account) in limited_keys:
+            spent = key_usage.setdefault(
+                (e.api_key_id, account, _quarter_hour(e.occurred_at)), [ZERO, ZERO]
+            )
+            spent[e.byok] = EXACT.add(spent[e.byok], total)
+        if payers[account] != account and not e.byok:
             key = (account, payers[account])
             members[key] = EXACT.add(members.get(key, ZERO), total)
-            member_usage[account, at] = EXACT.add(member_usage.get((account, at), ZERO), total)
-    accounts = sorted(a for a, v in deltas.items() if v < 0)
-    changed = sorted(changes, key=lambda c: c.account_id)
-    if not hold_ids and not accounts and not changed and not key_usage:
+            if account in limited_members:
+                at = _quarter_hour(e.occurred_at)
+                member_usage[account, at] = EXACT.add(member_usage.get((account, at), ZERO), total)
+    accounts = sorted(a for a, v in deltas.items() if v < 0)  # grants: decided under the lock
+    changed = sorted(
+        (c for c in changes if c.account_id in controls.alert_payers), key=lambda c: c.account_id
+    )
+    if not (hold_ids or accounts or changed or key_usage or members):
         return 0, Decimal(0), 0
     keys = sorted(key_usage)
     spend_members = sorted(member_usage)

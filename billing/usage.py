@@ -45,7 +45,7 @@ from billing.provider_usage import reported_cost
 from billing.request_status import RequestStatus
 from billing.service_tier import ServiceTier
 from billing.settings import Settings
-from billing.spend_controls import after_debit
+from billing.spend_controls import BatchControls, after_debit
 from billing.wallets import record_crossings
 
 
@@ -250,7 +250,8 @@ def record_batch(
     # Unknown accounts are parked, not guessed.
     accounts = sorted({p.event.account_id for p in priced})
     # account -> the wallet that pays: its own, or its organisation's (sub-accounts)
-    known = dict(conn.execute(q["batch_payers"], {"accounts": accounts}).fetchall())
+    controls = BatchControls.read(conn, q, accounts)
+    known = controls.payers
     unique: dict[str, PricedEvent] = {}
     for p in priced:
         if p.event.account_id not in known:
@@ -298,7 +299,7 @@ def record_batch(
         result.amount_debited = EXACT.minus(sum_exact(deltas.values()))
         result.crossings = record_crossings(conn, q, changes, check_alerts=False)
         # holds, grants, member attribution; low-balance alerts are relayed like crossings
-        result.crossings += after_debit(conn, q, posting_id, deltas, known, new, changes)[2]
+        result.crossings += after_debit(conn, q, posting_id, deltas, controls, new, changes)[2]
         # Parked dead letters whose event is now recorded are resolved; skipped (one cheap
         # EXISTS) in the common case where nothing is parked.
         if conn.execute(q["any_parked"]).fetchone() != (False,):

@@ -25,6 +25,7 @@ CREATE TABLE key_limits (
     updated_at  timestamptz NOT NULL DEFAULT now(),
     updated_by  text
 );
+CREATE INDEX key_limits_account ON key_limits (account_id);  -- the usage batch's look-up
 CREATE TRIGGER key_limits_time_zone BEFORE INSERT OR UPDATE OF time_zone ON key_limits
     FOR EACH ROW EXECUTE FUNCTION billing_check_time_zone();
 

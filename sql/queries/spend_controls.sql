@@ -91,9 +91,19 @@ SELECT (SELECT count(*) FROM settled) AS settled_holds,
           FROM flipped f WHERE f.below) AS crossed
 
 -- name: batch_payers
--- The batch's known accounts and the wallet that pays for each: its own, or its organisation's.
-SELECT a.account_id, coalesce(m.org_account_id, a.account_id)
-FROM accounts a LEFT JOIN account_members m ON m.member_account_id = a.account_id
+-- The batch's known accounts, the wallet that pays for each (its own, or its organisation's),
+-- and which spend controls apply, so that the batch sends the spend-controls statement only
+-- what it needs (most accounts have none): the account's limited keys, whether it is a member
+-- with a limit, whether its paying wallet has balance alerts. (Grants are decided under the
+-- wallet lock, in after_usage_debit.)
+SELECT a.account_id, p.payer,
+       ARRAY(SELECT l.api_key_id FROM key_limits l WHERE l.account_id = a.account_id)
+           AS limited_keys,
+       m.limit_amount IS NOT NULL AS member_limited,
+       EXISTS (SELECT 1 FROM balance_alerts b WHERE b.account_id = p.payer) AS has_alerts
+FROM accounts a
+LEFT JOIN account_members m ON m.member_account_id = a.account_id
+CROSS JOIN LATERAL (SELECT coalesce(m.org_account_id, a.account_id) AS payer) p
 WHERE a.account_id = ANY(%(accounts)s)
 
 -- name: upsert_member
