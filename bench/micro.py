@@ -3,7 +3,7 @@
 Each line compares the chosen way with the way it replaced, on the same data, same process:
 
 * msgspec decoding of a usage.v1 event with regex ``pattern`` constraints vs. plain ones;
-* COPY text built by psycopg's ``write_row`` (27 adapted values) vs. one f-string per row;
+* COPY text built by psycopg's ``write_row`` (37 adapted values) vs. one f-string per row;
 * inserting 5,000 events into ``usage_events`` with vs. without the foreign keys we dropped.
 * recording 5,000 new events by COPY into staging + one ``INSERT .. SELECT`` claiming keys
   and inserting rows vs. claiming the keys from an array + COPY straight into ``usage_events``.
@@ -86,7 +86,7 @@ def main() -> None:
             conn.execute(q["create_usage_staging"])
             with conn.cursor() as cur, cur.copy(q["copy_usage_staging"]) as copy:
                 rate(
-                    "psycopg write_row of 27 values (before)",
+                    "psycopg write_row of 37 values (before)",
                     lambda p: copy.write_row(staging_row(p, 1)),
                     priced,
                 )  # type: ignore[arg-type]
