@@ -22,7 +22,8 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from billing.db import Queries, fetch_dicts
-from billing.errors import BillingError, UnknownAccount
+from billing.errors import BillingError
+from billing.ledger import require_account
 from billing.money import exact, format_usd
 
 if TYPE_CHECKING:
@@ -82,8 +83,7 @@ def set_alert(
     if value <= 0:
         raise BillingError("a threshold must be positive")
     with conn.transaction():
-        if conn.execute(q["known_accounts"], {"accounts": [account_id]}).fetchone() is None:
-            raise UnknownAccount(f"no account {account_id!r}")
+        require_account(conn, q, account_id)
         conn.execute(
             q["set_balance_alert"], {"account_id": account_id, "threshold": value, "actor": actor}
         )

@@ -28,7 +28,7 @@ import psycopg
 
 from billing.db import Queries, fetch_dicts
 from billing.errors import BillingError, UnknownAccount
-from billing.ledger import WalletChange, next_posting_id, post_movement
+from billing.ledger import WalletChange, next_posting_id, post_movement, require_account
 from billing.money import EXACT, ZERO, exact, format_usd, sum_exact
 from billing.wallets import record_crossings
 
@@ -67,8 +67,7 @@ def grant_credit(
                 if found[1] != account_id or found[2] != value:
                     raise BillingError(f"grant {grant_id!r} exists with other terms")
                 return grant_id
-        if conn.execute(q["known_accounts"], {"accounts": [account_id]}).fetchone() is None:
-            raise UnknownAccount(f"no account {account_id!r}")
+        require_account(conn, q, account_id)
         posting_id = next_posting_id(conn, q)
         gid = grant_id or f"grant-{posting_id}"
         changes = post_movement(
@@ -161,8 +160,7 @@ def set_schedule(
 ) -> None:
     """A recurring grant: ``amount`` every ``every`` from ``first_at``, each valid ``valid_for``."""
     with conn.transaction():
-        if conn.execute(q["known_accounts"], {"accounts": [account_id]}).fetchone() is None:
-            raise UnknownAccount(f"no account {account_id!r}")
+        require_account(conn, q, account_id)
         try:
             row = conn.execute(
                 q["upsert_grant_schedule"],

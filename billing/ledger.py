@@ -17,7 +17,7 @@ from typing import Any
 import psycopg
 
 from billing.db import Queries
-from billing.errors import BillingError
+from billing.errors import BillingError, UnknownAccount
 from billing.money import EXACT, sum_exact
 
 
@@ -151,6 +151,12 @@ def post_movement(
         )
         for a in accounts
     ]
+
+
+def require_account(conn: psycopg.Connection[Any], q: Queries, account_id: str) -> None:
+    """Raise ``UnknownAccount`` unless ``account_id`` exists (accounts are never deleted)."""
+    if conn.execute(q["known_accounts"], {"accounts": [account_id]}).fetchone() is None:
+        raise UnknownAccount(f"no account {account_id!r}")
 
 
 def system_account_id_by_code(conn: psycopg.Connection[Any], q: Queries, code: str) -> int:

@@ -22,7 +22,8 @@ from typing import Any
 import psycopg
 
 from billing.db import Queries, fetch_dicts
-from billing.errors import BillingError, UnknownAccount
+from billing.errors import BillingError
+from billing.ledger import require_account
 from billing.money import format_usd
 
 
@@ -79,8 +80,7 @@ def set_limit(
     if amount < 0:
         raise BillingError("a limit must not be negative")
     with conn.transaction():
-        if conn.execute(q["known_accounts"], {"accounts": [account_id]}).fetchone() is None:
-            raise UnknownAccount(f"no account {account_id!r}")
+        require_account(conn, q, account_id)
         try:
             row = conn.execute(
                 q["set_key_limit"],

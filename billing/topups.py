@@ -37,9 +37,8 @@ from billing.errors import (
     BillingError,
     IdempotencyConflict,
     PaymentDeclined,
-    UnknownAccount,
 )
-from billing.ledger import next_posting_id, post_movement
+from billing.ledger import next_posting_id, post_movement, require_account
 from billing.money import CENT, EXACT, ZERO, exact, format_cents, format_usd, to_cents
 from billing.settings import Settings
 from billing.wallets import record_crossings
@@ -280,8 +279,7 @@ def ensure_customer(
     row = conn.execute(q["stripe_customer_get"], {"account_id": account_id}).fetchone()
     if row is not None:
         return str(row[0])
-    if conn.execute(q["known_accounts"], {"accounts": [account_id]}).fetchone() is None:
-        raise UnknownAccount(f"no account {account_id!r}")
+    require_account(conn, q, account_id)
     customer = gateway.create_customer(account_id)
     conn.execute(
         q["stripe_customer_insert"],
@@ -326,8 +324,7 @@ def _record_topup(
     kind: TopupKind,
 ) -> None:
     """Insert the top-up row (a repeat with the same id and amount is fine)."""
-    if conn.execute(q["known_accounts"], {"accounts": [account_id]}).fetchone() is None:
-        raise UnknownAccount(f"no account {account_id!r}")
+    require_account(conn, q, account_id)
     conn.execute(
         q["topup_insert"],
         {
@@ -970,8 +967,7 @@ def set_auto_topup(
     if not payment_method.strip():
         raise BillingError("a saved payment method is required")
     with conn.transaction():
-        if conn.execute(q["known_accounts"], {"accounts": [account_id]}).fetchone() is None:
-            raise UnknownAccount(f"no account {account_id!r}")
+        require_account(conn, q, account_id)
         conn.execute(
             q["auto_topup_upsert"],
             {

@@ -29,6 +29,7 @@ from billing.ledger import (
     WalletState,
     next_posting_id,
     post_wallet_movement,
+    require_account,
 )
 from billing.money import exact, format_usd
 
@@ -115,8 +116,7 @@ def adjust(
             ).fetchone()
             if found is not None:
                 return int(found[0])
-        if conn.execute(q["known_accounts"], {"accounts": [account_id]}).fetchone() is None:
-            raise UnknownAccount(f"no account {account_id!r}")
+        require_account(conn, q, account_id)
         posting_id = next_posting_id(conn, q)
         changes = post_wallet_movement(
             conn,
