@@ -149,6 +149,37 @@ def test_every_insert_path_records_an_event_at_most_once(
     assert run_audit(conn, q).ok
 
 
+def test_the_insert_trigger_probes_each_key_by_index_whatever_the_table_size(
+    conn: psycopg.Connection[Any], q: Queries
+) -> None:
+    """Migration 0007: one index look-up per inserted row, never a scan of every key.
+
+    0006's NOT EXISTS became a hash anti join over a sequential scan of ``usage_event_keys`` when
+    the statement was large or the table's statistics stale, so the cost per event grew with the
+    table (docs/performance.md). A plan made while the table was empty (a worker's first batch)
+    is kept by the session, so the probe must be an index look-up whatever the statistics say.
+    """
+    open_account(conn, q, "acme", "10")
+    conn.execute("ANALYZE usage_event_keys")  # statistics say: empty
+    copy_events(conn, "first")  # the session plans the probe while the key table is empty
+    conn.execute(
+        "INSERT INTO usage_event_keys (event_id, recorded_at) "
+        "SELECT 'old-' || g, now() - interval '1 day' FROM generate_series(1, 100000) g"
+    )
+    plans: list[str] = []
+    conn.add_notice_handler(lambda d: plans.append(d.message_primary or ""))
+    conn.execute("LOAD 'auto_explain'")
+    for setting in ("log_min_duration = 0", "log_nested_statements = on", "log_level = notice"):
+        conn.execute(f"SET auto_explain.{setting}")  # type: ignore[arg-type]
+    copy_events(conn, *(f"new-{i:05d}" for i in range(20_000)))
+    conn.execute("RESET auto_explain.log_min_duration")
+    probe = [p for p in plans if "INSERT INTO usage_event_keys" in p]
+    assert probe, plans
+    assert "Index Scan using usage_event_keys_pkey" in probe[0], probe[0]
+    assert "Seq Scan on usage_event_keys" not in probe[0], probe[0]
+    assert conn.execute("SELECT count(*) FROM usage_event_keys").fetchone() == (120_001,)
+
+
 def test_two_writers_of_one_event_across_partitions_record_it_once(
     conn: psycopg.Connection[Any], q: Queries, settings: Settings
 ) -> None:
