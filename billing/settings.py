@@ -102,6 +102,9 @@ class Settings:
     batch_size: int = 2000  # messages
     batch_events: int = 5000  # events (an envelope carries many)
     batch_timeout_ms: int = 200
+    # A batch also closes when no message came for this long: the queue is drained, so waiting
+    # for more only adds latency (with a backlog, batches still fill to their bounds).
+    batch_idle_ms: int = 5
     prefetch: int = 4000
     max_message_bytes: int = 1_048_576
     max_clock_skew: timedelta = timedelta(minutes=5)
@@ -156,6 +159,7 @@ class Settings:
             batch_size=_int(env, "BILLING_BATCH_SIZE", base.batch_size),
             batch_events=_int(env, "BILLING_BATCH_EVENTS", base.batch_events),
             batch_timeout_ms=_int(env, "BILLING_BATCH_TIMEOUT_MS", base.batch_timeout_ms),
+            batch_idle_ms=_int(env, "BILLING_BATCH_IDLE_MS", base.batch_idle_ms),
             prefetch=_int(env, "BILLING_PREFETCH", base.prefetch),
             max_message_bytes=_int(env, "BILLING_MAX_MESSAGE_BYTES", base.max_message_bytes),
             max_clock_skew=timedelta(seconds=_int(env, "BILLING_MAX_CLOCK_SKEW_S", 300, minimum=0)),

@@ -158,7 +158,11 @@ def test_sigterm_drains_the_batch_in_hand(
     open_account(conn, q, "acme", "100")
     events = traffic(conn, q, ["acme"], 300, seed=13)
     # a long batch window: the batch is still open when SIGTERM arrives
-    workers = fleet(BILLING_BATCH_SIZE="100000", BILLING_BATCH_TIMEOUT_MS="600000")
+    workers = fleet(
+        BILLING_BATCH_SIZE="100000",
+        BILLING_BATCH_TIMEOUT_MS="600000",
+        BILLING_BATCH_IDLE_MS="600000",
+    )
     worker = workers.start()
     with broker.UsagePublisher(settings) as publisher:
         publisher.publish_many(events)
@@ -168,6 +172,20 @@ def test_sigterm_drains_the_batch_in_hand(
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=60) == 0
     assert recorded(conn) == len({e.event_id for e in events})
+
+
+def test_a_batch_closes_when_the_queue_goes_idle_not_at_its_deadline(
+    settings: Settings, conn: psycopg.Connection[Any], q: Queries, fleet: Any
+) -> None:
+    """Below capacity an event waits ``BILLING_BATCH_IDLE_MS``, not the whole batch deadline."""
+    open_account(conn, q, "acme", "100")
+    events = traffic(conn, q, ["acme"], 50, seed=17)
+    workers = fleet(BILLING_BATCH_TIMEOUT_MS="600000", BILLING_BATCH_IDLE_MS="20")
+    workers.start()
+    with broker.UsagePublisher(settings) as publisher:
+        publisher.publish_many(events)
+    # a 10-minute deadline: only the idle rule can close these batches within the wait
+    wait_until(lambda: recorded(conn) == len({e.event_id for e in events}), timeout=60)
 
 
 def test_embedded_demo_runs_with_no_servers_configured(tmp_path: Path) -> None:
