@@ -7,6 +7,10 @@ Zipf-like hot set, the catalog's models and providers, cached tokens, images, se
 * baseline     one Celery task per event, one transaction per event (``workers/baseline.py``)
 * single       our fleet (``billing worker``), one event per message
 * envelope100  our fleet, envelopes of 100 events per message
+* envelope100_hash  the same, the usage stream partitioned by account over 4 queues
+               (consistent-hash exchange, ``BILLING_USAGE_PARTITIONS=4``), each worker consuming
+               its own partitions, so no two workers debit the same wallet (docs/operations.md);
+               the gateway then sends each account's events in envelopes of their own
 * sql          the same decode/price/record code fed directly, no broker (the ceiling)
 
 For each: sustained events/s after warm-up (the 10th to 90th percentile of commit times), p50/p99
@@ -16,6 +20,7 @@ with the generator's expected totals: a fast wrong answer fails the benchmark (e
 
     python -m bench.throughput            # the full comparison (a few minutes)
     python -m bench.throughput --quick    # tiny, correctness only (runs in the test suite)
+    python -m bench.throughput --only envelope100_hash --accounts 1000,10000   # 10x accounts
 
 ``BILLING_BENCH_DATABASE_URL`` (default ``postgresql://postgres@127.0.0.1:5432/postgres``) and
 ``BILLING_BENCH_BROKER_URL`` (default ``amqp://guest:guest@127.0.0.1:5672//``) choose the servers.
@@ -60,6 +65,7 @@ BROKER_URL = os.environ.get("BILLING_BENCH_BROKER_URL", "amqp://guest:guest@127.
 DB_PREFIX = os.environ.get("BILLING_BENCH_DB_PREFIX", "billing_bench")
 TEMPLATE = f"{DB_PREFIX}_template"
 CREDIT = Decimal(10_000_000)
+HASH_PARTITIONS = 4  # envelope100_hash: consistent-hash partitions by account
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -348,27 +354,41 @@ def measure_latency(
 
 
 class FastPublisher:
-    """Pre-loads the queue (persistent messages, no per-message confirm wait)."""
+    """Pre-loads the queue (persistent messages, no per-message confirm wait).
+
+    Partitioned (``usage_partitions`` > 1), a message is routed by its account, so an envelope
+    carries one account's events, as ``broker.UsagePublisher.publish_many`` sends them.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.conn = Connection(settings.broker_url)
-        self.queue = broker.usage_queue(settings)
-        self.queue(self.conn.channel()).declare()
+        self.partitioned = settings.usage_partitions > 1
+        channel = self.conn.channel()
+        for queue in broker.usage_queues(settings):
+            queue(channel).declare()
         self.producer = Producer(self.conn.channel(), exchange=broker.usage_exchange(settings))
 
-    def raw(self, body: bytes) -> None:
+    def raw(self, body: bytes, account_id: str = "") -> None:
         self.producer.publish(
             body,
-            routing_key=broker.USAGE_ROUTING_KEY,
+            routing_key=account_id if self.partitioned else broker.USAGE_ROUTING_KEY,
             content_type="application/json",
             content_encoding="utf-8",
             delivery_mode=2,
         )
 
     def events(self, events: list[UsageEvent], per_message: int) -> None:
-        for i in range(0, len(events), per_message):
-            chunk = events[i : i + per_message]
-            self.raw(encode_event(chunk[0]) if per_message == 1 else encode_envelope(chunk))
+        groups: list[list[UsageEvent]] = [events]
+        if self.partitioned and per_message > 1:
+            by_account: dict[str, list[UsageEvent]] = {}
+            for event in events:
+                by_account.setdefault(event.account_id, []).append(event)
+            groups = list(by_account.values())
+        for group in groups:
+            for i in range(0, len(group), per_message):
+                chunk = group[i : i + per_message]
+                body = encode_event(chunk[0]) if per_message == 1 else encode_envelope(chunk)
+                self.raw(body, chunk[0].account_id)
 
     def close(self) -> None:
         self.conn.release()
@@ -399,15 +419,23 @@ def run_fleet(
     per_message: int,
     workers: int,
     worker_env: dict[str, str],
+    partitions: int = 1,
 ) -> Result:
-    settings = scenario_settings(name)
+    """Our fleet; ``partitions`` > 1: worker i consumes the partitions j with j mod workers = i."""
+    settings = replace(scenario_settings(name.split("@")[0]), usage_partitions=partitions)
     publisher = FastPublisher(settings)
     publisher.events(events, per_message)
     command = [sys.executable, "-m", "billing.cli", "worker", "--loglevel=WARNING", "--no-migrate"]
+    envs = []
+    for i in range(workers):
+        env = {**worker_env, "BILLING_USAGE_PARTITIONS": str(partitions)}
+        if partitions > 1:
+            mine = [str(j) for j in range(partitions) if j % workers == i]
+            env["BILLING_USAGE_CONSUME_PARTITIONS"] = ",".join(mine)
+        envs.append(env_for(settings, **env))
     try:
         return measure(
-            name, settings, events, latency_events, snap,
-            [command] * workers, env_for(settings, **worker_env),
+            name, settings, events, latency_events, snap, [command] * workers, envs,
             lambda chunk: publisher.events(chunk, per_message), per_message, drain_timeout=600,
         )  # fmt: skip
     finally:
@@ -454,7 +482,7 @@ def run_baseline(
             latency_events,
             snap,
             [command],
-            env,
+            [env],
             send,
             1,
             drain_timeout=900,
@@ -470,7 +498,7 @@ def measure(
     latency_events: list[UsageEvent],
     snap: catalog.Catalog,
     commands: list[list[str]],
-    env: dict[str, str],
+    envs: list[dict[str, str]],
     publish: Callable[[list[UsageEvent]], None],
     per_message: int,
     drain_timeout: float,
@@ -486,7 +514,10 @@ def measure(
     sampler = Sampler(lambda: [p.pid for p in procs])
     sampler.start()
     try:
-        procs.extend(subprocess.Popen(command, env=env, cwd=ROOT) for command in commands)
+        procs.extend(
+            subprocess.Popen(command, env=env, cwd=ROOT)
+            for command, env in zip(commands, envs, strict=True)
+        )
         unique = len({e.event_id for e in events})
         wait_recorded(settings, unique, timeout=drain_timeout, procs=procs)
         rate, t10, t90, windows = commit_window(settings, events[0].event_id.split("-")[0])
@@ -524,7 +555,11 @@ def _sql_worker(database_url: str, bodies: list[bytes], batch_messages: int) -> 
 
 
 def run_sql(
-    events: list[UsageEvent], snap: catalog.Catalog, processes: int, batch_events: int
+    events: list[UsageEvent],
+    snap: catalog.Catalog,
+    processes: int,
+    batch_events: int,
+    label: str = "sql",
 ) -> Result:
     settings = scenario_settings("sql")
     bodies = [encode_envelope(events[i : i + 100]) for i in range(0, len(events), 100)]
@@ -548,7 +583,7 @@ def run_sql(
     cpu = sampler.usage_between(t10, t90)
     audit_ok, balances_ok = verify(settings, events, snap)
     return _result(
-        "sql",
+        label,
         unique,
         rate,
         t90 - t10,
@@ -600,7 +635,7 @@ def _result(
 def print_table(results: list[Result]) -> None:
     base = next((r.rate for r in results if r.scenario == "baseline"), None)
     head = (
-        f"{'scenario':<12}{'events':>9}{'events/s':>10}{'x base':>8}{'p50 ms':>8}"
+        f"{'scenario':<23}{'events':>9}{'events/s':>10}{'x base':>8}{'p50 ms':>8}"
         f"{'p99 ms':>8}{'@ ev/s':>8}{'cpu mq%':>8}{'cpu pg%':>8}{'cpu wk%':>8}"
         f"{'us/ev':>7}{'rss MB':>8}  correct"
     )
@@ -613,7 +648,7 @@ def print_table(results: list[Result]) -> None:
         at = f"{r.latency_rate:.0f}" if r.latency_rate is not None else "-"
         ok = "yes" if r.audit_ok and r.balances_ok else "NO"
         print(
-            f"{r.scenario:<12}{r.events:>9,}{r.rate:>10,.0f}{x:>8}{p50:>8}{p99:>8}{at:>8}"
+            f"{r.scenario:<23}{r.events:>9,}{r.rate:>10,.0f}{x:>8}{p50:>8}{p99:>8}{at:>8}"
             f"{r.cpu_broker:>8.0f}{r.cpu_postgres:>8.0f}{r.cpu_workers:>8.0f}"
             f"{r.cpu_us_per_event:>7.0f}{r.peak_worker_rss_mb:>8.0f}  {ok}"
         )
@@ -623,54 +658,62 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny run, correctness only")
     parser.add_argument(
-        "--only", action="append", choices=["baseline", "single", "envelope100", "sql"]
+        "--only",
+        action="append",
+        choices=["baseline", "single", "envelope100", "envelope100_hash", "sql"],
     )
     parser.add_argument("--events", type=int, help="events for the fleet scenarios")
     parser.add_argument("--baseline-events", type=int, default=10_000)
-    parser.add_argument("--accounts", type=int, default=1_000)
+    parser.add_argument(
+        "--accounts",
+        default="1000",
+        help="accounts; several (1000,10000) run each fleet scenario once per count, same run",
+    )
     parser.add_argument("--workers", type=int, default=2, help="usage worker processes")
     parser.add_argument("--batch-events", type=int, default=5_000)
     parser.add_argument("--latency-seconds", type=float, default=8.0)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
 
-    scenarios = args.only or ["baseline", "single", "envelope100", "sql"]
+    scenarios = args.only or ["baseline", "single", "envelope100", "envelope100_hash", "sql"]
     fleet_events = args.events or (3_000 if args.quick else 200_000)
     base_events = 300 if args.quick else args.baseline_events
     lat_seconds = 0.5 if args.quick else args.latency_seconds
-    accounts = [f"acct-{i:05d}" for i in range(args.accounts if not args.quick else 50)]
-    print(f"preparing: {len(accounts):,} accounts, catalog, template database ...", flush=True)
-    snap = prepare_template(accounts)
+    counts = [50] if args.quick else [int(n) for n in str(args.accounts).split(",")]
+    all_accounts = [f"acct-{i:05d}" for i in range(max(counts))]
+    print(f"preparing: {len(all_accounts):,} accounts, catalog, template database ...", flush=True)
+    snap = prepare_template(all_accounts)
     now = datetime.now(UTC)
-    shape = TrafficShape(accounts=accounts, window=timedelta(hours=6))
     worker_env = {"BILLING_BATCH_EVENTS": str(args.batch_events)}
-
-    def make(prefix: str, n: int) -> list[UsageEvent]:
-        return list(generate(snap, shape, n, seed=42, now=now, prefix=prefix))
 
     results: list[Result] = []
     for name in scenarios:
-        print(f"running {name} ...", flush=True)
-        if name == "baseline":
-            lat = make("blat", max(50, int(600 * lat_seconds)))
-            results.append(run_baseline(make("base", base_events), lat, snap, 2))
-        elif name == "single":
-            lat = make("slat", max(200, int(8_000 * lat_seconds)))
-            results.append(
-                run_fleet(
-                    name, make("single", fleet_events), lat, snap, 1, args.workers, worker_env
+        for count in counts if name != "baseline" else counts[:1]:
+            shape = TrafficShape(accounts=all_accounts[:count], window=timedelta(hours=6))
+
+            def make(prefix: str, n: int, shape: TrafficShape = shape) -> list[UsageEvent]:
+                return list(generate(snap, shape, n, seed=42, now=now, prefix=prefix))
+
+            label = name if len(counts) == 1 else f"{name}@{count}"
+            print(f"running {label} ...", flush=True)
+            if name == "baseline":
+                lat = make("blat", max(50, int(600 * lat_seconds)))
+                results.append(run_baseline(make("base", base_events), lat, snap, 2))
+            elif name == "single":
+                lat = make("slat", max(200, int(8_000 * lat_seconds)))
+                events = make("single", fleet_events)
+                results.append(run_fleet(label, events, lat, snap, 1, args.workers, worker_env))
+            elif name.startswith("envelope100"):
+                lat = make("elat", max(1_000, int(25_000 * lat_seconds)))
+                events = make("env", fleet_events)
+                partitions = HASH_PARTITIONS if name.endswith("_hash") else 1
+                results.append(
+                    run_fleet(label, events, lat, snap, 100, args.workers, worker_env, partitions)
                 )
-            )
-        elif name == "envelope100":
-            lat = make("elat", max(1_000, int(25_000 * lat_seconds)))
-            results.append(
-                run_fleet(name, make("env", fleet_events), lat, snap, 100, args.workers, worker_env)
-            )
-        else:
-            results.append(
-                run_sql(make("sql", fleet_events), snap, args.workers, args.batch_events)
-            )
-        print_table(results[-1:])
+            else:
+                events = make("sql", fleet_events)
+                results.append(run_sql(events, snap, args.workers, args.batch_events, label=label))
+            print_table(results[-1:])
     print()
     print_table(results)
     if args.quick:
