@@ -124,6 +124,37 @@ def test_an_unbalanced_posting_is_refused(conn: psycopg.Connection[Any], q: Quer
         )
 
 
+def test_a_ledger_entry_must_name_an_existing_posting_and_ledger_account(
+    conn: psycopg.Connection[Any], q: Queries
+) -> None:
+    """Migration 0008: checked once per statement by the trigger, not by per-row foreign keys."""
+    open_account(conn, q, "acme")
+    conn.execute("INSERT INTO postings (posting_id, kind) VALUES (999, 'adjustment')")
+    acme = "(SELECT ledger_account_id FROM wallets WHERE account_id = 'acme')"
+    revenue = "(SELECT ledger_account_id FROM ledger_accounts WHERE code = 'revenue:usage')"
+    for posting, first, second in [
+        (1000, acme, revenue),  # no such posting
+        (999, acme, "-1"),  # no such ledger account
+    ]:
+        with (
+            pytest.raises(psycopg.errors.ForeignKeyViolation, match="names a missing"),
+            conn.transaction(),
+        ):
+            conn.execute(
+                "INSERT INTO ledger_entries (posting_id, ledger_account_id, amount) "  # type: ignore[arg-type]
+                f"VALUES ({posting}, {first}, 5), ({posting}, {second}, -5)"
+            )
+    conn.execute(
+        "INSERT INTO ledger_entries (posting_id, ledger_account_id, amount) "  # type: ignore[arg-type]
+        f"VALUES (999, {acme}, 5), (999, {revenue}, -5)"
+    )
+    # and neither can disappear afterwards
+    with pytest.raises(psycopg.errors.RestrictViolation, match="append-only"):
+        conn.execute("DELETE FROM ledger_accounts WHERE code = 'revenue:usage'")
+    with pytest.raises(psycopg.errors.RestrictViolation, match="append-only"):
+        conn.execute("DELETE FROM postings WHERE posting_id = 999")
+
+
 def test_wallet_state_must_match_its_balance(conn: psycopg.Connection[Any], q: Queries) -> None:
     open_account(conn, q, "acme")
     with pytest.raises(psycopg.errors.CheckViolation):
