@@ -6,7 +6,12 @@ Each line compares the chosen way with the way it replaced, on the same data, sa
 * COPY text built by psycopg's ``write_row`` (37 adapted values) vs. one f-string per row;
 * inserting 5,000 events into ``usage_events`` with vs. without the foreign keys we dropped.
 * recording 5,000 new events by COPY into staging + one ``INSERT .. SELECT`` claiming keys
-  and inserting rows vs. claiming the keys from an array + COPY straight into ``usage_events``.
+  and inserting rows vs. claiming the keys from an array + COPY straight into ``usage_events``;
+* the ledger entries of one usage batch (666 wallets) checked by two foreign keys per row vs. by
+  the balance trigger once per statement (migration 0008);
+* the insert trigger's key probe, planned by a session while the key table was empty (a
+  worker's first batch), then run over 30,000 keys: 0006's ``NOT EXISTS`` vs. 0007's per-row
+  index look-up.
 
     .venv/bin/python -m bench.micro
 """
@@ -148,6 +153,104 @@ def main() -> None:
                         except _Rollback:
                             pass
                 raise _Rollback  # leave the scratch rows out of the database
+        except _Rollback:
+            pass
+
+        _ledger_entry_checks(conn, q)
+        _key_probe_on_a_plan_made_when_empty(conn, q, priced[:2_000])
+
+
+OLD_BALANCE_CHECK = """
+CREATE OR REPLACE FUNCTION billing_check_balanced() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE unbalanced bigint;
+BEGIN
+    SELECT posting_id INTO unbalanced FROM new_entries
+        GROUP BY posting_id HAVING sum(amount) <> 0 LIMIT 1;
+    IF unbalanced IS NOT NULL THEN
+        RAISE EXCEPTION 'posting % does not balance', unbalanced USING ERRCODE = 'check_violation';
+    END IF;
+    RETURN NULL;
+END $$;
+ALTER TABLE ledger_entries ADD FOREIGN KEY (posting_id) REFERENCES postings,
+                           ADD FOREIGN KEY (ledger_account_id) REFERENCES ledger_accounts"""
+
+OLD_KEY_PROBE = """
+CREATE OR REPLACE FUNCTION billing_claim_event_keys() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO usage_event_keys (event_id, recorded_at)
+    SELECT n.event_id, n.recorded_at FROM new_events n
+    WHERE NOT EXISTS (SELECT 1 FROM usage_event_keys k
+                      WHERE k.event_id = n.event_id AND k.recorded_at = n.recorded_at)
+    ORDER BY n.event_id;
+    RETURN NULL;
+END $$"""
+
+
+def _ledger_entry_checks(conn: Any, q: Any) -> None:
+    """The wallet step's entry insert: 666 wallet entries + the revenue entry, one statement."""
+    print("ledger entries of one usage batch (666 wallets + revenue), wall time:")
+    wallets = conn.execute(
+        "SELECT ledger_account_id FROM wallets ORDER BY account_id LIMIT 666"
+    ).fetchall()
+    revenue = conn.execute(q["ledger_account_id"], {"code": "revenue:usage"}).fetchone()[0]
+    accounts = [w[0] for w in wallets] + [revenue]
+    amounts = [-1] * len(wallets) + [len(wallets)]
+    for _ in range(3):  # alternate, so that neither way always runs on a cold cache
+        for label, ddl in (
+            ("two foreign keys per row (before 0008)", OLD_BALANCE_CHECK),
+            ("one check per statement in the trigger (now)", None),
+        ):
+            try:
+                with conn.transaction():
+                    if ddl:
+                        conn.execute(ddl)
+                    conn.execute(
+                        "INSERT INTO postings (posting_id, kind) VALUES (999999999999, 'usage')"
+                    )
+                    start = time.perf_counter()
+                    conn.execute(
+                        q["insert_entries"],
+                        {
+                            "posting_id": SCRATCH_POSTING,
+                            "ledger_accounts": accounts,
+                            "amounts": amounts,
+                        },
+                    )
+                    seconds = time.perf_counter() - start
+                    print(f"  {label:<52} {1e3 * seconds:7.2f} ms")
+                    raise _Rollback
+            except _Rollback:
+                pass
+
+
+def _key_probe_on_a_plan_made_when_empty(conn: Any, q: Any, priced: list[Any]) -> None:
+    print(f"COPY of {len(priced):,} events, key table of 30,000 keys, probe planned when empty:")
+    data = "".join(copy_line(p, SCRATCH_POSTING) for p in priced).encode()
+    first = copy_line(priced[0], SCRATCH_POSTING).replace(priced[0].event.event_id, "first", 1)
+    for label, ddl in (
+        ("NOT EXISTS (0006)", OLD_KEY_PROBE),
+        ("index look-up per row, seq scans off (0007, now)", None),
+    ):
+        try:
+            with conn.transaction():
+                if ddl:
+                    conn.execute(ddl)
+                conn.execute(
+                    "INSERT INTO postings (posting_id, kind) VALUES (999999999999, 'usage')"
+                )
+                conn.execute("ANALYZE usage_event_keys")  # statistics: empty
+                with conn.cursor() as cur, cur.copy(q["copy_usage_events"]) as copy:
+                    copy.write(first.encode())  # this session plans the probe now
+                conn.execute(
+                    "INSERT INTO usage_event_keys (event_id, recorded_at) "
+                    "SELECT 'old-' || g, now() - interval '1 day' FROM generate_series(1, 30000) g"
+                )
+                start = time.perf_counter()
+                with conn.cursor() as cur, cur.copy(q["copy_usage_events"]) as copy:
+                    copy.write(data)
+                seconds = time.perf_counter() - start
+                print(f"  {label:<52} {1e6 * seconds / len(priced):7.2f} us each")
+                raise _Rollback
         except _Rollback:
             pass
 
