@@ -18,9 +18,13 @@ Each line compares the chosen way with the way it replaced, on the same data, sa
 
 from __future__ import annotations
 
+import contextlib
+import re
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -113,77 +117,56 @@ def main() -> None:
                 "INSERT INTO postings (posting_id, kind) VALUES (999999999999, 'usage')",
             ),
         ):
-            try:
-                with conn.transaction():
-                    conn.execute(ddl)  # type: ignore[arg-type]
-                    conn.execute(q["create_usage_staging"])
-                    with conn.cursor() as cur, cur.copy(q["copy_usage_staging"]) as copy:
-                        copy.write(data)
-                    start = time.perf_counter()
-                    conn.execute(q["insert_new_events"]).fetchall()
-                    conn.execute("SET CONSTRAINTS ALL IMMEDIATE")
-                    seconds = time.perf_counter() - start
-                    print(f"  {label:<44} {1e6 * seconds / 5_000:7.2f} us each")
-                    raise _Rollback
-            except _Rollback:
-                pass
+            with rolled_back(conn):
+                conn.execute(ddl)  # type: ignore[arg-type]
+                conn.execute(q["create_usage_staging"])
+                with conn.cursor() as cur, cur.copy(q["copy_usage_staging"]) as copy:
+                    copy.write(data)
+                start = time.perf_counter()
+                conn.execute(q["insert_new_events"]).fetchall()
+                conn.execute("SET CONSTRAINTS ALL IMMEDIATE")
+                seconds = time.perf_counter() - start
+                print(f"  {label:<44} {1e6 * seconds / 5_000:7.2f} us each")
 
         print("recording 5,000 new events, table already holding 15,000 (wall time):")
-        try:
-            with conn.transaction():
-                conn.execute(
-                    "INSERT INTO postings (posting_id, kind) VALUES (999999999999, 'usage')"
-                )
-                older = "".join(copy_line(p, SCRATCH_POSTING) for p in priced[5_000:])
-                with conn.cursor() as cur, cur.copy(q["copy_usage_events"]) as copy:
-                    copy.write(older.encode())
-                ids = [p.event.event_id for p in priced[:5_000]]
-                for _ in range(3):  # alternate, so that neither way always runs on a cold cache
-                    for label, record in (
-                        ("COPY to staging + INSERT .. ON CONFLICT (before)", _via_staging),
-                        ("key claim from an array + COPY into the table (now)", _direct),
-                    ):
-                        try:
-                            with conn.transaction():
-                                start = time.perf_counter()
-                                record(conn, q, data, ids)
-                                seconds = time.perf_counter() - start
-                                print(f"  {label:<52} {1e6 * seconds / 5_000:7.2f} us each")
-                                raise _Rollback
-                        except _Rollback:
-                            pass
-                raise _Rollback  # leave the scratch rows out of the database
-        except _Rollback:
-            pass
+        with rolled_back(conn):  # leave the scratch rows out of the database
+            conn.execute("INSERT INTO postings (posting_id, kind) VALUES (999999999999, 'usage')")
+            older = "".join(copy_line(p, SCRATCH_POSTING) for p in priced[5_000:])
+            with conn.cursor() as cur, cur.copy(q["copy_usage_events"]) as copy:
+                copy.write(older.encode())
+            ids = [p.event.event_id for p in priced[:5_000]]
+            for _ in range(3):  # alternate, so that neither way always runs on a cold cache
+                for label, record in (
+                    ("COPY to staging + INSERT .. ON CONFLICT (before)", _via_staging),
+                    ("key claim from an array + COPY into the table (now)", _direct),
+                ):
+                    with rolled_back(conn):
+                        start = time.perf_counter()
+                        record(conn, q, data, ids)
+                        seconds = time.perf_counter() - start
+                        print(f"  {label:<52} {1e6 * seconds / 5_000:7.2f} us each")
 
         _ledger_entry_checks(conn, q)
         _key_probe_on_a_plan_made_when_empty(conn, q, priced[:2_000])
 
 
-OLD_BALANCE_CHECK = """
-CREATE OR REPLACE FUNCTION billing_check_balanced() RETURNS trigger LANGUAGE plpgsql AS $$
-DECLARE unbalanced bigint;
-BEGIN
-    SELECT posting_id INTO unbalanced FROM new_entries
-        GROUP BY posting_id HAVING sum(amount) <> 0 LIMIT 1;
-    IF unbalanced IS NOT NULL THEN
-        RAISE EXCEPTION 'posting % does not balance', unbalanced USING ERRCODE = 'check_violation';
-    END IF;
-    RETURN NULL;
-END $$;
-ALTER TABLE ledger_entries ADD FOREIGN KEY (posting_id) REFERENCES postings,
-                           ADD FOREIGN KEY (ledger_account_id) REFERENCES ledger_accounts"""
+def function_as_in(migration: str, name: str) -> str:
+    """``name``'s definition as migration ``migration`` created it, to re-create the "before"."""
+    text = next(MIGRATIONS.glob(f"{migration}_*.sql")).read_text()
+    match = re.search(rf"CREATE FUNCTION {name}\(\).*?END \$\$;", text, re.DOTALL)
+    assert match, f"{name} not found in migration {migration}"
+    return match.group(0).replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1)
 
-OLD_KEY_PROBE = """
-CREATE OR REPLACE FUNCTION billing_claim_event_keys() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    INSERT INTO usage_event_keys (event_id, recorded_at)
-    SELECT n.event_id, n.recorded_at FROM new_events n
-    WHERE NOT EXISTS (SELECT 1 FROM usage_event_keys k
-                      WHERE k.event_id = n.event_id AND k.recorded_at = n.recorded_at)
-    ORDER BY n.event_id;
-    RETURN NULL;
-END $$"""
+
+@contextlib.contextmanager
+def rolled_back(conn: Any) -> Iterator[None]:
+    """A transaction that is always rolled back: the scratch database stays as it was."""
+    try:
+        with conn.transaction():
+            yield
+            raise _Rollback
+    except _Rollback:
+        pass
 
 
 def _ledger_entry_checks(conn: Any, q: Any) -> None:
@@ -197,30 +180,31 @@ def _ledger_entry_checks(conn: Any, q: Any) -> None:
     amounts = [-1] * len(wallets) + [len(wallets)]
     for _ in range(3):  # alternate, so that neither way always runs on a cold cache
         for label, ddl in (
-            ("two foreign keys per row (before 0008)", OLD_BALANCE_CHECK),
+            (
+                "two foreign keys per row (before 0008)",
+                function_as_in("0001", "billing_check_balanced")
+                + "ALTER TABLE ledger_entries ADD FOREIGN KEY (posting_id) REFERENCES postings, "
+                "ADD FOREIGN KEY (ledger_account_id) REFERENCES ledger_accounts",
+            ),
             ("one check per statement in the trigger (now)", None),
         ):
-            try:
-                with conn.transaction():
-                    if ddl:
-                        conn.execute(ddl)
-                    conn.execute(
-                        "INSERT INTO postings (posting_id, kind) VALUES (999999999999, 'usage')"
-                    )
-                    start = time.perf_counter()
-                    conn.execute(
-                        q["insert_entries"],
-                        {
-                            "posting_id": SCRATCH_POSTING,
-                            "ledger_accounts": accounts,
-                            "amounts": amounts,
-                        },
-                    )
-                    seconds = time.perf_counter() - start
-                    print(f"  {label:<52} {1e3 * seconds:7.2f} ms")
-                    raise _Rollback
-            except _Rollback:
-                pass
+            with rolled_back(conn):
+                if ddl:
+                    conn.execute(ddl)
+                conn.execute(
+                    "INSERT INTO postings (posting_id, kind) VALUES (999999999999, 'usage')"
+                )
+                start = time.perf_counter()
+                conn.execute(
+                    q["insert_entries"],
+                    {
+                        "posting_id": SCRATCH_POSTING,
+                        "ledger_accounts": accounts,
+                        "amounts": amounts,
+                    },
+                )
+                seconds = time.perf_counter() - start
+                print(f"  {label:<52} {1e3 * seconds:7.2f} ms")
 
 
 def _key_probe_on_a_plan_made_when_empty(conn: Any, q: Any, priced: list[Any]) -> None:
@@ -228,31 +212,25 @@ def _key_probe_on_a_plan_made_when_empty(conn: Any, q: Any, priced: list[Any]) -
     data = "".join(copy_line(p, SCRATCH_POSTING) for p in priced).encode()
     first = copy_line(priced[0], SCRATCH_POSTING).replace(priced[0].event.event_id, "first", 1)
     for label, ddl in (
-        ("NOT EXISTS (0006)", OLD_KEY_PROBE),
+        ("NOT EXISTS (0006)", function_as_in("0006", "billing_claim_event_keys")),
         ("index look-up per row, seq scans off (0007, now)", None),
     ):
-        try:
-            with conn.transaction():
-                if ddl:
-                    conn.execute(ddl)
-                conn.execute(
-                    "INSERT INTO postings (posting_id, kind) VALUES (999999999999, 'usage')"
-                )
-                conn.execute("ANALYZE usage_event_keys")  # statistics: empty
-                with conn.cursor() as cur, cur.copy(q["copy_usage_events"]) as copy:
-                    copy.write(first.encode())  # this session plans the probe now
-                conn.execute(
-                    "INSERT INTO usage_event_keys (event_id, recorded_at) "
-                    "SELECT 'old-' || g, now() - interval '1 day' FROM generate_series(1, 30000) g"
-                )
-                start = time.perf_counter()
-                with conn.cursor() as cur, cur.copy(q["copy_usage_events"]) as copy:
-                    copy.write(data)
-                seconds = time.perf_counter() - start
-                print(f"  {label:<52} {1e6 * seconds / len(priced):7.2f} us each")
-                raise _Rollback
-        except _Rollback:
-            pass
+        with rolled_back(conn):
+            if ddl:
+                conn.execute(ddl)
+            conn.execute("INSERT INTO postings (posting_id, kind) VALUES (999999999999, 'usage')")
+            conn.execute("ANALYZE usage_event_keys")  # statistics: empty
+            with conn.cursor() as cur, cur.copy(q["copy_usage_events"]) as copy:
+                copy.write(first.encode())  # this session plans the probe now
+            conn.execute(
+                "INSERT INTO usage_event_keys (event_id, recorded_at) "
+                "SELECT 'old-' || g, now() - interval '1 day' FROM generate_series(1, 30000) g"
+            )
+            start = time.perf_counter()
+            with conn.cursor() as cur, cur.copy(q["copy_usage_events"]) as copy:
+                copy.write(data)
+            seconds = time.perf_counter() - start
+            print(f"  {label:<52} {1e6 * seconds / len(priced):7.2f} us each")
 
 
 def _via_staging(conn: Any, q: Any, data: bytes, ids: list[str]) -> None:
@@ -269,6 +247,7 @@ def _direct(conn: Any, q: Any, data: bytes, ids: list[str]) -> None:
 
 
 SCRATCH_POSTING = 999_999_999_999
+MIGRATIONS = Path(__file__).resolve().parent.parent / "sql" / "migrations"
 
 
 class _Rollback(Exception):
