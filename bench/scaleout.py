@@ -44,10 +44,12 @@ os.environ.setdefault("BILLING_BENCH_DB_PREFIX", "billing_scaleout")
 
 from bench.throughput import (
     DB_PREFIX,
+    HASH_PARTITIONS,
     ROOT,
     _drop,
     commit_window,
     env_for,
+    partitions_of,
     prepare_template,
     scenario_settings,
     verify,
@@ -58,7 +60,6 @@ from billing.events import UsageEvent
 from billing.settings import Settings
 from billing.synthetic import TrafficShape, generate
 
-HASH_PARTITIONS = 4
 SAMPLE_INTERVAL_S = 0.05
 
 
@@ -115,10 +116,6 @@ class LockSampler(threading.Thread):
     def stop(self) -> None:
         self.stop_flag.set()
         self.join()
-
-
-def partitions_of(worker: int, workers: int) -> str:
-    return ",".join(str(j) for j in range(HASH_PARTITIONS) if j % workers == worker)
 
 
 def delete_broker_entities(settings: Settings) -> None:

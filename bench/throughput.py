@@ -65,7 +65,7 @@ BROKER_URL = os.environ.get("BILLING_BENCH_BROKER_URL", "amqp://guest:guest@127.
 DB_PREFIX = os.environ.get("BILLING_BENCH_DB_PREFIX", "billing_bench")
 TEMPLATE = f"{DB_PREFIX}_template"
 CREDIT = Decimal(10_000_000)
-HASH_PARTITIONS = 4  # envelope100_hash: consistent-hash partitions by account
+HASH_PARTITIONS = 4  # envelope100_hash and bench.scaleout: consistent-hash queues by account
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -356,8 +356,7 @@ def measure_latency(
 class FastPublisher:
     """Pre-loads the queue (persistent messages, no per-message confirm wait).
 
-    Partitioned (``usage_partitions`` > 1), a message is routed by its account, so an envelope
-    carries one account's events, as ``broker.UsagePublisher.publish_many`` sends them.
+    Messages are cut as ``broker.UsagePublisher.publish_many`` cuts them (``broker.envelopes``).
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -372,23 +371,13 @@ class FastPublisher:
         self.producer.publish(
             body,
             routing_key=account_id if self.partitioned else broker.USAGE_ROUTING_KEY,
-            content_type="application/json",
-            content_encoding="utf-8",
-            delivery_mode=2,
+            **broker.PERSISTENT_JSON,
         )
 
     def events(self, events: list[UsageEvent], per_message: int) -> None:
-        groups: list[list[UsageEvent]] = [events]
-        if self.partitioned and per_message > 1:
-            by_account: dict[str, list[UsageEvent]] = {}
-            for event in events:
-                by_account.setdefault(event.account_id, []).append(event)
-            groups = list(by_account.values())
-        for group in groups:
-            for i in range(0, len(group), per_message):
-                chunk = group[i : i + per_message]
-                body = encode_event(chunk[0]) if per_message == 1 else encode_envelope(chunk)
-                self.raw(body, chunk[0].account_id)
+        for chunk in broker.envelopes(events, per_message, self.partitioned):
+            body = encode_event(chunk[0]) if per_message == 1 else encode_envelope(chunk)
+            self.raw(body, chunk[0].account_id)
 
     def close(self) -> None:
         self.conn.release()
@@ -411,6 +400,11 @@ def verify(
 
 
 # --- scenarios ---------------------------------------------------------------------------------
+def partitions_of(worker: int, workers: int, partitions: int = HASH_PARTITIONS) -> str:
+    """``BILLING_USAGE_CONSUME_PARTITIONS`` of worker i of N: the partitions j with j mod N = i."""
+    return ",".join(str(j) for j in range(partitions) if j % workers == worker)
+
+
 def run_fleet(
     name: str,
     events: list[UsageEvent],
@@ -430,8 +424,7 @@ def run_fleet(
     for i in range(workers):
         env = {**worker_env, "BILLING_USAGE_PARTITIONS": str(partitions)}
         if partitions > 1:
-            mine = [str(j) for j in range(partitions) if j % workers == i]
-            env["BILLING_USAGE_CONSUME_PARTITIONS"] = ",".join(mine)
+            env["BILLING_USAGE_CONSUME_PARTITIONS"] = partitions_of(i, workers, partitions)
         envs.append(env_for(settings, **env))
     try:
         return measure(

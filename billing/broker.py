@@ -39,6 +39,12 @@ from billing.events import UsageEvent, encode_envelope, encode_event
 from billing.settings import Settings
 
 USAGE_ROUTING_KEY = "usage"
+# Every message we publish: JSON, persistent.
+PERSISTENT_JSON: dict[str, Any] = {
+    "content_type": "application/json",
+    "content_encoding": "utf-8",
+    "delivery_mode": 2,
+}
 RETRY_POLICY = {"max_retries": 30, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 5}
 BACKPRESSURE_START_S = 0.05
 BACKPRESSURE_MAX_S = 2.0
@@ -179,11 +185,9 @@ class UsagePublisher:
                 self._producer.publish(
                     body,
                     routing_key=routing_key,
-                    content_type="application/json",
-                    content_encoding="utf-8",
-                    delivery_mode=2,
                     retry=True,
                     retry_policy=RETRY_POLICY,
+                    **PERSISTENT_JSON,
                 )
                 return
             except (MessageNacked, OperationalError) as exc:
@@ -210,16 +214,7 @@ class UsagePublisher:
         Partitioned: an envelope carries one account's events (so it hashes to its queue).
         """
         sent = 0
-        if self.settings.usage_partitions > 1 and envelope_size > 1:
-            by_account: dict[str, list[UsageEvent]] = {}
-            for event in events:
-                by_account.setdefault(event.account_id, []).append(event)
-            groups: Iterable[list[UsageEvent]] = (
-                chunk for evs in by_account.values() for chunk in _chunks(evs, envelope_size)
-            )
-        else:
-            groups = _chunks(events, envelope_size)
-        for chunk in groups:
+        for chunk in envelopes(events, envelope_size, self.settings.usage_partitions > 1):
             self.publish_raw(
                 encode_event(chunk[0]) if envelope_size == 1 else encode_envelope(chunk),
                 chunk[0].account_id,
@@ -249,18 +244,33 @@ class WalletEventPublisher:
         self._producer.publish(
             body,
             routing_key=routing_key,
-            content_type="application/json",
-            content_encoding="utf-8",
-            delivery_mode=2,
             message_id=message_id,
             retry=True,
             retry_policy=RETRY_POLICY,
+            **PERSISTENT_JSON,
         )
 
 
 def _nacked(exc: BaseException) -> bool:
     """A broker nack of a confirmed publish (kombu may wrap it in ``OperationalError``)."""
     return isinstance(exc, MessageNacked) or isinstance(exc.__cause__, MessageNacked)
+
+
+def envelopes(
+    events: Iterable[UsageEvent], size: int, partitioned: bool
+) -> Iterator[list[UsageEvent]]:
+    """The events as messages of up to ``size`` events, in order.
+
+    Partitioned, a message is routed by its account, so an envelope carries one account's events.
+    """
+    if not partitioned or size <= 1:
+        yield from _chunks(events, size)
+        return
+    by_account: dict[str, list[UsageEvent]] = {}
+    for event in events:
+        by_account.setdefault(event.account_id, []).append(event)
+    for evs in by_account.values():
+        yield from _chunks(evs, size)
 
 
 def _chunks(events: Iterable[UsageEvent], size: int) -> Iterator[list[UsageEvent]]:
