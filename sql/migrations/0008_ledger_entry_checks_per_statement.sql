@@ -4,8 +4,8 @@
 -- Why: a usage batch writes one entry per wallet it debits (hundreds), while holding those
 -- wallets' row locks. Each foreign key ran a per-row look-up that also share-locked the referenced
 -- row, and every batch of every worker share-locked the same rows (its posting, the usage revenue
--- account), which PostgreSQL records as multixacts. Without them the wallet step, the one that
--- holds the locks, took ~20% less time (bench.batch_steps, docs/performance.md).
+-- account), which PostgreSQL records as multixacts. Checked per statement, the entries of one
+-- batch of 666 wallets take about half the time (bench.micro, docs/performance.md).
 --
 -- Same guarantee: an entry cannot name a posting or a ledger account that does not exist
 -- (foreign_key_violation from the trigger, for the whole statement), and neither can disappear
