@@ -25,7 +25,7 @@ from billing.money import EXACT, ZERO
 from billing.settings import Settings
 from billing.spend_controls import BatchControls, after_debit
 from billing.synthetic import TrafficShape, generate
-from billing.usage import copy_line, decode_and_price
+from billing.usage import claim_event_keys, copy_line, decode_and_price
 from billing.wallets import record_crossings
 
 
@@ -77,7 +77,7 @@ def main() -> None:
                 timed("accounts check, posting id", t)
                 t = time.perf_counter()
                 ids = sorted({p.event.event_id for p in priced})
-                claimed = {r[0] for r in conn.execute(q["claim_event_keys"], {"event_ids": ids})}
+                claimed = claim_event_keys(conn, q, ids)
                 new = sorted(
                     (p for p in priced if p.event.event_id in claimed),
                     key=lambda p: p.event.event_id,

@@ -29,6 +29,7 @@ from billing.service_tier import ServiceTier
 
 _INDEX = {billable: i for i, billable in enumerate(CLASS_ORDER)}
 _REQUEST = _INDEX[BillableClass.REQUEST]
+_ZEROS = (ZERO,) * len(CLASS_ORDER)
 _multiply = EXACT.multiply
 _add = EXACT.add
 
@@ -98,19 +99,20 @@ def price(
             )
         rates, sheet = found, f" in the {tier.value} tier"
     counts = quantities(usage, 1 if request_fee_applies(status) else 0)
-    amounts: list[Decimal] = []
+    amounts = list(_ZEROS)
     total = ZERO
-    for index, (quantity, rate) in enumerate(zip(counts, rates, strict=True)):
-        if not quantity or rate is None:
-            if quantity and index != _REQUEST:
-                billable = CLASS_ORDER[index]
-                raise Unpriced(
-                    f"{version.label()} has no price for {billable.value}{sheet}",
-                    field=f"$.usage.{billable.value}",
-                )
-            amounts.append(ZERO)
-            continue
-        amount = _multiply(rate, quantity)
-        amounts.append(amount)
+    for index, quantity in enumerate(counts):
+        if not quantity:
+            continue  # most classes of most requests: nothing to price
+        rate = rates[index]
+        if rate is None:
+            if index == _REQUEST:
+                continue  # no per-request fee in this version
+            billable = CLASS_ORDER[index]
+            raise Unpriced(
+                f"{version.label()} has no price for {billable.value}{sheet}",
+                field=f"$.usage.{billable.value}",
+            )
+        amount = amounts[index] = _multiply(rate, quantity)
         total = _add(total, amount)
     return Charge(counts, tuple(amounts), total)

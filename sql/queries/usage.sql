@@ -3,8 +3,11 @@
 -- monthly partition of usage_events). Only keys never claimed come back. In event_id order, so
 -- two workers holding the same events wait for each other's keys in the same order (no
 -- deadlock); a key claimed by an uncommitted transaction is waited for, then skipped.
+-- The ids come as one newline-separated text (identifiers are visible ASCII: no newline), which
+-- the client sends as it is; a text[] parameter of 5,000 ids is built value by value in Python.
 INSERT INTO usage_event_keys (event_id, recorded_at)
-SELECT event_id, now() FROM unnest(%(event_ids)s::text[]) AS event_id ORDER BY event_id
+SELECT event_id, now() FROM unnest(string_to_array(%(event_ids)s, E'\n')) AS event_id
+ORDER BY event_id
 ON CONFLICT (event_id) DO NOTHING
 RETURNING event_id
 
