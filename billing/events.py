@@ -19,6 +19,7 @@ classes, so the rest of the pipeline never sees it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 from dataclasses import dataclass, replace
@@ -111,6 +112,13 @@ class _Envelope(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     events: Annotated[list[msgspec.Raw], msgspec.Meta(min_length=1, max_length=MAX_ENVELOPE_EVENTS)]
 
 
+class _TypedEnvelope(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The fast path: an envelope whose every event is valid decodes in one pass."""
+
+    schema: Literal["usage.batch.v1"]
+    events: Annotated[list[UsageEvent], msgspec.Meta(min_length=1, max_length=MAX_ENVELOPE_EVENTS)]
+
+
 class _Probe(msgspec.Struct, frozen=True):
     schema: str | None = None
 
@@ -139,6 +147,7 @@ def dedup_key_for(event_id: str | None, original_payload: bytes) -> str:
 # float_hook: numbers inside provider_usage (OpenRouter's cost) are read as exact Decimals.
 _decode_event = msgspec.json.Decoder(UsageEvent, float_hook=Decimal).decode
 _decode_envelope = msgspec.json.Decoder(_Envelope).decode
+_decode_typed_envelope = msgspec.json.Decoder(_TypedEnvelope, float_hook=Decimal).decode
 _decode_probe = msgspec.json.Decoder(_Probe).decode
 _PATH = re.compile(r" - at `(\$[^`]*)`$")
 _UNKNOWN_FIELD = re.compile(r"^Object contains unknown field `([^`]*)`")
@@ -259,6 +268,13 @@ def decode_event(payload: bytes, now: datetime, max_skew: timedelta) -> UsageEve
         return _reject(code, field, reason, payload)
     except msgspec.DecodeError as error:
         return _reject(Reason.MALFORMED_JSON, "$", f"malformed JSON: {error}", payload)
+    return checked(event, payload, now, max_skew)
+
+
+def checked(
+    event: UsageEvent, payload: bytes, now: datetime, max_skew: timedelta
+) -> UsageEvent | Rejected:
+    """The rules a schema cannot say: identifiers, the timestamp, provider usage, reasoning."""
     bad = _bad_identifier(event)
     if bad is not None:
         return _reject(
@@ -376,6 +392,18 @@ def decode_message(
         return [_reject(Reason.MALFORMED_JSON, "$", f"malformed JSON: {error}", body)]
     if probe.schema != SCHEMA_BATCH_V1:
         return [decode_event(body, now, max_skew)]
+    # The common case in one pass: every event of the envelope valid. Otherwise (an event the
+    # schema or the rules reject) item by item, so that each rejection names its event and keeps
+    # its own payload.
+    with contextlib.suppress(msgspec.ValidationError):
+        fast = [checked(e, b"", now, max_skew) for e in _decode_typed_envelope(body).events]
+        if not any(isinstance(item, Rejected) for item in fast):
+            return fast
+    return envelope_items(body, now, max_skew)
+
+
+def envelope_items(body: bytes, now: datetime, max_skew: timedelta) -> list[UsageEvent | Rejected]:
+    """An envelope's items one by one: each event decoded from its own bytes."""
     try:
         envelope = _decode_envelope(body)
     except msgspec.ValidationError as error:

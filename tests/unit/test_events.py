@@ -130,6 +130,28 @@ def test_envelope_items_stand_or_fall_alone() -> None:
     assert bad.event_id == "b"
 
 
+def test_an_envelope_event_breaking_a_rule_beyond_the_schema_is_rejected_alone() -> None:
+    """The one-pass decode of a valid envelope falls back to item by item: the rejection names
+    its event's index and keeps that event's own payload."""
+    future = event(event_id="late", occurred_at="2026-11-21T13:00:00Z")
+    envelope = {"schema": "usage.batch.v1", "events": [event(event_id="a"), future]}
+    good, bad = decode(envelope)
+    assert isinstance(good, UsageEvent) and good.event_id == "a"
+    assert isinstance(bad, Rejected)
+    assert (bad.reason_code, bad.field, bad.event_id) == (
+        Reason.FUTURE_TIMESTAMP,
+        "$.events[1].occurred_at",
+        "late",
+    )
+    assert json.loads(bad.payload)["event_id"] == "late"
+
+
+def test_a_valid_envelope_decodes_to_the_events_decoded_one_by_one() -> None:
+    events = [event(event_id=f"e{i}", usage={"input_tokens": i + 1}) for i in range(5)]
+    one_pass = decode({"schema": "usage.batch.v1", "events": events})
+    assert one_pass == [item for e in events for item in decode(e)]
+
+
 def test_oversized_message_is_rejected_and_truncated() -> None:
     body = json.dumps(event(api_key_id="k" * 100)).encode() + b" " * 2_000_000
     [item] = decode_message(body, NOW, SKEW, 1_048_576)
