@@ -21,6 +21,8 @@ with the generator's expected totals: a fast wrong answer fails the benchmark (e
     python -m bench.throughput            # the full comparison (a few minutes)
     python -m bench.throughput --quick    # tiny, correctness only (runs in the test suite)
     python -m bench.throughput --only envelope100_hash --accounts 1000,10000   # 10x accounts
+    python -m bench.throughput --only envelope100 --variant w3:workers=3 \
+        --variant small:BILLING_BATCH_EVENTS=1000   # also with other settings, same run
 
 ``BILLING_BENCH_DATABASE_URL`` (default ``postgresql://postgres@127.0.0.1:5432/postgres``) and
 ``BILLING_BENCH_BROKER_URL`` (default ``amqp://guest:guest@127.0.0.1:5672//``) choose the servers.
@@ -85,6 +87,7 @@ class Result:
     audit_ok: bool = False
     balances_ok: bool = False
     rate_windows: list[float] | None = None
+    rss_windows_mb: list[float] | None = None  # the workers' peak RSS in each of those deciles
 
 
 # --- processes and CPU -------------------------------------------------------------------------
@@ -113,6 +116,7 @@ class Sampler(threading.Thread):
         super().__init__(daemon=True)
         self.worker_roots = worker_roots
         self.samples: list[tuple[float, float, float, float]] = []
+        self.rss: list[tuple[float, int]] = []  # (time, workers' RSS summed)
         self.peak_rss = 0
         self.stop_flag = threading.Event()
         self.broker = [p for p in psutil.process_iter(["name"]) if p.info["name"] == "beam.smp"]
@@ -129,6 +133,7 @@ class Sampler(threading.Thread):
                 with contextlib.suppress(psutil.Error):
                     rss += w.memory_info().rss
             self.peak_rss = max(self.peak_rss, rss)
+            self.rss.append((time.time(), rss))
             self.samples.append((time.time(), _cpu(self.broker), _cpu(pg), _cpu(workers)))
             self.stop_flag.wait(0.25)
 
@@ -141,6 +146,9 @@ class Sampler(threading.Thread):
 
         a, b = at(start), at(end)
         return (b[0] - a[0], b[1] - a[1], b[2] - a[2])
+
+    def peak_rss_between(self, start: float, end: float) -> int:
+        return max((rss for t, rss in self.rss if start <= t <= end), default=0)
 
     def stop(self) -> None:
         self.stop_flag.set()
@@ -268,8 +276,11 @@ def _exited(proc: Any) -> bool:
     return not proc.is_alive() and proc.exitcode not in (0, None)
 
 
-def commit_window(settings: Settings, prefix: str) -> tuple[float, float, float, list[float]]:
-    """(rate, t10, t90, rates per decile) from commit times of events whose id has ``prefix``."""
+Deciles = list[tuple[float, float, float]]  # (start, end, events/s) of the 2nd to 9th tenth
+
+
+def commit_window(settings: Settings, prefix: str) -> tuple[float, float, float, Deciles]:
+    """(rate, t10, t90, deciles) from commit times of events whose id has ``prefix``."""
     with db.connect(settings) as conn:
         times = [
             r[0].timestamp()
@@ -284,7 +295,7 @@ def commit_window(settings: Settings, prefix: str) -> tuple[float, float, float,
     windows = []
     for d in range(1, 9):
         a, b = times[(d * n) // 10], times[((d + 1) * n) // 10 - 1]
-        windows.append((n / 10) / max(b - a, 1e-3))
+        windows.append((a, b, (n / 10) / max(b - a, 1e-3)))
     return rate, t10, t90, windows
 
 
@@ -416,7 +427,8 @@ def run_fleet(
     partitions: int = 1,
 ) -> Result:
     """Our fleet; ``partitions`` > 1: worker i consumes the partitions j with j mod workers = i."""
-    settings = replace(scenario_settings(name.split("@")[0]), usage_partitions=partitions)
+    scenario = name.split("@")[0].split("[")[0]  # the label without accounts or variant
+    settings = replace(scenario_settings(scenario), usage_partitions=partitions)
     publisher = FastPublisher(settings)
     publisher.events(events, per_message)
     command = [sys.executable, "-m", "billing.cli", "worker", "--loglevel=WARNING", "--no-migrate"]
@@ -603,7 +615,7 @@ def _result(
     lat_rate: float | None,
     audit_ok: bool,
     balances_ok: bool,
-    windows: list[float],
+    windows: Deciles,
 ) -> Result:
     window = max(window, 1e-3)
     return Result(
@@ -620,8 +632,18 @@ def _result(
         peak_worker_rss_mb=sampler.peak_rss / 2**20,
         audit_ok=audit_ok,
         balances_ok=balances_ok,
-        rate_windows=windows,
+        rate_windows=[rate for _a, _b, rate in windows],
+        rss_windows_mb=[sampler.peak_rss_between(a, b) / 2**20 for a, b, _rate in windows],
     )
+
+
+def print_deciles(results: list[Result]) -> None:
+    """The shape of each run: events/s and the workers' peak RSS in its 2nd to 9th tenth."""
+    print("\nper tenth of the run (2nd to 9th): events/s, then peak worker RSS in MB")
+    for r in results:
+        if r.rate_windows and r.rss_windows_mb:
+            print(f"{r.scenario:<23}" + " ".join(f"{x:>7,.0f}" for x in r.rate_windows))
+            print(f"{'':<23}" + " ".join(f"{x:>7,.0f}" for x in r.rss_windows_mb))
 
 
 # --- main --------------------------------------------------------------------------------------
@@ -647,6 +669,20 @@ def print_table(results: list[Result]) -> None:
         )
 
 
+FLEET_SCENARIOS = ("single", "envelope100", "envelope100_hash")
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, str], int | None]:
+    """``w3:workers=3,BILLING_BATCH_EVENTS=2000`` -> its name, worker settings, worker count."""
+    name, _, assignments = text.partition(":")
+    pairs = [item.split("=", 1) for item in assignments.split(",") if "=" in item]
+    env = {k: v for k, v in pairs if k.startswith("BILLING_")}
+    workers = [int(v) for k, v in pairs if k == "workers"]
+    if not name or not pairs or len(env) + len(workers) != len(pairs) or len(workers) > 1:
+        raise SystemExit(f"--variant {text!r}: expected NAME:workers=N|BILLING_VAR=VALUE[,...]")
+    return name, env, workers[0] if workers else None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny run, correctness only")
@@ -663,6 +699,13 @@ def main(argv: list[str] | None = None) -> int:
         help="accounts; several (1000,10000) run each fleet scenario once per count, same run",
     )
     parser.add_argument("--workers", type=int, default=2, help="usage worker processes")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:workers=N|BILLING_VAR=VALUE[,...]",
+        help="also run each fleet scenario with these worker settings or count (same run)",
+    )
     parser.add_argument("--batch-events", type=int, default=5_000)
     parser.add_argument("--latency-seconds", type=float, default=8.0)
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -678,35 +721,43 @@ def main(argv: list[str] | None = None) -> int:
     snap = prepare_template(all_accounts)
     now = datetime.now(UTC)
     worker_env = {"BILLING_BATCH_EVENTS": str(args.batch_events)}
+    variants = [("", {}, None), *(parse_variant(v) for v in args.variant)]
 
     results: list[Result] = []
-    for name in scenarios:
-        for count in counts if name != "baseline" else counts[:1]:
-            shape = TrafficShape(accounts=all_accounts[:count], window=timedelta(hours=6))
+    runs = [
+        (name, count, variant)
+        for name in scenarios
+        for count in (counts if name != "baseline" else counts[:1])
+        for variant in (variants if name in FLEET_SCENARIOS else variants[:1])
+    ]
+    for name, count, (variant, variant_env, variant_workers) in runs:
+        shape = TrafficShape(accounts=all_accounts[:count], window=timedelta(hours=6))
 
-            def make(prefix: str, n: int, shape: TrafficShape = shape) -> list[UsageEvent]:
-                return list(generate(snap, shape, n, seed=42, now=now, prefix=prefix))
+        def make(prefix: str, n: int, shape: TrafficShape = shape) -> list[UsageEvent]:
+            return list(generate(snap, shape, n, seed=42, now=now, prefix=prefix))
 
-            label = name if len(counts) == 1 else f"{name}@{count}"
-            print(f"running {label} ...", flush=True)
-            if name == "baseline":
-                lat = make("blat", max(50, int(600 * lat_seconds)))
-                results.append(run_baseline(make("base", base_events), lat, snap, 2))
-            elif name == "single":
-                lat = make("slat", max(200, int(8_000 * lat_seconds)))
-                events = make("single", fleet_events)
-                results.append(run_fleet(label, events, lat, snap, 1, args.workers, worker_env))
-            elif name.startswith("envelope100"):
-                lat = make("elat", max(1_000, int(25_000 * lat_seconds)))
-                events = make("env", fleet_events)
-                partitions = HASH_PARTITIONS if name.endswith("_hash") else 1
-                results.append(
-                    run_fleet(label, events, lat, snap, 100, args.workers, worker_env, partitions)
-                )
-            else:
-                events = make("sql", fleet_events)
-                results.append(run_sql(events, snap, args.workers, args.batch_events, label=label))
-            print_table(results[-1:])
+        label = name if len(counts) == 1 else f"{name}@{count}"
+        label += f"[{variant}]" if variant else ""
+        env = {**worker_env, **variant_env}
+        workers = variant_workers or args.workers
+        print(f"running {label} ...", flush=True)
+        if name == "baseline":
+            lat = make("blat", max(50, int(600 * lat_seconds)))
+            results.append(run_baseline(make("base", base_events), lat, snap, 2))
+        elif name == "single":
+            lat = make("slat", max(200, int(8_000 * lat_seconds)))
+            events = make("single", fleet_events)
+            results.append(run_fleet(label, events, lat, snap, 1, workers, env))
+        elif name.startswith("envelope100"):
+            lat = make("elat", max(1_000, int(25_000 * lat_seconds)))
+            events = make("env", fleet_events)
+            partitions = HASH_PARTITIONS if name.endswith("_hash") else 1
+            results.append(run_fleet(label, events, lat, snap, 100, workers, env, partitions))
+        else:
+            events = make("sql", fleet_events)
+            results.append(run_sql(events, snap, args.workers, args.batch_events, label=label))
+        print_table(results[-1:])
+    print_deciles(results)
     print()
     print_table(results)
     if args.quick:
