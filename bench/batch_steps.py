@@ -2,9 +2,10 @@
 
 One process, in-process (no broker), against real PostgreSQL: decode and price, then the
 statements of ``billing.usage.record_batch`` one by one, in batches of 5,000 events from
-envelopes of 100, for 1,000 accounts. Prints microseconds of wall time per event for each step.
+envelopes of 100, for 1,000 accounts. Prints microseconds of wall time per event for each step,
+and the wallets a batch debits. ``--accounts 1000,10000`` prints one column per account count.
 
-    .venv/bin/python -m bench.batch_steps [--events 50000] [--batch 5000]
+    .venv/bin/python -m bench.batch_steps [--events 50000] [--batch 5000] [--accounts 1000,10000]
 """
 
 from __future__ import annotations
@@ -35,9 +36,23 @@ def main() -> None:
     parser.add_argument(
         "--batch", type=int, default=5_000, help="events per batch (a multiple of 100)"
     )
+    parser.add_argument(
+        "--accounts", default="1000", help="accounts; several (1000,10000): one column each"
+    )
     args = parser.parse_args()
-    accounts = [f"acct-{i:05d}" for i in range(1_000)]
-    prepare_template(accounts)
+    counts = [int(n) for n in args.accounts.split(",")]
+    everyone = [f"acct-{i:05d}" for i in range(max(counts))]
+    prepare_template(everyone)
+    columns = {n: steps(everyone[:n], args.events, args.batch) for n in counts}
+    wallets = {n: columns[n].pop("wallets per batch") for n in counts}
+    print(f"{'us/event, accounts:':>40}" + "".join(f"{n:>9,}" for n in counts))
+    for step in columns[counts[0]]:
+        print(f"{step:>40}" + "".join(f"{columns[n][step]:>9.1f}" for n in counts))
+    print(f"{'wallets per batch':>40}" + "".join(f"{wallets[n]:>9,.0f}" for n in counts))
+
+
+def steps(accounts: list[str], n_events: int, batch: int) -> dict[str, float]:
+    """Microseconds of wall time per event of each step, for traffic over ``accounts``."""
     _recreate("billing_bench_steps", TEMPLATE)
     settings = replace(Settings.from_env({}), database_url=_url("billing_bench_steps"))
     q = db.queries(settings)
@@ -47,7 +62,7 @@ def main() -> None:
             generate(
                 snap,
                 TrafficShape(accounts=accounts, duplicate_share=0),
-                args.events,
+                n_events,
                 seed=5,
                 now=datetime.now(UTC),
                 prefix="steps",
@@ -57,11 +72,12 @@ def main() -> None:
         gc.freeze()
         gc.set_threshold(50_000, 50, 100)  # as the usage consumer does
         spent: dict[str, float] = {}
+        wallets: list[int] = []
 
         def timed(step: str, start: float) -> None:
             spent[step] = spent.get(step, 0.0) + time.perf_counter() - start
 
-        per_batch = max(args.batch // 100, 1)  # envelopes of 100 events
+        per_batch = max(batch // 100, 1)  # envelopes of 100 events
         for b in range(0, len(bodies), per_batch):
             t = time.perf_counter()
             priced, _ = decode_and_price(
@@ -96,6 +112,7 @@ def main() -> None:
                     if not p.event.byok:
                         account = p.event.account_id
                         deltas[account] = EXACT.subtract(deltas[account], p.charge.total)
+                wallets.append(len(deltas))
                 changes = post_wallet_movement(
                     conn, q, posting_id=posting_id, kind=PostingKind.USAGE, wallet_deltas=deltas,
                     counterparty=SystemAccount.USAGE_REVENUE, reference=f"steps:{posting_id}",
@@ -107,8 +124,10 @@ def main() -> None:
                 timed("crossings, spend controls", t)
                 t = time.perf_counter()
             timed("commit", t)
-    for step, seconds in spent.items():
-        print(f"{step:>36}: {1e6 * seconds / len(events):6.1f} us/event")
+    gc.unfreeze()
+    result = {step: 1e6 * seconds / len(events) for step, seconds in spent.items()}
+    result["wallets per batch"] = sum(wallets) / len(wallets)
+    return result
 
 
 if __name__ == "__main__":

@@ -87,7 +87,8 @@ class Result:
     audit_ok: bool = False
     balances_ok: bool = False
     rate_windows: list[float] | None = None
-    rss_windows_mb: list[float] | None = None  # the workers' peak RSS in each of those deciles
+    # the workers' peak RSS in each of those deciles (None: a tenth shorter than a sample period)
+    rss_windows_mb: list[float | None] | None = None
 
 
 # --- processes and CPU -------------------------------------------------------------------------
@@ -147,8 +148,9 @@ class Sampler(threading.Thread):
         a, b = at(start), at(end)
         return (b[0] - a[0], b[1] - a[1], b[2] - a[2])
 
-    def peak_rss_between(self, start: float, end: float) -> int:
-        return max((rss for t, rss in self.rss if start <= t <= end), default=0)
+    def peak_rss_mb_between(self, start: float, end: float) -> float | None:
+        peak = max((rss for t, rss in self.rss if start <= t <= end), default=None)
+        return None if peak is None else peak / 2**20
 
     def stop(self) -> None:
         self.stop_flag.set()
@@ -633,7 +635,7 @@ def _result(
         audit_ok=audit_ok,
         balances_ok=balances_ok,
         rate_windows=[rate for _a, _b, rate in windows],
-        rss_windows_mb=[sampler.peak_rss_between(a, b) / 2**20 for a, b, _rate in windows],
+        rss_windows_mb=[sampler.peak_rss_mb_between(a, b) for a, b, _rate in windows],
     )
 
 
@@ -643,7 +645,8 @@ def print_deciles(results: list[Result]) -> None:
     for r in results:
         if r.rate_windows and r.rss_windows_mb:
             print(f"{r.scenario:<23}" + " ".join(f"{x:>7,.0f}" for x in r.rate_windows))
-            print(f"{'':<23}" + " ".join(f"{x:>7,.0f}" for x in r.rss_windows_mb))
+            rss = ("-" if x is None else f"{x:,.0f}" for x in r.rss_windows_mb)
+            print(f"{'':<23}" + " ".join(f"{x:>7}" for x in rss))
 
 
 # --- main --------------------------------------------------------------------------------------
