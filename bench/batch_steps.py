@@ -24,7 +24,7 @@ from billing.events import encode_envelope
 from billing.ledger import PostingKind, SystemAccount, post_wallet_movement
 from billing.money import EXACT, ZERO
 from billing.settings import Settings
-from billing.spend_controls import BatchControls, after_debit
+from billing.spend_controls import BatchControls, SpendPlan, after_debit
 from billing.synthetic import TrafficShape, generate
 from billing.usage import claim_event_keys, copy_line, decode_and_price
 from billing.wallets import record_crossings
@@ -117,10 +117,10 @@ def steps(accounts: list[str], n_events: int, batch: int) -> dict[str, float]:
                     conn, q, posting_id=posting_id, kind=PostingKind.USAGE, wallet_deltas=deltas,
                     counterparty=SystemAccount.USAGE_REVENUE, reference=f"steps:{posting_id}",
                 )  # fmt: skip
-                timed("wallet locks, balances, ledger entries", t)
+                timed("posting, ledger entries, wallet locks, balances", t)
                 t = time.perf_counter()
                 record_crossings(conn, q, changes, check_alerts=False)
-                after_debit(conn, q, posting_id, deltas, controls, new, changes)
+                after_debit(conn, q, SpendPlan.of(posting_id, deltas, controls, new), changes)
                 timed("crossings, spend controls", t)
                 t = time.perf_counter()
             timed("commit", t)

@@ -39,6 +39,7 @@ import msgspec
 from bench.throughput import TEMPLATE, _recreate, _url, prepare_template
 from billing import db
 from billing.catalog import CLASS_ORDER, BillableClass
+from billing.db import text_array
 from billing.errors import Unpriced
 from billing.events import (
     Usage,
@@ -48,9 +49,11 @@ from billing.events import (
     encode_event,
     envelope_items,
 )
+from billing.ledger import WalletChange, WalletState
 from billing.money import EXACT, ZERO
 from billing.pricing import Charge, price, quantities
 from billing.settings import Settings
+from billing.spend_controls import BatchControls, SpendPlan, after_debit
 from billing.synthetic import TrafficShape, generate
 from billing.usage import claim_event_keys, copy_line, extension_text, price_events, staging_row
 
@@ -180,6 +183,7 @@ def main() -> None:
                         print(f"  {label:<52} {1e6 * seconds / 5_000:7.2f} us each")
 
         _ledger_entry_checks(conn, q)
+        _wallet_lock_hold(conn, q, priced[:5_000])
         _key_probe_on_a_plan_made_when_empty(conn, q, priced[:2_000])
         _python_hot_path(conn, priced)
 
@@ -233,12 +237,68 @@ def _ledger_entry_checks(conn: Any, q: Any) -> None:
                     q["insert_entries"],
                     {
                         "posting_id": SCRATCH_POSTING,
-                        "ledger_accounts": accounts,
-                        "amounts": amounts,
+                        "ledger_accounts": text_array(accounts),
+                        "amounts": text_array(amounts),
                     },
                 )
                 seconds = time.perf_counter() - start
                 print(f"  {label:<52} {1e3 * seconds:7.2f} ms")
+
+
+def _wallet_lock_hold(conn: Any, q: Any, batch: list[Any]) -> None:
+    """How long a usage batch holds its wallets' row locks (from the lock to the end of the
+    spend-controls statement; the commit after it is the same either way)."""
+    deltas: dict[str, Decimal] = {}
+    for p in batch:
+        if not p.event.byok:
+            deltas[p.event.account_id] = deltas.get(p.event.account_id, ZERO) - p.charge.total
+    accounts = sorted(deltas)
+    amounts = [deltas[a] for a in accounts]
+    controls = BatchControls.read(conn, q, sorted({p.event.account_id for p in batch}))
+    revenue = conn.execute(q["ledger_account_id"], {"code": "revenue:usage"}).fetchone()[0]
+    print(f"wallet row locks held by one usage batch ({len(accounts)} wallets), wall time:")
+
+    def entries() -> None:
+        conn.execute(q["insert_posting"], dict.fromkeys(POSTING_FIELDS) | SCRATCH)
+        ids = dict(conn.execute(q["wallet_ledger_accounts"], {"accounts": text_array(accounts)}))
+        conn.execute(
+            q["insert_entries"],
+            {
+                "posting_id": SCRATCH_POSTING,
+                "ledger_accounts": text_array([ids[a] for a in accounts] + [revenue]),
+                "amounts": text_array([*amounts, -sum(amounts)]),
+            },
+        )
+
+    def lock_and_update() -> list[WalletChange]:
+        old = {
+            r[0]: r[3] for r in conn.execute(q["lock_wallets"], {"accounts": text_array(accounts)})
+        }
+        new = conn.execute(
+            q["update_wallet_balances"],
+            {"accounts": text_array(accounts), "amounts": text_array(amounts)},
+        )
+        return [WalletChange(a, WalletState(old[a]), WalletState(st), b) for a, b, st in new]
+
+    for _ in range(3):  # alternate, so that neither way always runs on a cold cache
+        with rolled_back(conn):  # before: entries and the spend plan inside the locks
+            start = time.perf_counter()
+            changes = lock_and_update()
+            entries()
+            after_debit(conn, q, SpendPlan.of(SCRATCH_POSTING, deltas, controls, batch), changes)
+            print(f"  {'entries and spend plan after the lock (before)':<52} "
+                  f"{1e3 * (time.perf_counter() - start):7.2f} ms")  # fmt: skip
+        with rolled_back(conn):  # now: both before it
+            entries()
+            plan = SpendPlan.of(SCRATCH_POSTING, deltas, controls, batch)
+            start = time.perf_counter()
+            after_debit(conn, q, plan, lock_and_update())
+            print(f"  {'entries and spend plan before the lock (now)':<52} "
+                  f"{1e3 * (time.perf_counter() - start):7.2f} ms")  # fmt: skip
+
+
+POSTING_FIELDS = ("posting_id", "kind", "reference", "memo", "actor")
+SCRATCH = {"posting_id": 999_999_999_999, "kind": "usage"}
 
 
 def _key_probe_on_a_plan_made_when_empty(conn: Any, q: Any, priced: list[Any]) -> None:

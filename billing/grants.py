@@ -26,7 +26,7 @@ from typing import Any
 
 import psycopg
 
-from billing.db import Queries, fetch_dicts
+from billing.db import Queries, fetch_dicts, text_array
 from billing.errors import BillingError, UnknownAccount
 from billing.ledger import WalletChange, next_posting_id, post_movement, require_account
 from billing.money import EXACT, ZERO, exact, format_usd, sum_exact
@@ -121,7 +121,7 @@ def _expire_account(
         # The wallet lock first (the order every writer uses), then the grants: a usage batch
         # consuming these grants holds the same lock, and a second scheduler waits here, then
         # finds the grants closed.
-        conn.execute(q["lock_wallets"], {"accounts": [account_id]}).fetchall()
+        conn.execute(q["lock_wallets"], {"accounts": text_array([account_id])}).fetchall()
         posting_id = next_posting_id(conn, q)
         closed = conn.execute(
             q["expire_account_grants"],

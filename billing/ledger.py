@@ -16,7 +16,7 @@ from typing import Any
 
 import psycopg
 
-from billing.db import Queries
+from billing.db import Queries, text_array
 from billing.errors import BillingError, UnknownAccount
 from billing.money import EXACT, sum_exact
 
@@ -96,9 +96,12 @@ def post_movement(
 ) -> list[WalletChange]:
     """One balanced posting: wallet deltas and system-account deltas (by code) summing to zero.
 
-    Call inside a transaction. Wallet rows are locked in account order (the global lock order
-    that keeps parallel workers deadlock-free), balances updated, and all entries written in one
-    statement (the balance trigger checks them together). Returns each wallet's state change.
+    Call inside a transaction. The posting and all its entries are written first, in one
+    statement (the balance trigger checks them together): they need only each wallet's ledger
+    account, which never changes. Then the wallet rows are locked in account order (the global
+    lock order that keeps parallel workers deadlock-free) and their balances updated. The locks
+    are held until the commit, so the caller should do there only what needs them: another
+    worker debiting the same hot wallet waits that long. Returns each wallet's state change.
     """
     wallets = {a: v for a, v in wallet_deltas.items() if v != 0}
     systems = {c: v for c, v in system_deltas.items() if v != 0}
@@ -117,35 +120,43 @@ def post_movement(
         },
     )
     accounts = sorted(wallets)
-    locked = {row[0]: row for row in conn.execute(q["lock_wallets"], {"accounts": accounts})}
-    missing = [a for a in accounts if a not in locked]
-    if missing:
-        raise BillingError(f"no wallet for account(s) {', '.join(missing)}")
-    amounts = [wallets[a] for a in accounts]
-    updated = (
-        {
-            account: (balance, state)
-            for account, balance, state in conn.execute(
-                q["update_wallet_balances"], {"accounts": accounts, "amounts": amounts}
-            )
-        }
+    accounts_text = text_array(accounts)
+    ledger_ids = (
+        dict(conn.execute(q["wallet_ledger_accounts"], {"accounts": accounts_text}).fetchall())
         if accounts
         else {}
     )
+    missing = [a for a in accounts if a not in ledger_ids]
+    if missing:
+        raise BillingError(f"no wallet for account(s) {', '.join(missing)}")
+    amounts = [wallets[a] for a in accounts]
+    amounts_text = text_array(amounts)
     codes = sorted(systems)
     system_ids = [system_account_id_by_code(conn, q, c) for c in codes]
     conn.execute(
         q["insert_entries"],
         {
             "posting_id": posting_id,
-            "ledger_accounts": [locked[a][1] for a in accounts] + system_ids,
-            "amounts": amounts + [systems[c] for c in codes],
+            "ledger_accounts": text_array([ledger_ids[a] for a in accounts] + system_ids),
+            "amounts": text_array(amounts + [systems[c] for c in codes]),
         },
     )
+    if not accounts:
+        return []
+    # The wallet locks, from here to the commit.
+    old_states = {
+        row[0]: row[3] for row in conn.execute(q["lock_wallets"], {"accounts": accounts_text})
+    }
+    updated = {
+        account: (balance, state)
+        for account, balance, state in conn.execute(
+            q["update_wallet_balances"], {"accounts": accounts_text, "amounts": amounts_text}
+        )
+    }
     return [
         WalletChange(
             account_id=a,
-            old_state=WalletState(locked[a][3]),
+            old_state=WalletState(old_states[a]),
             new_state=WalletState(updated[a][1]),
             balance=updated[a][0],
         )

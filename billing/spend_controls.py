@@ -1,7 +1,8 @@
 """The spend controls' step of a usage batch: ONE statement after the debit.
 
-``record_batch`` (billing/usage.py) calls ``after_debit`` in its transaction, after the wallets
-were debited (their rows are locked). The statement (``after_usage_debit``):
+``record_batch`` (billing/usage.py) builds the statement's parameters (``SpendPlan.of``) before
+it locks the batch's wallets, and calls ``after_debit`` in its transaction after the wallets were
+debited (their rows are locked until the commit). The statement (``after_usage_debit``):
 
 * settles the holds named by the batch's newly recorded events (``billing.holds``): each takes
   its event's actual cost;
@@ -65,66 +66,63 @@ class BatchControls:
         return cls(payers, frozenset(keys), frozenset(members), frozenset(alerts))
 
 
-def after_debit(
-    conn: psycopg.Connection[Any],
-    q: Queries,
-    posting_id: int,
-    deltas: Mapping[str, Decimal],
-    controls: BatchControls,
-    recorded: Sequence[PricedEvent],
-    changes: Sequence[WalletChange],
-) -> tuple[int, Decimal, int]:
-    """Settle holds, count limited spend, consume grants, attribute members, flip alerts.
+@dataclass(frozen=True)
+class SpendPlan:
+    """What the spend-controls statement will be sent for a batch, built before its wallets are
+    locked: only ``changed_accounts`` and ``changed_balances`` need the debit's result."""
 
-    Returns (holds settled, granted credit used, low-balance outbox rows written).
+    params: dict[str, Any]
+    alert_payers: frozenset[str]
+    applies: bool  # a hold, a debit, a limit or a sub-account: the statement must run
 
-    ``deltas``: each paying wallet's (negative) usage delta of ``posting_id``; ``controls``: the
-    batch's payers and the controls that apply; ``recorded``: the batch's newly recorded events
-    (not the duplicates); ``changes``: the debited wallets' new balances. Only what applies is
-    sent; nothing runs when nothing applies (no debit, hold, limit, alert or sub-account).
-    """
-    payers = controls.payers
-    hold_ids: list[str] = []
-    event_ids: list[str] = []
-    hold_accounts: list[str] = []
-    hold_amounts: list[Decimal] = []
-    members: dict[tuple[str, str], Decimal] = {}
-    # spend per (key, account, quarter hour) as [paid, BYOK notional]; per (member, quarter hour)
-    key_usage: dict[tuple[str, str, datetime], list[Decimal]] = {}
-    member_usage: dict[tuple[str, datetime], Decimal] = {}
-    limited_keys, limited_members = controls.limited_keys, controls.limited_members
-    for p in recorded:
-        e = p.event
-        account, total = e.account_id, p.charge.total
-        if e.hold_id is not None:
-            hold_ids.append(e.hold_id)
-            event_ids.append(e.event_id)
-            hold_accounts.append(account)
-            hold_amounts.append(total)
-        if not total:
-            continue
-        if limited_keys and (e.api_key_id, account) in limited_keys:
-            spent = key_usage.setdefault(
-                (e.api_key_id, account, _quarter_hour(e.occurred_at)), [ZERO, ZERO]
-            )
-            spent[e.byok] = EXACT.add(spent[e.byok], total)
-        if payers[account] != account and not e.byok:
-            key = (account, payers[account])
-            members[key] = EXACT.add(members.get(key, ZERO), total)
-            if account in limited_members:
-                at = _quarter_hour(e.occurred_at)
-                member_usage[account, at] = EXACT.add(member_usage.get((account, at), ZERO), total)
-    accounts = sorted(a for a, v in deltas.items() if v < 0)  # grants: decided under the lock
-    changed = sorted(
-        (c for c in changes if c.account_id in controls.alert_payers), key=lambda c: c.account_id
-    )
-    if not (hold_ids or accounts or changed or key_usage or members):
-        return 0, Decimal(0), 0
-    keys = sorted(key_usage)
-    spend_members = sorted(member_usage)
-    result = conn.execute(
-        q["after_usage_debit"],
-        {
+    @classmethod
+    def of(
+        cls,
+        posting_id: int,
+        deltas: Mapping[str, Decimal],
+        controls: BatchControls,
+        recorded: Sequence[PricedEvent],
+    ) -> SpendPlan:
+        """``deltas``: each paying wallet's (negative) usage delta of ``posting_id``;
+        ``controls``: the batch's payers and the controls that apply; ``recorded``: the batch's
+        newly recorded events (not the duplicates)."""
+        payers = controls.payers
+        hold_ids: list[str] = []
+        event_ids: list[str] = []
+        hold_accounts: list[str] = []
+        hold_amounts: list[Decimal] = []
+        members: dict[tuple[str, str], Decimal] = {}
+        # spend per (key, account, quarter hour) as [paid, BYOK notional]; per (member, quarter)
+        key_usage: dict[tuple[str, str, datetime], list[Decimal]] = {}
+        member_usage: dict[tuple[str, datetime], Decimal] = {}
+        limited_keys, limited_members = controls.limited_keys, controls.limited_members
+        for p in recorded:
+            e = p.event
+            account, total = e.account_id, p.charge.total
+            if e.hold_id is not None:
+                hold_ids.append(e.hold_id)
+                event_ids.append(e.event_id)
+                hold_accounts.append(account)
+                hold_amounts.append(total)
+            if not total:
+                continue
+            if limited_keys and (e.api_key_id, account) in limited_keys:
+                spent = key_usage.setdefault(
+                    (e.api_key_id, account, _quarter_hour(e.occurred_at)), [ZERO, ZERO]
+                )
+                spent[e.byok] = EXACT.add(spent[e.byok], total)
+            if payers[account] != account and not e.byok:
+                key = (account, payers[account])
+                members[key] = EXACT.add(members.get(key, ZERO), total)
+                if account in limited_members:
+                    at = _quarter_hour(e.occurred_at)
+                    member_usage[account, at] = EXACT.add(
+                        member_usage.get((account, at), ZERO), total
+                    )
+        accounts = sorted(a for a, v in deltas.items() if v < 0)  # grants: decided under the lock
+        keys = sorted(key_usage)
+        spend_members = sorted(member_usage)
+        params: dict[str, Any] = {
             "hold_ids": hold_ids,
             "event_ids": event_ids,
             "hold_accounts": hold_accounts,
@@ -143,6 +141,34 @@ def after_debit(
             "spend_members": [m for m, _ in spend_members],
             "spend_member_at": [at for _, at in spend_members],
             "spend_member_amounts": [member_usage[k] for k in spend_members],
+        }
+        applies = bool(hold_ids or accounts or key_usage or members)
+        return cls(params, controls.alert_payers, applies)
+
+
+def after_debit(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    plan: SpendPlan,
+    changes: Sequence[WalletChange],
+) -> tuple[int, Decimal, int]:
+    """Settle holds, count limited spend, consume grants, attribute members, flip alerts.
+
+    Returns (holds settled, granted credit used, low-balance outbox rows written).
+
+    ``plan``: built by ``SpendPlan.of`` before the debit; ``changes``: the debited wallets' new
+    balances. Only what applies is sent; nothing runs when nothing applies (no debit, hold,
+    limit, alert or sub-account).
+    """
+    changed = sorted(
+        (c for c in changes if c.account_id in plan.alert_payers), key=lambda c: c.account_id
+    )
+    if not (plan.applies or changed):
+        return 0, Decimal(0), 0
+    result = conn.execute(
+        q["after_usage_debit"],
+        {
+            **plan.params,
             "changed_accounts": [c.account_id for c in changed],
             "changed_balances": [c.balance for c in changed],
         },

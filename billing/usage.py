@@ -10,12 +10,14 @@ when it happened, and records everything in one transaction:
    that worker's commit, then skip it (the exactly-once step);
 2. COPY the claimed events straight into ``usage_events`` (partitioned by month); its insert
    trigger finds each row's key already claimed at the same ``recorded_at``;
-3. debit each wallet once by the sum of its new events, locking wallets in account order (no
-   deadlock between workers), and write the balanced ledger entries (wallets against usage
-   revenue) as one posting that every new event references;
-4. park rejected items (bad input, unknown account, no price) as dead letters, and resolve parked
+3. park rejected items (bad input, unknown account, no price) as dead letters, and resolve parked
    ones whose event is now recorded;
-5. write outbox rows for wallets that crossed zero.
+4. write the balanced ledger entries (wallets against usage revenue) as one posting that every
+   new event references, then debit each wallet once by the sum of its new events, locking
+   wallets in account order (no deadlock between workers). Last, because those row locks are
+   held until the commit and a hot wallet is in every worker's batches;
+5. settle holds, limits, grants and member attribution (``billing.spend_controls``, prepared
+   before the locks), and write outbox rows for wallets that crossed zero.
 
 The caller acknowledges the messages only after this returns (the transaction has committed). A
 batch that the database refuses for a data reason is split in halves until the bad item is
@@ -36,7 +38,7 @@ import msgspec
 import psycopg
 
 from billing.catalog import Catalog, PriceVersion
-from billing.db import Queries, map_error
+from billing.db import Queries, map_error, text_array
 from billing.errors import DatabaseRejected, Transient, Unpriced
 from billing.events import Reason, Rejected, UsageEvent, decode_message, encode_event
 from billing.ledger import PostingKind, SystemAccount, next_posting_id, post_wallet_movement
@@ -46,7 +48,7 @@ from billing.provider_usage import reported_cost
 from billing.request_status import RequestStatus
 from billing.service_tier import ServiceTier
 from billing.settings import Settings
-from billing.spend_controls import BatchControls, after_debit
+from billing.spend_controls import BatchControls, SpendPlan, after_debit
 from billing.wallets import record_crossings
 
 
@@ -300,6 +302,20 @@ def record_batch(
                 result.debited += 1
                 payer = known[p.event.account_id]
                 deltas[payer] = EXACT.subtract(deltas[payer], p.charge.total)
+        result.amount_debited = EXACT.minus(sum_exact(deltas.values()))
+        plan = SpendPlan.of(posting_id, deltas, controls, new)
+        # Parked dead letters whose event is now recorded are resolved; skipped (one cheap
+        # EXISTS) in the common case where nothing is parked.
+        if conn.execute(q["any_parked"]).fetchone() != (False,):
+            conn.execute(q["resolve_recorded"], {"event_ids": ids, "resolution": resolution})
+
+    if rejected:
+        park(conn, q, rejected, result)
+
+    if unique:
+        # The wallets last: their row locks are held until the commit, and another worker's batch
+        # with the same hot wallet waits for them. Everything that does not need them came first
+        # (the posting's entries too, in post_wallet_movement).
         changes = post_wallet_movement(
             conn,
             q,
@@ -309,28 +325,15 @@ def record_batch(
             counterparty=SystemAccount.USAGE_REVENUE,
             reference=f"batch:{uuid.uuid4()}",
         )
-        result.amount_debited = EXACT.minus(sum_exact(deltas.values()))
         result.crossings = record_crossings(conn, q, changes, check_alerts=False)
         # holds, grants, member attribution; low-balance alerts are relayed like crossings
-        result.crossings += after_debit(conn, q, posting_id, deltas, controls, new, changes)[2]
-        # Parked dead letters whose event is now recorded are resolved; skipped (one cheap
-        # EXISTS) in the common case where nothing is parked.
-        if conn.execute(q["any_parked"]).fetchone() != (False,):
-            conn.execute(q["resolve_recorded"], {"event_ids": ids, "resolution": resolution})
-
-    if rejected:
-        park(conn, q, rejected, result)
+        result.crossings += after_debit(conn, q, plan, changes)[2]
     return result
 
 
 def claim_event_keys(conn: psycopg.Connection[Any], q: Queries, event_ids: list[str]) -> set[str]:
     """Claim the idempotency keys of ``event_ids`` (sorted); the ids of those never claimed."""
-    if not event_ids:
-        return set()
-    joined = "\n".join(event_ids)
-    if not all(event_ids) or joined.count("\n") != len(event_ids) - 1:  # decode rules these out
-        raise ValueError("an event id is empty or has a newline")
-    cursor = conn.execute(q["claim_event_keys"], {"event_ids": joined})
+    cursor = conn.execute(q["claim_event_keys"], {"event_ids": text_array(event_ids)})
     return {row[0] for row in cursor}
 
 
