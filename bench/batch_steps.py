@@ -45,10 +45,10 @@ def main() -> None:
     prepare_template(everyone)
     columns = {n: steps(everyone[:n], args.events, args.batch) for n in counts}
     wallets = {n: columns[n].pop("wallets per batch") for n in counts}
-    print(f"{'us/event, accounts:':>40}" + "".join(f"{n:>9,}" for n in counts))
+    print(f"{'us/event, accounts:':>48}" + "".join(f"{n:>9,}" for n in counts))
     for step in columns[counts[0]]:
-        print(f"{step:>40}" + "".join(f"{columns[n][step]:>9.1f}" for n in counts))
-    print(f"{'wallets per batch':>40}" + "".join(f"{wallets[n]:>9,.0f}" for n in counts))
+        print(f"{step:>48}" + "".join(f"{columns[n][step]:>9.1f}" for n in counts))
+    print(f"{'wallets per batch':>48}" + "".join(f"{wallets[n]:>9,.0f}" for n in counts))
 
 
 def steps(accounts: list[str], n_events: int, batch: int) -> dict[str, float]:
