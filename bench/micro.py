@@ -272,7 +272,7 @@ def _wallet_lock_hold(conn: Any, q: Any, batch: list[Any]) -> None:
 
     def lock_and_update() -> list[WalletChange]:
         old = {
-            r[0]: r[3] for r in conn.execute(q["lock_wallets"], {"accounts": text_array(accounts)})
+            r[0]: r[1] for r in conn.execute(q["lock_wallets"], {"accounts": text_array(accounts)})
         }
         new = conn.execute(
             q["update_wallet_balances"],

@@ -118,7 +118,6 @@ class Sampler(threading.Thread):
         self.worker_roots = worker_roots
         self.samples: list[tuple[float, float, float, float]] = []
         self.rss: list[tuple[float, int]] = []  # (time, workers' RSS summed)
-        self.peak_rss = 0
         self.stop_flag = threading.Event()
         self.broker = [p for p in psutil.process_iter(["name"]) if p.info["name"] == "beam.smp"]
 
@@ -133,7 +132,6 @@ class Sampler(threading.Thread):
             for w in workers:
                 with contextlib.suppress(psutil.Error):
                     rss += w.memory_info().rss
-            self.peak_rss = max(self.peak_rss, rss)
             self.rss.append((time.time(), rss))
             self.samples.append((time.time(), _cpu(self.broker), _cpu(pg), _cpu(workers)))
             self.stop_flag.wait(0.25)
@@ -631,7 +629,7 @@ def _result(
         cpu_postgres=100 * cpu[1] / window,
         cpu_workers=100 * cpu[2] / window,
         cpu_us_per_event=1e6 * sum(cpu) / (rate * window),
-        peak_worker_rss_mb=sampler.peak_rss / 2**20,
+        peak_worker_rss_mb=max((rss for _t, rss in sampler.rss), default=0) / 2**20,
         audit_ok=audit_ok,
         balances_ok=balances_ok,
         rate_windows=[rate for _a, _b, rate in windows],

@@ -145,7 +145,7 @@ def post_movement(
         return []
     # The wallet locks, from here to the commit.
     old_states = {
-        row[0]: row[3] for row in conn.execute(q["lock_wallets"], {"accounts": accounts_text})
+        row[0]: row[1] for row in conn.execute(q["lock_wallets"], {"accounts": accounts_text})
     }
     updated = {
         account: (balance, state)

@@ -154,11 +154,11 @@ class UsageConsumer(ConsumerMixin):
             self._observe_loop()
 
     def on_message(self, message: Message) -> None:
+        self.last_message = time.monotonic()
         if not self.messages:
-            self._received_first = time.monotonic()
+            self._received_first = self.last_message
             self.deadline = self._received_first + self.settings.batch_timeout_ms / 1000
         self.messages.append(message)
-        self.last_message = time.monotonic()
         self.batch.add(_body(message), self.settings, datetime.now(UTC))
         if (
             len(self.batch) >= self.settings.batch_events

@@ -21,8 +21,8 @@ WHERE account_id = ANY(string_to_array(%(accounts)s, E'\n'))
 
 -- name: lock_wallets
 -- Row locks in account_id order: every writer locks wallets in this order, so parallel workers
--- never deadlock on each other's wallets.
-SELECT account_id, ledger_account_id, balance, state
+-- never deadlock on each other's wallets. Returns each wallet's state before the update.
+SELECT account_id, state
 FROM wallets
 WHERE account_id = ANY(string_to_array(%(accounts)s, E'\n'))
 ORDER BY account_id
