@@ -1,4 +1,4 @@
-"""Scale-out benchmark: 1, 2 and 4 usage-worker processes, consistent-hash partitioning off and on.
+"""Scale-out benchmark: 1, 2 and 4 usage-worker processes, partitioning by account off and on.
 
 Against one RabbitMQ and one PostgreSQL, with the same seeded synthetic traffic as
 ``bench.throughput`` (a Zipf-like hot set of accounts, the catalog's models, 5% BYOK, 1%
@@ -12,8 +12,9 @@ duplicates), for each worker count and partitioning mode it pre-loads the queue(
 * correctness: ``billing audit`` and every balance against the generator's expected totals (a
   wrong answer fails the run, exit 1).
 
-Modes: ``single`` is one usage queue that every worker consumes; ``hash`` is a consistent-hash
-exchange by account over 4 queues (``BILLING_USAGE_PARTITIONS=4``), worker i of N consuming the
+Modes: ``single`` is one usage queue that every worker consumes; ``hash`` partitions the stream
+by account over 4 queues (``BILLING_USAGE_PARTITIONS=4``: CRC-32 of the account id mod 4, computed
+by the publisher, ``broker.partition_of``), worker i of N consuming the
 partitions j with j mod N = i, so one account's events go to one worker: no two workers contend
 for the same wallet row.
 
@@ -21,8 +22,7 @@ for the same wallet row.
     python -m bench.scaleout --quick                 # tiny, correctness only
     python -m bench.scaleout --workers 1,2 --modes hash --events 50000 --json out.json
 
-The consistent-hash mode needs the broker plugin: ``rabbitmq-plugins enable
-rabbitmq_consistent_hash_exchange`` (``.ci/run`` enables it). Servers as ``bench.throughput``
+Servers as ``bench.throughput``
 (``BILLING_BENCH_DATABASE_URL``, ``BILLING_BENCH_BROKER_URL``); databases are named
 ``BILLING_BENCH_DB_PREFIX`` (default ``billing_scaleout``) + ``_<scenario>``.
 """

@@ -8,9 +8,9 @@ Zipf-like hot set, the catalog's models and providers, cached tokens, images, se
 * single       our fleet (``billing worker``), one event per message
 * envelope100  our fleet, envelopes of 100 events per message
 * envelope100_hash  the same, the usage stream partitioned by account over 4 queues
-               (consistent-hash exchange, ``BILLING_USAGE_PARTITIONS=4``), each worker consuming
-               its own partitions, so no two workers debit the same wallet (docs/operations.md);
-               the gateway then sends each account's events in envelopes of their own
+               (``BILLING_USAGE_PARTITIONS=4``: CRC-32 of the account id mod 4), each worker
+               consuming its own partitions, so no two workers debit the same wallet
+               (docs/operations.md); an envelope carries the accounts of one partition
 * sql          the same decode/price/record code fed directly, no broker (the ceiling)
 
 For each: sustained events/s after warm-up (the 10th to 90th percentile of commit times), p50/p99
@@ -40,6 +40,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -67,7 +68,7 @@ BROKER_URL = os.environ.get("BILLING_BENCH_BROKER_URL", "amqp://guest:guest@127.
 DB_PREFIX = os.environ.get("BILLING_BENCH_DB_PREFIX", "billing_bench")
 TEMPLATE = f"{DB_PREFIX}_template"
 CREDIT = Decimal(10_000_000)
-HASH_PARTITIONS = 4  # envelope100_hash and bench.scaleout: consistent-hash queues by account
+HASH_PARTITIONS = 4  # envelope100_hash and bench.scaleout: queues by the account's partition
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -372,7 +373,7 @@ class FastPublisher:
 
     def __init__(self, settings: Settings) -> None:
         self.conn = Connection(settings.broker_url)
-        self.partitioned = settings.usage_partitions > 1
+        self.settings = settings
         channel = self.conn.channel()
         for queue in broker.usage_queues(settings):
             queue(channel).declare()
@@ -381,12 +382,12 @@ class FastPublisher:
     def raw(self, body: bytes, account_id: str = "") -> None:
         self.producer.publish(
             body,
-            routing_key=account_id if self.partitioned else broker.USAGE_ROUTING_KEY,
+            routing_key=broker.usage_routing_key(self.settings, account_id),
             **broker.PERSISTENT_JSON,
         )
 
     def events(self, events: list[UsageEvent], per_message: int) -> None:
-        for chunk in broker.envelopes(events, per_message, self.partitioned):
+        for chunk in broker.envelopes(events, per_message, self.settings.usage_partitions):
             body = encode_event(chunk[0]) if per_message == 1 else encode_envelope(chunk)
             self.raw(body, chunk[0].account_id)
 
@@ -438,6 +439,13 @@ def run_fleet(
         if partitions > 1:
             env["BILLING_USAGE_CONSUME_PARTITIONS"] = partitions_of(i, workers, partitions)
         envs.append(env_for(settings, **env))
+    if partitions > 1:  # a hot account's partition sets the pace of its worker
+        shares = Counter(broker.partition_of(e.account_id, partitions) % workers for e in events)
+        print(
+            "  events per worker: "
+            + ", ".join(f"{shares[i] / len(events):.0%}" for i in range(workers)),
+            flush=True,
+        )
     try:
         return measure(
             name, settings, events, latency_events, snap, [command] * workers, envs,

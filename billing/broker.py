@@ -11,9 +11,11 @@ fanout, bound to the queue ``<exchange>.queue``) for messages past ``BILLING_USA
 deliveries, and a length limit (``BILLING_USAGE_QUEUE_MAX_LENGTH``) with ``x-overflow:
 reject-publish``: a full queue nacks new publishes, which ``UsagePublisher`` treats as
 back-pressure (retry with backoff, then ``QueueFull``), never dropping queued messages.
-``BILLING_USAGE_PARTITIONS=N`` makes the usage exchange a consistent-hash exchange (plugin
-``rabbitmq_consistent_hash_exchange``) routing by account id to ``<queue>.0`` .. ``<queue>.N-1``;
-each worker consumes ``BILLING_USAGE_CONSUME_PARTITIONS`` (default: all).
+``BILLING_USAGE_PARTITIONS=N`` partitions the usage stream by account over ``<queue>.0`` ..
+``<queue>.N-1``: the publisher computes an account's partition (``partition_of``: CRC-32 of the
+UTF-8 account id, mod N, which every language's standard library has) and routes on the direct
+exchange with the key ``usage.<i>``. So an envelope carries every account of one partition, not
+one account; each worker consumes ``BILLING_USAGE_CONSUME_PARTITIONS`` (default: all).
 
 Embedded mode uses kombu's filesystem transport in ``BILLING_DATA_DIR/queue``. It is for demos and
 local work only: it removes a message file when delivering it and keeps unacknowledged messages in
@@ -26,6 +28,7 @@ import base64
 import time
 import urllib.error
 import urllib.request
+import zlib
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -72,9 +75,24 @@ def connect(settings: Settings) -> Connection:
 
 
 def usage_exchange(settings: Settings) -> Exchange:
-    if settings.usage_partitions > 1:
-        return Exchange(settings.usage_exchange, type="x-consistent-hash", durable=True)
+    """Direct, partitioned or not: a partitioned publisher names the partition in the key."""
     return Exchange(settings.usage_exchange, type="direct", durable=True)
+
+
+def partition_of(account_id: str, partitions: int) -> int:
+    """The account's partition: CRC-32 (IEEE, as zlib's) of its UTF-8 id, mod ``partitions``.
+
+    Computed by the publisher, so it must be the same function in every gateway's language
+    (docs/usage-events.md "Partitioned publishing" has test vectors).
+    """
+    return zlib.crc32(account_id.encode()) % partitions if partitions > 1 else 0
+
+
+def usage_routing_key(settings: Settings, account_id: str) -> str:
+    """``usage``, or ``usage.<partition of the account>`` when the stream is partitioned."""
+    if settings.usage_partitions <= 1:
+        return USAGE_ROUTING_KEY
+    return f"{USAGE_ROUTING_KEY}.{partition_of(account_id, settings.usage_partitions)}"
 
 
 def usage_queue_arguments(settings: Settings) -> dict[str, Any]:
@@ -102,19 +120,21 @@ def usage_queue_names(settings: Settings) -> list[str]:
 def usage_queues(settings: Settings, *, consumed: bool = False) -> list[Queue]:
     """The usage queues; ``consumed=True``: only the partitions this worker consumes."""
     names = usage_queue_names(settings)
+    keys = [USAGE_ROUTING_KEY]
+    if settings.usage_partitions > 1:
+        keys = [f"{USAGE_ROUTING_KEY}.{i}" for i in range(settings.usage_partitions)]
+    bound = list(zip(names, keys, strict=True))
     if consumed and settings.usage_partitions > 1 and settings.usage_consume_partitions:
-        names = [names[i] for i in settings.usage_consume_partitions]
-    partitioned = settings.usage_partitions > 1
+        bound = [bound[i] for i in settings.usage_consume_partitions]
     return [
         Queue(
             name,
             exchange=usage_exchange(settings),
-            # consistent hash: the binding key is the queue's weight in the hash ring
-            routing_key="1" if partitioned else USAGE_ROUTING_KEY,
+            routing_key=key,
             durable=True,
             queue_arguments=usage_queue_arguments(settings) or None,
         )
-        for name in names
+        for name, key in bound
     ]
 
 
@@ -171,13 +191,14 @@ class UsagePublisher:
         self.refusals = 0  # publishes the broker nacked (queue full), retried
 
     def publish_raw(self, body: bytes, account_id: str = "") -> None:
-        """Publish one message; ``account_id`` routes it when the queue is partitioned.
+        """Publish one message; ``account_id`` routes it when the queue is partitioned (every
+        event of a partitioned message must be in that account's partition: ``envelopes``).
 
         A nack (the queue is at ``x-max-length`` with ``reject-publish``) is back-pressure: the
         publish is retried with exponential backoff for ``BILLING_PUBLISH_BACKPRESSURE_TIMEOUT_S``,
         then ``QueueFull`` is raised. The message was not enqueued; the caller still owns it.
         """
-        routing_key = account_id if self.settings.usage_partitions > 1 else USAGE_ROUTING_KEY
+        routing_key = usage_routing_key(self.settings, account_id)
         deadline = time.monotonic() + self.settings.publish_backpressure_timeout_s
         delay = BACKPRESSURE_START_S
         while True:
@@ -211,10 +232,10 @@ class UsagePublisher:
     def publish_many(self, events: Iterable[UsageEvent], envelope_size: int = 1) -> int:
         """Publish events, ``envelope_size`` per message (1 = one event per message).
 
-        Partitioned: an envelope carries one account's events (so it hashes to its queue).
+        Partitioned: an envelope carries the events of one partition (see ``envelopes``).
         """
         sent = 0
-        for chunk in envelopes(events, envelope_size, self.settings.usage_partitions > 1):
+        for chunk in envelopes(events, envelope_size, self.settings.usage_partitions):
             self.publish_raw(
                 encode_event(chunk[0]) if envelope_size == 1 else encode_envelope(chunk),
                 chunk[0].account_id,
@@ -257,20 +278,26 @@ def _nacked(exc: BaseException) -> bool:
 
 
 def envelopes(
-    events: Iterable[UsageEvent], size: int, partitioned: bool
+    events: Iterable[UsageEvent], size: int, partitions: int = 1
 ) -> Iterator[list[UsageEvent]]:
-    """The events as messages of up to ``size`` events, in order.
+    """The events as messages of up to ``size`` events, each account's events in order.
 
-    Partitioned, a message is routed by its account, so an envelope carries one account's events.
+    Partitioned (``partitions`` > 1), a message is routed to one partition, so an envelope carries
+    the events of the accounts of one partition (``partition_of``): a gateway's batch of 100
+    events becomes about ``partitions`` envelopes, not one per account.
     """
-    if not partitioned or size <= 1:
+    if partitions <= 1 or size <= 1:
         yield from _chunks(events, size)
         return
-    by_account: dict[str, list[UsageEvent]] = {}
+    open_envelopes: dict[int, list[UsageEvent]] = {}
     for event in events:
-        by_account.setdefault(event.account_id, []).append(event)
-    for evs in by_account.values():
-        yield from _chunks(evs, size)
+        partition = partition_of(event.account_id, partitions)
+        chunk = open_envelopes.setdefault(partition, [])
+        chunk.append(event)
+        if len(chunk) >= size:
+            yield chunk
+            del open_envelopes[partition]
+    yield from open_envelopes.values()
 
 
 def _chunks(events: Iterable[UsageEvent], size: int) -> Iterator[list[UsageEvent]]:

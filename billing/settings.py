@@ -133,7 +133,7 @@ class Settings:
     usage_queue_max_length: int = 0  # messages; 0 = unbounded. Full: publishes are refused
     usage_dead_letter_exchange: str = ""  # "" = none
     usage_delivery_limit: int = 0  # quorum queues: dead-letter after N deliveries; 0 = none
-    usage_partitions: int = 1  # >1: consistent-hash exchange by account, N queues
+    usage_partitions: int = 1  # >1: N queues, by CRC-32 of the account id mod N
     usage_consume_partitions: tuple[int, ...] = ()  # partitions this worker consumes; () = all
     publish_backpressure_timeout_s: int = 30  # keep retrying a refused publish this long
     partition_months_ahead: int = 3

@@ -1,5 +1,5 @@
 """The production queue topology on real RabbitMQ: quorum queue, length limit with publisher
-back-pressure, dead-letter exchange and replay, consistent-hash partitions by account."""
+back-pressure, dead-letter exchange and replay, partitions by account."""
 
 from __future__ import annotations
 
@@ -143,7 +143,7 @@ def test_a_dead_lettered_message_is_replayed_once(
     assert run_audit(conn, q).ok
 
 
-def test_consistent_hash_partitions_keep_each_account_on_one_queue(
+def test_partitions_keep_each_account_on_its_queue(
     settings: Settings, conn: psycopg.Connection[Any], q: Queries
 ) -> None:
     s = replace(
@@ -158,9 +158,10 @@ def test_consistent_hash_partitions_keep_each_account_on_one_queue(
         events = [make_event(f"ev-{i}", accounts[i % 12]) for i in range(48)]
         with broker.UsagePublisher(s) as publisher:
             publisher.publish_many(events[:24])  # one event per message
-            publisher.publish_many(events[24:], envelope_size=4)  # envelopes, grouped by account
+            publisher.publish_many(events[24:], envelope_size=4)  # envelopes, by partition
         queues_of: dict[str, set[str]] = defaultdict(set)
         bodies: dict[str, int] = defaultdict(int)
+        accounts_per_message: list[int] = []
         with broker.connect(s) as bconn:
             for queue in broker.usage_queues(s):
                 bound = queue(bconn.channel())
@@ -170,18 +171,22 @@ def test_consistent_hash_partitions_keep_each_account_on_one_queue(
                 held = [bound.get(no_ack=False) for _ in range(depth)]
                 for message in held:
                     assert message is not None
-                    for item in decode_message(
+                    items = decode_message(
                         _bytes(message.body),
                         datetime.now(UTC),
                         s.max_clock_skew,
                         s.max_message_bytes,
-                    ):
+                    )
+                    for item in items:
                         queues_of[item.account_id or ""].add(queue.name)
+                    accounts_per_message.append(len({item.account_id for item in items}))
                 for message in held:
                     assert message is not None
                     message.requeue()
-        assert all(len(names) == 1 for names in queues_of.values()), queues_of
-        assert len(queues_of) == 12
+        names = broker.usage_queue_names(s)
+        # each account in exactly one queue: its partition's (the publisher's CRC-32 of its id)
+        assert queues_of == {a: {names[broker.partition_of(a, 3)]} for a in accounts}
+        assert max(accounts_per_message) > 1  # an envelope carries a partition, not an account
         assert sum(1 for n in bodies.values() if n) >= 2  # the accounts spread over queues
 
         # A worker bound to partition 0 drains only its queue; then the others.

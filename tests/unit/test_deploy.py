@@ -364,9 +364,7 @@ def test_rabbitmq_enabled_plugins() -> None:
     text = (DEPLOY / "rabbitmq" / "enabled_plugins").read_text().strip()
     assert re.fullmatch(r"\[[a-z_]+(,[a-z_]+)*\]\.", text), "an Erlang list term ending in '.'"
     plugins = set(text[1:-2].split(","))
-    assert {"rabbitmq_management", "rabbitmq_prometheus", "rabbitmq_consistent_hash_exchange"} <= (
-        plugins
-    )
+    assert {"rabbitmq_management", "rabbitmq_prometheus"} <= plugins
     installed = glob.glob("/usr/lib/rabbitmq/lib/rabbitmq_server-*/plugins/*")
     if installed:
         names = {re.sub(r"-[0-9.]+(\.ez)?$", "", Path(p).name) for p in installed}

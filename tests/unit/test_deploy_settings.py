@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import pytest
 
 from billing import broker
 from billing.errors import ConfigError
+from billing.events import Usage, UsageEvent
 from billing.settings import Settings
+
+
+def make_event(event_id: str, account_id: str) -> UsageEvent:
+    return UsageEvent(
+        schema="usage.v1",
+        event_id=event_id,
+        occurred_at=datetime(2026, 11, 1, tzinfo=UTC),
+        account_id=account_id,
+        api_key_id="key-1",
+        model="openai/o4-mini",
+        provider="openai",
+        byok=False,
+        usage=Usage(input_tokens=1000, output_tokens=500),
+    )
 
 
 def test_defaults_serve_the_embedded_mode() -> None:
@@ -47,8 +64,50 @@ def test_partitions_and_the_ones_a_worker_consumes() -> None:
         "billing.usage.1",
         "billing.usage.3",
     ]
-    assert {q.routing_key for q in broker.usage_queues(s)} == {"1"}  # hash ring weights
-    assert broker.usage_exchange(s).type == "x-consistent-hash"
+    assert [q.routing_key for q in broker.usage_queues(s)] == [f"usage.{i}" for i in range(4)]
+    assert [q.routing_key for q in broker.usage_queues(s, consumed=True)] == ["usage.1", "usage.3"]
+    assert broker.usage_exchange(s).type == "direct"  # the publisher names the partition
+
+
+# The documented partition function (docs/usage-events.md): CRC-32 as zlib, Java's CRC32, Go's
+# crc32.ChecksumIEEE and Node's zlib.crc32 compute it ("123456789" is the standard check value).
+@pytest.mark.parametrize(
+    ("account_id", "crc", "partitions", "partition"),
+    [
+        ("123456789", 0xCBF43926, 16, 6),
+        ("acct-00000", 3385744441, 4, 1),
+        ("acct-00001", 3200871599, 4, 3),
+        ("org_2Xk9", 1496170178, 16, 2),
+        ("Ünïcode-acct", 3803947136, 4, 0),  # UTF-8 bytes
+    ],
+)
+def test_partition_of_an_account_is_crc32_of_its_id(
+    account_id: str, crc: int, partitions: int, partition: int
+) -> None:
+    assert crc % partitions == partition
+    assert broker.partition_of(account_id, partitions) == partition
+    assert broker.partition_of(account_id, 1) == 0
+    s = Settings.from_env({"BILLING_USAGE_PARTITIONS": str(partitions)})
+    assert broker.usage_routing_key(s, account_id) == f"usage.{partition}"
+    assert broker.usage_routing_key(Settings.from_env({}), account_id) == "usage"
+
+
+def test_partitioned_envelopes_carry_one_partition_each_in_order() -> None:
+    accounts = [f"acct-{i:05d}" for i in range(40)]
+    events = [make_event(f"ev-{n:04d}", accounts[(n * 7) % 40]) for n in range(1000)]
+    chunks = list(broker.envelopes(events, 100, partitions=4))
+    assert sorted(e.event_id for c in chunks for e in c) == [e.event_id for e in events]
+    assert all(len(c) <= 100 for c in chunks)
+    # a batch of 1,000 over 4 partitions: full envelopes, at most one partial one per partition
+    assert sum(1 for c in chunks if len(c) < 100) <= 4
+    for chunk in chunks:
+        assert len({broker.partition_of(e.account_id, 4) for e in chunk}) == 1
+    # each account's events keep their order across envelopes
+    seen = [e.event_id for c in chunks for e in c]
+    for account in accounts:
+        mine = [e.event_id for e in events if e.account_id == account]
+        assert [i for i in seen if i in set(mine)] == mine
+    assert list(broker.envelopes(events, 100)) == [events[i : i + 100] for i in range(0, 1000, 100)]
 
 
 @pytest.mark.parametrize(
