@@ -13,10 +13,10 @@ duplicates), for each worker count and partitioning mode it pre-loads the queue(
   wrong answer fails the run, exit 1).
 
 Modes: ``single`` is one usage queue that every worker consumes; ``hash`` partitions the stream
-by account over 4 queues (``BILLING_USAGE_PARTITIONS=4``: CRC-32 of the account id mod 4, computed
-by the publisher, ``broker.partition_of``), worker i of N consuming the
-partitions j with j mod N = i, so one account's events go to one worker: no two workers contend
-for the same wallet row.
+by account over 16 queues (``BILLING_USAGE_PARTITIONS=16``: CRC-32 of the account id mod 16,
+computed by the publisher, ``broker.partition_of``), each worker consuming a group of them split by
+their traffic (``broker.assign_partitions``), so one account's events go to one worker: no two
+workers contend for the same wallet row.
 
     python -m bench.scaleout                         # 1, 2, 4 workers x single, hash (minutes)
     python -m bench.scaleout --quick                 # tiny, correctness only
@@ -49,7 +49,7 @@ from bench.throughput import (
     _drop,
     commit_window,
     env_for,
-    partitions_of,
+    partition_groups,
     prepare_template,
     scenario_settings,
     verify,
@@ -150,8 +150,10 @@ def run_scenario(
     with broker.UsagePublisher(settings) as publisher:
         publisher.publish_many(events, envelope_size=per_message)
     base_env = {"BILLING_BATCH_EVENTS": str(batch_events)}
+    groups: list[tuple[int, ...]] = []
     if mode == "hash":
         base_env["BILLING_USAGE_PARTITIONS"] = str(HASH_PARTITIONS)
+        groups = partition_groups(events, workers)
     command = [sys.executable, "-m", "billing.cli", "worker", "--loglevel=WARNING", "--no-migrate"]
     sampler = LockSampler(settings)
     procs: list[subprocess.Popen[bytes]] = []
@@ -160,7 +162,7 @@ def run_scenario(
         for i in range(workers):
             env = dict(base_env)
             if mode == "hash":
-                env["BILLING_USAGE_CONSUME_PARTITIONS"] = partitions_of(i, workers)
+                env["BILLING_USAGE_CONSUME_PARTITIONS"] = ",".join(map(str, groups[i]))
             procs.append(subprocess.Popen(command, env=env_for(settings, **env), cwd=ROOT))
         unique = len({e.event_id for e in events})
         wait_recorded(settings, unique, timeout=timeout, procs=procs)
@@ -223,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     modes = [m.strip() for m in args.modes.split(",")]
     if not set(modes) <= {"single", "hash"} or not all(1 <= n <= 64 for n in counts):
         parser.error("--modes takes single and/or hash; --workers counts 1..64")
+    if "hash" in modes and max(counts) > HASH_PARTITIONS:
+        parser.error(f"--modes hash: at most {HASH_PARTITIONS} workers (one partition each)")
     n_events = args.events or (600 if args.quick else 200_000)
     accounts = [f"acct-{i:05d}" for i in range(40 if args.quick else args.accounts)]
     print(f"preparing: {len(accounts):,} accounts, catalog, template database ...", flush=True)

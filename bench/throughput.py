@@ -7,10 +7,10 @@ Zipf-like hot set, the catalog's models and providers, cached tokens, images, se
 * baseline     one Celery task per event, one transaction per event (``workers/baseline.py``)
 * single       our fleet (``billing worker``), one event per message
 * envelope100  our fleet, envelopes of 100 events per message
-* envelope100_hash  the same, the usage stream partitioned by account over 4 queues
-               (``BILLING_USAGE_PARTITIONS=4``: CRC-32 of the account id mod 4), each worker
-               consuming its own partitions, so no two workers debit the same wallet
-               (docs/operations.md); an envelope carries the accounts of one partition
+* envelope100_hash  the same, the usage stream partitioned by account over 16 queues
+               (``BILLING_USAGE_PARTITIONS=16``: CRC-32 of the account id mod 16), each worker
+               consuming its own partitions, split by their traffic, so no two workers debit
+               the same wallet (docs/operations.md); an envelope carries one partition
 * sql          the same decode/price/record code fed directly, no broker (the ceiling)
 
 For each: sustained events/s after warm-up (the 10th to 90th percentile of commit times), p50/p99
@@ -68,7 +68,9 @@ BROKER_URL = os.environ.get("BILLING_BENCH_BROKER_URL", "amqp://guest:guest@127.
 DB_PREFIX = os.environ.get("BILLING_BENCH_DB_PREFIX", "billing_bench")
 TEMPLATE = f"{DB_PREFIX}_template"
 CREDIT = Decimal(10_000_000)
-HASH_PARTITIONS = 4  # envelope100_hash and bench.scaleout: queues by the account's partition
+# envelope100_hash and bench.scaleout: queues by the account's partition, split between the
+# workers by their traffic (broker.assign_partitions, as `billing broker assign` does)
+HASH_PARTITIONS = 16
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -412,9 +414,16 @@ def verify(
 
 
 # --- scenarios ---------------------------------------------------------------------------------
-def partitions_of(worker: int, workers: int, partitions: int = HASH_PARTITIONS) -> str:
-    """``BILLING_USAGE_CONSUME_PARTITIONS`` of worker i of N: the partitions j with j mod N = i."""
-    return ",".join(str(j) for j in range(partitions) if j % workers == worker)
+def partition_groups(
+    events: list[UsageEvent], workers: int, partitions: int = HASH_PARTITIONS
+) -> list[tuple[int, ...]]:
+    """Each worker's partitions, split by the traffic (as ``billing broker assign`` splits them
+    from recorded usage); prints each worker's share of the events."""
+    per_partition = Counter(broker.partition_of(e.account_id, partitions) for e in events)
+    groups = broker.assign_partitions(per_partition, partitions, workers)
+    shares = [sum(per_partition[j] for j in group) / len(events) for group in groups]
+    print("  events per worker: " + ", ".join(f"{s:.0%}" for s in shares), flush=True)
+    return groups
 
 
 def run_fleet(
@@ -427,25 +436,19 @@ def run_fleet(
     worker_env: dict[str, str],
     partitions: int = 1,
 ) -> Result:
-    """Our fleet; ``partitions`` > 1: worker i consumes the partitions j with j mod workers = i."""
+    """Our fleet; ``partitions`` > 1: each worker consumes a group of partitions (by traffic)."""
     scenario = name.split("@")[0].split("[")[0]  # the label without accounts or variant
     settings = replace(scenario_settings(scenario), usage_partitions=partitions)
     publisher = FastPublisher(settings)
     publisher.events(events, per_message)
     command = [sys.executable, "-m", "billing.cli", "worker", "--loglevel=WARNING", "--no-migrate"]
     envs = []
+    groups = partition_groups(events, workers, partitions) if partitions > 1 else []
     for i in range(workers):
         env = {**worker_env, "BILLING_USAGE_PARTITIONS": str(partitions)}
-        if partitions > 1:
-            env["BILLING_USAGE_CONSUME_PARTITIONS"] = partitions_of(i, workers, partitions)
+        if groups:
+            env["BILLING_USAGE_CONSUME_PARTITIONS"] = ",".join(map(str, groups[i]))
         envs.append(env_for(settings, **env))
-    if partitions > 1:  # a hot account's partition sets the pace of its worker
-        shares = Counter(broker.partition_of(e.account_id, partitions) % workers for e in events)
-        print(
-            "  events per worker: "
-            + ", ".join(f"{shares[i] / len(events):.0%}" for i in range(workers)),
-            flush=True,
-        )
     try:
         return measure(
             name, settings, events, latency_events, snap, [command] * workers, envs,
@@ -681,15 +684,36 @@ def print_table(results: list[Result]) -> None:
 FLEET_SCENARIOS = ("single", "envelope100", "envelope100_hash")
 
 
-def parse_variant(text: str) -> tuple[str, dict[str, str], int | None]:
-    """``w3:workers=3,BILLING_BATCH_EVENTS=2000`` -> its name, worker settings, worker count."""
+@dataclass(frozen=True)
+class Variant:
+    """A fleet scenario run again with other worker settings, worker or partition count."""
+
+    name: str = ""
+    env: tuple[tuple[str, str], ...] = ()
+    workers: int | None = None
+    partitions: int | None = None  # envelope100_hash only
+
+
+def parse_variant(text: str) -> Variant:
+    """``w3:workers=3,partitions=8,BILLING_BATCH_EVENTS=2000`` -> a ``Variant``."""
     name, _, assignments = text.partition(":")
     pairs = [item.split("=", 1) for item in assignments.split(",") if "=" in item]
-    env = {k: v for k, v in pairs if k.startswith("BILLING_")}
-    workers = [int(v) for k, v in pairs if k == "workers"]
-    if not name or not pairs or len(env) + len(workers) != len(pairs) or len(workers) > 1:
-        raise SystemExit(f"--variant {text!r}: expected NAME:workers=N|BILLING_VAR=VALUE[,...]")
-    return name, env, workers[0] if workers else None
+    env = tuple((k, v) for k, v in pairs if k.startswith("BILLING_"))
+    counts = {k: v for k, v in pairs if k in ("workers", "partitions")}
+    if (
+        not name
+        or not pairs
+        or len(env) + len(counts) != len(pairs)
+        or not all(v.isdigit() and int(v) >= 1 for v in counts.values())
+    ):
+        raise SystemExit(
+            f"--variant {text!r}: expected NAME:SETTING[,SETTING...], each workers=N, "
+            "partitions=N or BILLING_VAR=VALUE"
+        )
+    workers, partitions = counts.get("workers"), counts.get("partitions")
+    return Variant(
+        name, env, int(workers) if workers else None, int(partitions) if partitions else None
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -712,8 +736,9 @@ def main(argv: list[str] | None = None) -> int:
         "--variant",
         action="append",
         default=[],
-        metavar="NAME:workers=N|BILLING_VAR=VALUE[,...]",
-        help="also run each fleet scenario with these worker settings or count (same run)",
+        metavar="NAME:SETTING[,...]",
+        help="also run each fleet scenario with these settings (same run); a SETTING is "
+        "workers=N, partitions=N (envelope100_hash) or BILLING_VAR=VALUE",
     )
     parser.add_argument("--batch-events", type=int, default=5_000)
     parser.add_argument("--latency-seconds", type=float, default=8.0)
@@ -730,7 +755,7 @@ def main(argv: list[str] | None = None) -> int:
     snap = prepare_template(all_accounts)
     now = datetime.now(UTC)
     worker_env = {"BILLING_BATCH_EVENTS": str(args.batch_events)}
-    variants = [("", {}, None), *(parse_variant(v) for v in args.variant)]
+    variants = [Variant(), *(parse_variant(v) for v in args.variant)]
 
     results: list[Result] = []
     runs = [
@@ -739,16 +764,16 @@ def main(argv: list[str] | None = None) -> int:
         for count in (counts if name != "baseline" else counts[:1])
         for variant in (variants if name in FLEET_SCENARIOS else variants[:1])
     ]
-    for name, count, (variant, variant_env, variant_workers) in runs:
+    for name, count, variant in runs:
         shape = TrafficShape(accounts=all_accounts[:count], window=timedelta(hours=6))
 
         def make(prefix: str, n: int, shape: TrafficShape = shape) -> list[UsageEvent]:
             return list(generate(snap, shape, n, seed=42, now=now, prefix=prefix))
 
         label = name if len(counts) == 1 else f"{name}@{count}"
-        label += f"[{variant}]" if variant else ""
-        env = {**worker_env, **variant_env}
-        workers = variant_workers or args.workers
+        label += f"[{variant.name}]" if variant.name else ""
+        env = {**worker_env, **dict(variant.env)}
+        workers = variant.workers or args.workers
         print(f"running {label} ...", flush=True)
         if name == "baseline":
             lat = make("blat", max(50, int(600 * lat_seconds)))
@@ -760,7 +785,7 @@ def main(argv: list[str] | None = None) -> int:
         elif name.startswith("envelope100"):
             lat = make("elat", max(1_000, int(25_000 * lat_seconds)))
             events = make("env", fleet_events)
-            partitions = HASH_PARTITIONS if name.endswith("_hash") else 1
+            partitions = (variant.partitions or HASH_PARTITIONS) if name.endswith("_hash") else 1
             results.append(run_fleet(label, events, lat, snap, 100, workers, env, partitions))
         else:
             events = make("sql", fleet_events)

@@ -29,7 +29,7 @@ import time
 import urllib.error
 import urllib.request
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import orjson
@@ -86,6 +86,30 @@ def partition_of(account_id: str, partitions: int) -> int:
     (docs/usage-events.md "Partitioned publishing" has test vectors).
     """
     return zlib.crc32(account_id.encode()) % partitions if partitions > 1 else 0
+
+
+def assign_partitions(
+    events_per_partition: Mapping[int, int], partitions: int, workers: int
+) -> list[tuple[int, ...]]:
+    """Which partitions each of ``workers`` workers consumes, so that their traffic is even.
+
+    ``events_per_partition``: the traffic each partition carried (``billing broker assign``
+    counts recorded usage). Heaviest partition first, each to the worker with the least traffic so
+    far (ties: the fewest partitions, then the lowest number): within 4/3 of the best possible
+    split, and never worse than the busiest partition alone. Partitions without traffic are spread
+    the same way. A modulo assignment (j mod workers) leaves the hottest accounts where the hash
+    put them: with Zipf traffic one of 2 workers can get two thirds of the events.
+    """
+    if workers < 1 or partitions < workers:
+        raise ConfigError(f"cannot split {partitions} partition(s) between {workers} worker(s)")
+    load = [0] * workers
+    owned: list[list[int]] = [[] for _ in range(workers)]
+    heaviest_first = sorted(range(partitions), key=lambda j: (-events_per_partition.get(j, 0), j))
+    for j in heaviest_first:
+        k = min(range(workers), key=lambda i: (load[i], len(owned[i]), i))
+        load[k] += events_per_partition.get(j, 0)
+        owned[k].append(j)
+    return [tuple(sorted(js)) for js in owned]
 
 
 def usage_routing_key(settings: Settings, account_id: str) -> str:

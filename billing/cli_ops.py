@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import click
@@ -114,6 +114,51 @@ def broker_import_definitions(file: Path, url: str, user: str, password: str, wa
     """Import a RabbitMQ definitions file (vhosts, exchanges, queues, bindings); idempotent."""
     broker.import_definitions(url, user, password, file.read_bytes(), wait_s=wait)
     console.print(f"imported {file.name} into {url}")
+
+
+@broker_group.command("assign")
+@click.option("--workers", type=click.IntRange(min=1), required=True, help="Worker groups.")
+@click.option(
+    "--hours", type=click.IntRange(min=1), default=24, show_default=True, help="Traffic window."
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+@handles_errors
+def broker_assign(ctx: click.Context, workers: int, hours: int, as_json: bool) -> None:
+    """Split the usage partitions between worker groups by their recorded traffic.
+
+    Prints each group's BILLING_USAGE_CONSUME_PARTITIONS and its share of the events recorded in
+    the last --hours (docs/operations.md, "Partitioning by account").
+    """
+    settings = settings_of(ctx)
+    n = settings.usage_partitions
+    if n <= 1:
+        raise click.UsageError("BILLING_USAGE_PARTITIONS is 1: the usage stream is not partitioned")
+    since = datetime.now(UTC) - timedelta(hours=hours)
+    with db.connect(settings) as conn:
+        rows = conn.execute(db.queries(settings)["events_per_account_since"], {"since": since})
+        per_partition: dict[int, int] = {}
+        for account_id, events in rows:
+            j = broker.partition_of(account_id, n)
+            per_partition[j] = per_partition.get(j, 0) + events
+    groups = [
+        (",".join(map(str, group)), sum(per_partition.get(j, 0) for j in group))
+        for group in broker.assign_partitions(per_partition, n, workers)
+    ]
+    if as_json:
+        workers_json = [
+            {"worker": i, "BILLING_USAGE_CONSUME_PARTITIONS": consumed, "events": events}
+            for i, (consumed, events) in enumerate(groups)
+        ]
+        out = {"partitions": n, "since": since.isoformat(), "workers": workers_json}
+        click.echo(json.dumps(out))
+        return
+    total = sum(per_partition.values())
+    for i, (consumed, events) in enumerate(groups):
+        share = f"{events / total:.0%}" if total else "no traffic"
+        click.echo(
+            f"worker {i}: BILLING_USAGE_CONSUME_PARTITIONS={consumed}  ({events:,} events, {share})"
+        )
 
 
 @broker_group.command("depth")

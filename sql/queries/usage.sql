@@ -42,3 +42,11 @@ WHERE provider_reported_cost IS NOT NULL
   AND recorded_at >= %(since)s AND recorded_at < %(until)s
 GROUP BY model, provider, provider_usage_format
 ORDER BY model, provider, provider_usage_format
+
+-- name: events_per_account_since
+-- Recorded usage per account since a time (billing broker assign: traffic per partition). The
+-- (account_id, recorded_at) index and the monthly partitions' bounds keep it to the period.
+SELECT account_id, count(*) AS events
+FROM usage_events
+WHERE recorded_at >= %(since)s
+GROUP BY account_id

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
 
+from billing import broker, catalog
 from billing.cli import main
+from billing.db import Queries
+from billing.events import encode_event
 from billing.settings import Settings
+from billing.usage import process_batch
 
 from .conftest import worker_env
-from .helpers import drain
+from .helpers import drain, make_event, open_account
 
 
 @pytest.fixture
@@ -125,3 +131,29 @@ def test_audit_exits_non_zero_and_names_the_offending_row(cli: CliRunner, conn: 
     result = run(cli, "audit", code=1)
     assert "FAIL wallet balance equals its ledger sum" in result.output
     assert "acme" in result.output
+
+
+def test_broker_assign_splits_partitions_by_recorded_traffic(
+    settings: Settings, conn: Any, q: Queries
+) -> None:
+    hot, *others = [f"acct-{i:02d}" for i in range(12)]
+    for account in (hot, *others):
+        open_account(conn, q, account, "10")
+    events = [make_event(f"hot-{i}", hot) for i in range(30)]
+    events += [make_event(f"ev-{i}", others[i % 11]) for i in range(33)]
+    bodies = [encode_event(e) for e in events]
+    process_batch(conn, q, catalog.snapshot(conn, q), bodies, settings, datetime.now(UTC))
+
+    partitioned = CliRunner(env=worker_env(settings, BILLING_USAGE_PARTITIONS="4"))
+    out = json.loads(run(partitioned, "broker", "assign", "--workers", "2", "--json").output)
+    groups = [w["BILLING_USAGE_CONSUME_PARTITIONS"].split(",") for w in out["workers"]]
+    assert sorted(int(j) for g in groups for j in g) == [0, 1, 2, 3]
+    assert sum(w["events"] for w in out["workers"]) == 63
+    hot_partition = str(broker.partition_of(hot, 4))
+    [hot_group] = [w for w, g in zip(out["workers"], groups, strict=True) if hot_partition in g]
+    assert hot_group["events"] >= 30  # the hot account's worker, with what could not be moved
+    text = run(partitioned, "broker", "assign", "--workers", "2").output
+    assert "worker 0: BILLING_USAGE_CONSUME_PARTITIONS=" in text and "events, " in text
+
+    one_queue = CliRunner(env=worker_env(settings))
+    assert "not partitioned" in run(one_queue, "broker", "assign", "--workers", "2", code=2).output

@@ -128,3 +128,21 @@ def test_partitioned_envelopes_carry_one_partition_each_in_order() -> None:
 def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
         Settings.from_env(env)
+
+
+def test_partitions_are_assigned_to_workers_by_their_traffic() -> None:
+    # a Zipf-like stream: the hottest partition alone is a quarter of the events
+    traffic = {0: 250, 1: 130, 2: 120, 3: 110, 4: 100, 5: 90, 6: 80, 7: 70, 8: 50}
+    groups = broker.assign_partitions(traffic, 10, 3)  # partition 9 has no traffic
+    assert sorted(j for g in groups for j in g) == list(range(10))  # each exactly once
+    loads = [sum(traffic.get(j, 0) for j in g) for g in groups]
+    assert sum(loads) == 1000 and loads == [320, 320, 360]
+    best_possible = max(1000 / 3, 250)
+    assert max(loads) <= 4 / 3 * best_possible  # the greedy rule's guarantee
+    modulo = [sum(traffic.get(j, 0) for j in range(10) if j % 3 == i) for i in range(3)]
+    assert max(loads) < max(modulo)  # (j mod 3 gives 410, 320, 270)
+    assert broker.assign_partitions({}, 4, 2) == [(0, 2), (1, 3)]  # no traffic: spread evenly
+    assert broker.assign_partitions({0: 900, 1: 50, 2: 50}, 3, 2) == [(0,), (1, 2)]
+    assert broker.assign_partitions(traffic, 10, 3) == groups  # deterministic
+    with pytest.raises(ConfigError, match="cannot split 2 partition"):
+        broker.assign_partitions({}, 2, 3)
