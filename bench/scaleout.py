@@ -13,7 +13,7 @@ duplicates), for each worker count and partitioning mode it pre-loads the queue(
   wrong answer fails the run, exit 1).
 
 Modes: ``single`` is one usage queue that every worker consumes; ``hash`` partitions the stream
-by account over 16 queues (``BILLING_USAGE_PARTITIONS=16``: CRC-32 of the account id mod 16,
+by account over 4 queues (``BILLING_USAGE_PARTITIONS=4``: CRC-32 of the account id mod 4,
 computed by the publisher, ``broker.partition_of``), each worker consuming a group of them split by
 their traffic (``broker.assign_partitions``), so one account's events go to one worker: no two
 workers contend for the same wallet row.

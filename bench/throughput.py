@@ -7,8 +7,8 @@ Zipf-like hot set, the catalog's models and providers, cached tokens, images, se
 * baseline     one Celery task per event, one transaction per event (``workers/baseline.py``)
 * single       our fleet (``billing worker``), one event per message
 * envelope100  our fleet, envelopes of 100 events per message
-* envelope100_hash  the same, the usage stream partitioned by account over 16 queues
-               (``BILLING_USAGE_PARTITIONS=16``: CRC-32 of the account id mod 16), each worker
+* envelope100_hash  the same, the usage stream partitioned by account over 4 queues
+               (``BILLING_USAGE_PARTITIONS=4``: CRC-32 of the account id mod 4), each worker
                consuming its own partitions, split by their traffic, so no two workers debit
                the same wallet (docs/operations.md); an envelope carries one partition
 * sql          the same decode/price/record code fed directly, no broker (the ceiling)
@@ -70,7 +70,9 @@ TEMPLATE = f"{DB_PREFIX}_template"
 CREDIT = Decimal(10_000_000)
 # envelope100_hash and bench.scaleout: queues by the account's partition, split between the
 # workers by their traffic (broker.assign_partitions, as `billing broker assign` does)
-HASH_PARTITIONS = 16
+# (4: more partitions split the traffic more evenly, but a gateway that flushes every 100 events
+# then sends smaller envelopes; 4 had the best latency of 4, 8 and 16 in docs/performance.md run H)
+HASH_PARTITIONS = 4
 ROOT = Path(__file__).resolve().parent.parent
 
 
