@@ -24,10 +24,9 @@ polled at most every ``BACKOFF_MAX_S``, never in a tight loop. A stop request in
 If the broker connection drops, the buffer is forgotten: the broker redelivers those messages and
 the idempotent insert makes the redelivery harmless.
 
-Prefetch is counted in messages but a message may hold one event or hundreds, so a consumer starts
-with a small prefetch (``FIRST_PREFETCH``) and after each batch the channel's prefetch is re-sized
-to about two batches' worth of messages of the size seen (bounded by ``BILLING_PREFETCH``): single
-events keep the pipe full, envelopes do not flood memory.
+Prefetch is counted in messages but a message may hold one event or hundreds, so after each batch
+the channel's prefetch is re-sized to about two batches' worth of messages of the size seen
+(bounded by ``BILLING_PREFETCH``): single events keep the pipe full, envelopes do not flood memory.
 """
 
 from __future__ import annotations
@@ -62,11 +61,6 @@ MAX_ATTEMPTS = 6
 BACKOFF_START_S = 0.2
 BACKOFF_MAX_S = 10.0
 MIN_PREFETCH = 64
-# The prefetch a consumer starts with, before it has seen how many events a message carries: two
-# batches of envelopes of 50. BILLING_PREFETCH (sized for single events) would let a worker that
-# starts against a backlog of envelopes take 4,000 of them (400,000 events) into its memory, out
-# of its peers' reach. After the first batch the prefetch is re-sized to what it saw.
-FIRST_PREFETCH = 200
 LOOP = "usage-consumer"
 OBSERVE_INTERVAL_S = 0.25
 
@@ -91,7 +85,7 @@ class UsageConsumer(ConsumerMixin):
         self.idle_s = settings.batch_idle_ms / 1000
         self.totals = BatchResult()
         self.batches = 0
-        self.prefetch = min(settings.prefetch, FIRST_PREFETCH)
+        self.prefetch = settings.prefetch
         self._channel: Any = None
         self._depth_channel: Any = None
         self._multiple_ack = False

@@ -47,7 +47,7 @@ def open_account(
         wallets.adjust(conn, q, account_id, Decimal(credit), reason="test credit", actor="tests")
 
 
-class Drainer(UsageConsumer):
+class _Drainer(UsageConsumer):
     """Consume until the queue has been idle for ``idle`` seconds, then stop (flushing)."""
 
     idle = 1.0
@@ -67,7 +67,7 @@ def drain(settings: Settings, idle: float = 1.0) -> UsageConsumer:
     pool = db.make_pool(settings, min_size=1, max_size=2)
     try:
         with broker.connect(settings) as conn:
-            consumer = Drainer(settings, pool, conn)
+            consumer = _Drainer(settings, pool, conn)
             consumer.idle = idle
             consumer.last_activity = time.monotonic()
             consumer.run()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -21,7 +20,7 @@ from billing.events import Reason, decode_event, encode_event
 from billing.settings import Settings
 from billing.usage import decode_and_price, record_batch, record_isolating
 
-from .helpers import Drainer, balances, drain, expected_debits, make_event, open_account
+from .helpers import balances, drain, expected_debits, make_event, open_account
 
 
 def publish(settings: Settings, *items: Any, envelope: int = 1) -> None:
@@ -521,51 +520,3 @@ def test_identifiers_with_backslashes_survive_the_copy(
 def test_decoded_event_round_trips(settings: Settings) -> None:
     event = make_event("rt", input_tokens=5, output_tokens=3, reasoning_tokens=2)
     assert decode_event(encode_event(event), datetime.now(UTC), timedelta(minutes=5)) == event
-
-
-def test_a_worker_starting_against_a_backlog_of_envelopes_takes_only_a_first_window(
-    settings: Settings, conn: psycopg.Connection[Any], q: Queries
-) -> None:
-    """The first prefetch is small (FIRST_PREFETCH), so a worker starting against a backlog of
-    envelopes does not take the whole queue out of its peers' reach (nor into its memory); after
-    its first batch it sizes the window to two batches of the envelopes it saw."""
-    from workers.usage_consumer import FIRST_PREFETCH, MIN_PREFETCH
-
-    open_account(conn, q, "acme", "100")
-    envelopes = 1_000
-    events = [make_event(f"bk-{i}", input_tokens=10, output_tokens=5) for i in range(5 * envelopes)]
-    s = replace(settings, prefetch=4_000, batch_events=500)
-    with broker.UsagePublisher(s) as publisher:
-        assert publisher.publish_many(events, envelope_size=5) == 5 * envelopes
-    ready_at_first_message: list[int] = []
-    prefetch_after_first_batch: list[int] = []
-
-    class Observed(Drainer):
-        def on_message(self, message: Any) -> None:
-            if not ready_at_first_message:
-                time.sleep(0.3)  # the broker fills the window meanwhile
-                with broker.connect(s) as other:
-                    declared = broker.usage_queue(s)(other.channel()).queue_declare(passive=True)
-                    ready_at_first_message.append(int(declared.message_count))
-            super().on_message(message)
-
-        def flush(self) -> None:
-            super().flush()
-            if not prefetch_after_first_batch and self.batches:
-                prefetch_after_first_batch.append(self.prefetch)
-
-    pool = db.make_pool(s, min_size=1, max_size=2)
-    try:
-        with broker.connect(s) as bconn:
-            consumer = Observed(s, pool, bconn)
-            consumer.idle, consumer.last_activity = 1.0, time.monotonic()
-            consumer.run()
-    finally:
-        pool.close()
-    # most of the backlog is still in the queue for other workers (with a first window of
-    # BILLING_PREFETCH, 4,000 messages, none of it was)
-    assert envelopes // 2 >= FIRST_PREFETCH
-    assert ready_at_first_message[0] >= envelopes - FIRST_PREFETCH
-    assert prefetch_after_first_batch == [max(MIN_PREFETCH, 2 * 500 // 5)]
-    assert conn.execute("SELECT count(*) FROM usage_events").fetchone() == (5 * envelopes,)
-    assert_audit_clean(conn, q)

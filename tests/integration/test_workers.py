@@ -156,9 +156,8 @@ def test_sigterm_drains_the_batch_in_hand(
     settings: Settings, conn: psycopg.Connection[Any], q: Queries, fleet: Any
 ) -> None:
     open_account(conn, q, "acme", "100")
-    # fewer messages than a worker's first prefetch window (FIRST_PREFETCH), so that it holds them
-    # all; a long batch window: the batch is still open when SIGTERM arrives
-    events = traffic(conn, q, ["acme"], 150, seed=13)
+    events = traffic(conn, q, ["acme"], 300, seed=13)
+    # a long batch window: the batch is still open when SIGTERM arrives
     workers = fleet(
         BILLING_BATCH_SIZE="100000",
         BILLING_BATCH_TIMEOUT_MS="600000",
