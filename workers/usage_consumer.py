@@ -24,9 +24,12 @@ polled at most every ``BACKOFF_MAX_S``, never in a tight loop. A stop request in
 If the broker connection drops, the buffer is forgotten: the broker redelivers those messages and
 the idempotent insert makes the redelivery harmless.
 
-Prefetch is counted in messages but a message may hold one event or hundreds, so after each batch
-the channel's prefetch is re-sized to about two batches' worth of messages of the size seen
-(bounded by ``BILLING_PREFETCH``): single events keep the pipe full, envelopes do not flood memory.
+Prefetch is ``BILLING_PREFETCH`` messages, fixed for the consumer's life: RabbitMQ applies a
+``basic.qos`` with ``global=false`` only to consumers created after it (an earlier version re-sized
+it after each batch, which RabbitMQ ignored), and quorum queues do not support ``global=true``. A
+message may hold one event or hundreds, so set it for the messages the gateway sends: the default
+(4,000) keeps single events flowing; with envelopes of 100, 100-200 keeps two batches in hand
+without holding hundreds of thousands of events in a worker's memory.
 """
 
 from __future__ import annotations
@@ -60,7 +63,6 @@ log = logging.getLogger("billing.usage_consumer")
 MAX_ATTEMPTS = 6
 BACKOFF_START_S = 0.2
 BACKOFF_MAX_S = 10.0
-MIN_PREFETCH = 64
 LOOP = "usage-consumer"
 OBSERVE_INTERVAL_S = 0.25
 
@@ -254,7 +256,6 @@ class UsageConsumer(ConsumerMixin):
         )
         metrics.UNACKED.set(0)
         log.debug("batch %d: %s", self.batches, result)
-        self._resize_prefetch(len(batch), len(messages))
         if result.crossings:
             self.relay()
 
@@ -307,14 +308,6 @@ class UsageConsumer(ConsumerMixin):
         except Exception:  # a gauge must never stop the consumer
             self._depth_channel = None  # closed by the broker, or by a lost connection
             log.debug("queue depth sample failed", exc_info=True)
-
-    def _resize_prefetch(self, items: int, messages: int) -> None:
-        per_message = max(items / messages, 1.0)
-        wanted = int(2 * self.settings.batch_events / per_message)
-        wanted = max(MIN_PREFETCH, min(self.settings.prefetch, wanted))
-        if self._channel is not None and abs(wanted - self.prefetch) > self.prefetch // 4:
-            self._channel.basic_qos(0, wanted, False)
-            self.prefetch = wanted
 
     def relay(self) -> None:
         """Publish wallet events written by committed batches (best effort; retried later)."""
