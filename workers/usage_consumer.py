@@ -28,8 +28,8 @@ Prefetch is ``BILLING_PREFETCH`` messages, fixed for the consumer's life: Rabbit
 ``basic.qos`` with ``global=false`` only to consumers created after it (an earlier version re-sized
 it after each batch, which RabbitMQ ignored), and quorum queues do not support ``global=true``. A
 message may hold one event or hundreds, so set it for the messages the gateway sends: the default
-(4,000) keeps single events flowing; with envelopes of 100, 100-200 keeps two batches in hand
-without holding hundreds of thousands of events in a worker's memory.
+(4,000) keeps single events flowing; with envelopes of 100, about 200 keeps two batches in flight
+(docs/performance.md, run J).
 """
 
 from __future__ import annotations
