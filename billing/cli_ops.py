@@ -119,7 +119,7 @@ def broker_import_definitions(file: Path, url: str, user: str, password: str, wa
 @broker_group.command("assign")
 @click.option("--workers", type=click.IntRange(min=1), required=True, help="Worker groups.")
 @click.option(
-    "--hours", type=click.IntRange(min=1), default=24, show_default=True, help="Traffic window."
+    "--hours", type=click.IntRange(min=1), default=1, show_default=True, help="Traffic window."
 )
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
