@@ -393,9 +393,10 @@ class FastPublisher:
         )
 
     def events(self, events: list[UsageEvent], per_message: int) -> None:
-        for chunk in broker.envelopes(events, per_message, self.settings.usage_partitions):
-            body = encode_event(chunk[0]) if per_message == 1 else encode_envelope(chunk)
-            self.raw(body, chunk[0].account_id)
+        for body, account_id, _ in broker.usage_messages(
+            events, per_message, self.settings.usage_partitions
+        ):
+            self.raw(body, account_id)
 
     def close(self) -> None:
         self.conn.release()
@@ -423,9 +424,10 @@ def partition_groups(
 ) -> list[tuple[int, ...]]:
     """Each worker's partitions, split by the traffic (as ``billing broker assign`` splits them
     from recorded usage); prints each worker's share of the events."""
-    per_partition = Counter(broker.partition_of(e.account_id, partitions) for e in events)
+    accounts = Counter(e.account_id for e in events)
+    per_partition = broker.events_per_partition(accounts.items(), partitions)
     groups = broker.assign_partitions(per_partition, partitions, workers)
-    shares = [sum(per_partition[j] for j in group) / len(events) for group in groups]
+    shares = [sum(per_partition.get(j, 0) for j in group) / len(events) for group in groups]
     print("  events per worker: " + ", ".join(f"{s:.0%}" for s in shares), flush=True)
     return groups
 

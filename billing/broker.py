@@ -112,11 +112,27 @@ def assign_partitions(
     return [tuple(sorted(js)) for js in owned]
 
 
+def events_per_partition(
+    events_per_account: Iterable[tuple[str, int]], partitions: int
+) -> dict[int, int]:
+    """The traffic of each partition from each account's (``assign_partitions``' input)."""
+    totals: dict[int, int] = {}
+    for account_id, events in events_per_account:
+        j = partition_of(account_id, partitions)
+        totals[j] = totals.get(j, 0) + events
+    return totals
+
+
+def partition_routing_key(partition: int) -> str:
+    """The key partition ``partition``'s queue is bound with, and its messages published with."""
+    return f"{USAGE_ROUTING_KEY}.{partition}"
+
+
 def usage_routing_key(settings: Settings, account_id: str) -> str:
     """``usage``, or ``usage.<partition of the account>`` when the stream is partitioned."""
     if settings.usage_partitions <= 1:
         return USAGE_ROUTING_KEY
-    return f"{USAGE_ROUTING_KEY}.{partition_of(account_id, settings.usage_partitions)}"
+    return partition_routing_key(partition_of(account_id, settings.usage_partitions))
 
 
 def usage_queue_arguments(settings: Settings) -> dict[str, Any]:
@@ -146,7 +162,7 @@ def usage_queues(settings: Settings, *, consumed: bool = False) -> list[Queue]:
     names = usage_queue_names(settings)
     keys = [USAGE_ROUTING_KEY]
     if settings.usage_partitions > 1:
-        keys = [f"{USAGE_ROUTING_KEY}.{i}" for i in range(settings.usage_partitions)]
+        keys = [partition_routing_key(i) for i in range(settings.usage_partitions)]
     bound = list(zip(names, keys, strict=True))
     if consumed and settings.usage_partitions > 1 and settings.usage_consume_partitions:
         bound = [bound[i] for i in settings.usage_consume_partitions]
@@ -259,12 +275,11 @@ class UsagePublisher:
         Partitioned: an envelope carries the events of one partition (see ``envelopes``).
         """
         sent = 0
-        for chunk in envelopes(events, envelope_size, self.settings.usage_partitions):
-            self.publish_raw(
-                encode_event(chunk[0]) if envelope_size == 1 else encode_envelope(chunk),
-                chunk[0].account_id,
-            )
-            sent += len(chunk)
+        for body, account_id, count in usage_messages(
+            events, envelope_size, self.settings.usage_partitions
+        ):
+            self.publish_raw(body, account_id)
+            sent += count
         return sent
 
     def close(self) -> None:
@@ -322,6 +337,16 @@ def envelopes(
             yield chunk
             del open_envelopes[partition]
     yield from open_envelopes.values()
+
+
+def usage_messages(
+    events: Iterable[UsageEvent], size: int, partitions: int = 1
+) -> Iterator[tuple[bytes, str, int]]:
+    """Each message's body, the account that routes it and its number of events, cut as
+    ``envelopes`` cuts them (``size`` 1: plain events, not envelopes of one)."""
+    for chunk in envelopes(events, size, partitions):
+        body = encode_event(chunk[0]) if size == 1 else encode_envelope(chunk)
+        yield body, chunk[0].account_id, len(chunk)
 
 
 def _chunks(events: Iterable[UsageEvent], size: int) -> Iterator[list[UsageEvent]]:

@@ -137,10 +137,7 @@ def broker_assign(ctx: click.Context, workers: int, hours: int, as_json: bool) -
     since = datetime.now(UTC) - timedelta(hours=hours)
     with db.connect(settings) as conn:
         rows = conn.execute(db.queries(settings)["events_per_account_since"], {"since": since})
-        per_partition: dict[int, int] = {}
-        for account_id, events in rows:
-            j = broker.partition_of(account_id, n)
-            per_partition[j] = per_partition.get(j, 0) + events
+        per_partition = broker.events_per_partition(rows, n)
     groups = [
         (",".join(map(str, group)), sum(per_partition.get(j, 0) for j in group))
         for group in broker.assign_partitions(per_partition, n, workers)

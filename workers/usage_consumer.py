@@ -87,7 +87,6 @@ class UsageConsumer(ConsumerMixin):
         self.idle_s = settings.batch_idle_ms / 1000
         self.totals = BatchResult()
         self.batches = 0
-        self.prefetch = settings.prefetch
         self._channel: Any = None
         self._depth_channel: Any = None
         self._multiple_ack = False
@@ -110,7 +109,7 @@ class UsageConsumer(ConsumerMixin):
             consumer_cls(
                 queues=broker.usage_queues(self.settings, consumed=True),
                 on_message=self.on_message,
-                prefetch_count=self.prefetch,
+                prefetch_count=self.settings.prefetch,
                 no_ack=False,
             )
         ]
@@ -141,7 +140,7 @@ class UsageConsumer(ConsumerMixin):
             self.settings.batch_events,
             self.settings.batch_size,
             self.settings.batch_timeout_ms,
-            self.prefetch,
+            self.settings.prefetch,
         )
 
     def on_consume_end(self, connection: Any, channel: Any) -> None:

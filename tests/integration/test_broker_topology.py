@@ -3,6 +3,8 @@ back-pressure, dead-letter exchange and replay, partitions by account."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import threading
 import time
 from collections import defaultdict
@@ -16,6 +18,7 @@ import amqp
 import psycopg
 import pytest
 from click.testing import CliRunner
+from kombu import Consumer
 
 from billing import broker
 from billing.audit import run_audit
@@ -222,3 +225,38 @@ def test_broker_declare_and_depth_commands(quorum: Settings) -> None:
         publisher.publish_many([make_event("ev-1"), make_event("ev-2")])
     depth = cli.invoke(main, ["broker", "depth"], catch_exceptions=False)
     assert depth.output.strip() == "2"
+
+
+def test_rabbitmq_keeps_a_running_consumers_prefetch(settings: Settings) -> None:
+    """Why BILLING_PREFETCH is fixed for a consumer's life (workers/usage_consumer.py): a
+    ``basic.qos`` with ``global=false`` applies only to consumers started after it, so the worker
+    cannot re-size the window of the consumer it has (quorum queues refuse ``global=true``)."""
+    held: list[Any] = []
+    with broker.UsagePublisher(settings) as publisher:
+        publisher.publish_many([make_event(f"qos-{i}") for i in range(100)])
+    with broker.connect(settings) as conn:
+        channel = conn.channel()
+        consumer = Consumer(
+            channel,
+            queues=[broker.usage_queue(settings)],
+            prefetch_count=5,
+            no_ack=False,
+            on_message=held.append,
+        )
+        consumer.consume()
+
+        def settle() -> None:
+            end = time.monotonic() + 1.0
+            while time.monotonic() < end:
+                with contextlib.suppress(TimeoutError, socket.timeout):
+                    conn.drain_events(timeout=0.1)
+
+        settle()
+        assert len(held) == 5
+        channel.basic_qos(0, 20, False)
+        settle()
+        assert len(held) == 5  # the running consumer still has its window of 5
+        held[-1].ack(multiple=True)
+        settle()
+        assert len(held) == 10  # acks free that window again: still 5 at a time
+        consumer.cancel()
