@@ -25,11 +25,13 @@ the consumer's memory, so a SIGKILLed consumer loses what it held. RabbitMQ rede
 from __future__ import annotations
 
 import base64
+import logging
+import threading
 import time
 import urllib.error
 import urllib.request
 import zlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import orjson
@@ -40,6 +42,8 @@ from kombu.exceptions import OperationalError
 from billing.errors import BillingError, ConfigError, QueueFull
 from billing.events import UsageEvent, encode_envelope, encode_event
 from billing.settings import Settings
+
+log = logging.getLogger(__name__)
 
 USAGE_ROUTING_KEY = "usage"
 # Every message we publish: JSON, persistent.
@@ -293,6 +297,136 @@ class UsagePublisher:
         self.close()
 
 
+class BufferedUsagePublisher:
+    """A gateway's publisher: ``add`` each event as its request ends; events go out in envelopes.
+
+    An envelope carries up to ``BILLING_PUBLISH_ENVELOPE_SIZE`` events of one partition and is
+    published when full or, at the latest, ``BILLING_PUBLISH_LINGER_MS`` after its first event (a
+    background thread publishes the lingering ones). So envelopes stay large at any rate, and a
+    partitioned stream does not turn every call's events into ``partitions`` small messages.
+    With a linger of 0 nothing waits for later calls: ``add_many`` publishes its own events.
+
+    Guarantees: every event is published once ``flush`` or ``close`` returned. A publish that fails
+    (broker down, queue full past the back-pressure timeout) keeps its envelope; the next ``add``
+    retries it first and, if that fails too, raises without taking its event, so the caller
+    learns that the broker is refusing while the events already taken stay held.
+    """
+
+    def __init__(
+        self,
+        send: Callable[[bytes, str], None],
+        *,
+        size: int,
+        partitions: int = 1,
+        linger_ms: int = 50,
+    ) -> None:
+        self._send = send  # (body, routing account): UsagePublisher.publish_raw
+        self._held = OpenEnvelopes(size, partitions, linger_ms / 1000)
+        self._unsent: list[list[UsageEvent]] = []  # closed, but their publish failed
+        self._lock = threading.Lock()  # the buffer and the channel: one publish at a time
+        self._wake = threading.Event()
+        self._closed = threading.Event()
+        self.error: BaseException | None = None  # the last failed publish, until one succeeds
+        self._flusher: threading.Thread | None = None
+        if linger_ms > 0:
+            self._flusher = threading.Thread(
+                target=self._flush_lingering, name="usage-publisher-linger", daemon=True
+            )
+            self._flusher.start()
+
+    @classmethod
+    def for_settings(cls, publisher: UsagePublisher, settings: Settings) -> BufferedUsagePublisher:
+        return cls(
+            publisher.publish_raw,
+            size=settings.publish_envelope_size,
+            partitions=settings.usage_partitions,
+            linger_ms=settings.publish_linger_ms,
+        )
+
+    @property
+    def held(self) -> int:
+        """Events taken but not yet published."""
+        with self._lock:
+            return self._held.events + sum(len(chunk) for chunk in self._unsent)
+
+    def add(self, event: UsageEvent) -> None:
+        self.add_many([event])
+
+    def add_many(self, events: Iterable[UsageEvent]) -> None:
+        """Take ``events`` (raises, taking none, if earlier envelopes still cannot be published)."""
+        with self._lock:
+            if self._closed.is_set():
+                raise BillingError("the usage publisher is closed")
+            self._publish([])
+            was_empty = self._held.events == 0
+            full = [chunk for e in events if (chunk := self._held.add(e)) is not None]
+            if self._flusher is None:
+                full += self._held.drain()
+            self._publish_quietly(full)
+        if was_empty:
+            self._wake.set()
+
+    def flush(self) -> None:
+        """Publish every event held; raises if one cannot be (it stays held)."""
+        with self._lock:
+            self._publish(self._held.drain())
+
+    def close(self) -> None:
+        """Flush, then stop the background thread (it also stops if the flush raises)."""
+        try:
+            self.flush()
+        finally:
+            self._closed.set()
+            self._wake.set()
+            if self._flusher is not None:
+                self._flusher.join()
+
+    def __enter__(self) -> BufferedUsagePublisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _publish(self, chunks: list[list[UsageEvent]]) -> None:
+        """Publish the unsent envelopes, then ``chunks``; on failure keep the rest and raise."""
+        pending, self._unsent = [*self._unsent, *chunks], []
+        for i, chunk in enumerate(pending):
+            try:
+                body = encode_event(chunk[0]) if self._held.size == 1 else encode_envelope(chunk)
+                self._send(body, chunk[0].account_id)
+            except BaseException as exc:
+                self._unsent = pending[i:]
+                self.error = exc
+                raise
+        self.error = None
+
+    def _publish_quietly(self, chunks: list[list[UsageEvent]]) -> None:
+        """``_publish``, keeping a failure for the next call instead of raising it now."""
+        try:
+            self._publish(chunks)
+        except Exception as exc:  # held in _unsent; the next add or flush raises it
+            log.warning("publishing usage failed, %d events held: %s", self._held_unsent(), exc)
+
+    def _held_unsent(self) -> int:
+        return sum(len(chunk) for chunk in self._unsent)
+
+    def _flush_lingering(self) -> None:
+        linger_s = self._held.linger_s
+        while not self._closed.is_set():
+            with self._lock:
+                if self._unsent or self._held.events:
+                    self._publish_quietly(self._held.due())
+                due_at = self._held.next_due_at()
+                retry = bool(self._unsent)
+            if due_at is None and not retry:
+                self._wake.wait()  # set by the next add into an empty buffer, or by close
+                self._wake.clear()
+                continue
+            # a failed publish already retried for a while (RETRY_POLICY, back-pressure): pause
+            wait = max(linger_s, 1.0) if retry or due_at is None else due_at - self._held.clock()
+            self._closed.wait(max(wait, 0.001))
+
+
 class WalletEventPublisher:
     """Publishes outbox rows to the wallet-events exchange (a ``wallets.Publish``)."""
 
@@ -325,18 +459,76 @@ def envelopes(
     the events of the accounts of one partition (``partition_of``): a gateway's batch of 100
     events becomes about ``partitions`` envelopes, not one per account.
     """
-    if partitions <= 1 or size <= 1:
-        yield from _chunks(events, size)
+    if size <= 1:
+        yield from _chunks(events, 1)
         return
-    open_envelopes: dict[int, list[UsageEvent]] = {}
+    held = OpenEnvelopes(size, partitions)
     for event in events:
-        partition = partition_of(event.account_id, partitions)
-        chunk = open_envelopes.setdefault(partition, [])
+        full = held.add(event)
+        if full is not None:
+            yield full
+    yield from held.drain()
+
+
+class OpenEnvelopes:
+    """Events not yet published: one open envelope per partition (a publisher's buffer).
+
+    An envelope closes when it holds ``size`` events (``add`` returns it) or once its first event
+    has waited ``linger_s`` (``due``). Events of one account stay in order, as they all go to the
+    same envelope. No I/O: the caller publishes what it gets back.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        partitions: int = 1,
+        linger_s: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.size, self.partitions, self.linger_s, self.clock = size, partitions, linger_s, clock
+        # insertion order is opening order: the oldest envelope first
+        self._open: dict[int, tuple[float, list[UsageEvent]]] = {}
+        self.events = 0
+
+    def add(self, event: UsageEvent) -> list[UsageEvent] | None:
+        """Hold ``event``; the envelope it filled, if it did."""
+        partition = partition_of(event.account_id, self.partitions)
+        opened = self._open.get(partition)
+        if opened is None:
+            opened = self._open[partition] = (self.clock(), [])
+        chunk = opened[1]
         chunk.append(event)
-        if len(chunk) >= size:
-            yield chunk
-            del open_envelopes[partition]
-    yield from open_envelopes.values()
+        self.events += 1
+        if len(chunk) < self.size:
+            return None
+        del self._open[partition]
+        self.events -= len(chunk)
+        return chunk
+
+    def due(self) -> list[list[UsageEvent]]:
+        """The envelopes whose first event has waited ``linger_s`` or more, oldest first."""
+        now = self.clock()
+        closed: list[list[UsageEvent]] = []
+        for partition, (opened_at, chunk) in list(self._open.items()):
+            if now - opened_at < self.linger_s:
+                break  # the rest were opened later
+            closed.append(chunk)
+            del self._open[partition]
+            self.events -= len(chunk)
+        return closed
+
+    def next_due_at(self) -> float | None:
+        """When the oldest open envelope is due (``clock`` time); None when nothing is held."""
+        for opened_at, _chunk in self._open.values():
+            return opened_at + self.linger_s
+        return None
+
+    def drain(self) -> list[list[UsageEvent]]:
+        """Every open envelope, oldest first; nothing is held afterwards."""
+        closed = [chunk for _opened_at, chunk in self._open.values()]
+        self._open.clear()
+        self.events = 0
+        return closed
 
 
 def usage_messages(

@@ -82,6 +82,12 @@ def _deploy_settings(env: Mapping[str, str], base: Settings) -> dict[str, Any]:
         "publish_backpressure_timeout_s": _int(
             env, "BILLING_PUBLISH_BACKPRESSURE_TIMEOUT_S", 30, minimum=0
         ),
+        "publish_envelope_size": _int(
+            env, "BILLING_PUBLISH_ENVELOPE_SIZE", base.publish_envelope_size
+        ),
+        "publish_linger_ms": _int(
+            env, "BILLING_PUBLISH_LINGER_MS", base.publish_linger_ms, minimum=0
+        ),
         "partition_months_ahead": _int(env, "BILLING_PARTITION_MONTHS_AHEAD", 3),
         "payload_retention_days": _int(env, "BILLING_PAYLOAD_RETENTION_DAYS", 90),
         "db_pool_size": _int(env, "BILLING_DB_POOL_SIZE", base.db_pool_size),
@@ -136,6 +142,10 @@ class Settings:
     usage_partitions: int = 1  # >1: N queues, by CRC-32 of the account id mod N
     usage_consume_partitions: tuple[int, ...] = ()  # partitions this worker consumes; () = all
     publish_backpressure_timeout_s: int = 30  # keep retrying a refused publish this long
+    # a gateway's buffered publisher (broker.BufferedUsagePublisher): envelopes of up to this many
+    # events of one partition, published at the latest this long after their first event
+    publish_envelope_size: int = 100
+    publish_linger_ms: int = 50
     partition_months_ahead: int = 3
     payload_retention_days: int = 90
     db_pool_size: int = 2  # per worker process: usage consumer + outbox relay

@@ -260,3 +260,42 @@ def test_rabbitmq_keeps_a_running_consumers_prefetch(settings: Settings) -> None
         settle()
         assert len(held) == 10  # acks free that window again: still 5 at a time
         consumer.cancel()
+
+
+def test_the_buffered_publisher_fills_envelopes_by_partition_across_calls(
+    settings: Settings, conn: psycopg.Connection[Any], q: Queries
+) -> None:
+    """A gateway adding a few events per request: its envelopes fill across requests (one per
+    partition), so RabbitMQ holds full envelopes, and every event is debited once."""
+    s = replace(
+        settings,
+        usage_exchange=f"{settings.usage_exchange}.buffered",
+        usage_partitions=3,
+        publish_envelope_size=8,
+        publish_linger_ms=60_000,  # only full envelopes, and close(), publish here
+    )
+    try:
+        accounts = [f"acct-{i:02d}" for i in range(12)]
+        for account in accounts:
+            open_account(conn, q, account, "10")
+        events = [make_event(f"ev-{i}", accounts[(i * 5) % 12]) for i in range(50)]
+        with broker.UsagePublisher(s) as publisher:
+            gateway = broker.BufferedUsagePublisher.for_settings(publisher, s)
+            for i in range(0, 50, 5):  # ten requests of five events
+                gateway.add_many(events[i : i + 5])
+            gateway.close()
+        per_partition: dict[int, int] = defaultdict(int)
+        for e in events:
+            per_partition[broker.partition_of(e.account_id, 3)] += 1
+        with broker.connect(s) as bconn:
+            depths = [
+                queue(bconn.channel()).queue_declare(passive=True).message_count
+                for queue in broker.usage_queues(s)
+            ]
+        assert depths == [-(-per_partition[j] // 8) for j in range(3)]  # ceil: full, then the rest
+        drain(s, idle=0.5)
+        assert conn.execute("SELECT count(*) FROM usage_events").fetchone() == (50,)
+        expected = expected_debits(conn, q, events)
+        assert {a: Decimal(10) - b for a, b in balances(conn).items()} == expected
+    finally:
+        _cleanup(s)
