@@ -16,7 +16,13 @@ Zipf-like hot set, the catalog's models and providers, cached tokens, images, se
 
 For each: sustained events/s after warm-up (the 10th to 90th percentile of commit times), p50/p99
 publish-to-commit latency at half that rate, CPU used by the broker, PostgreSQL and the workers,
-and peak worker RSS. Every scenario ends with ``billing audit`` and a comparison of every wallet
+and peak worker RSS. In the latency phase the envelope scenarios publish as a gateway would, with
+``broker.BufferedUsagePublisher`` (an envelope per partition, published when it holds 100 events
+or ``BILLING_PUBLISH_LINGER_MS`` after its first; a variant with ``BILLING_PUBLISH_LINGER_MS=0``
+cuts each call's 100 events by partition instead), and an event's clock starts when it is handed
+to the publisher. The phase's CPU by process and its p99 second by second are printed too.
+
+Every scenario ends with ``billing audit`` and a comparison of every wallet
 with the generator's expected totals: a fast wrong answer fails the benchmark (exit 1).
 
     python -m bench.throughput            # the full comparison (a few minutes)
@@ -96,6 +102,10 @@ class Result:
     rate_windows: list[float] | None = None
     # the workers' peak RSS in each of those deciles (None: a tenth shorter than a sample period)
     rss_windows_mb: list[float | None] | None = None
+    # the latency phase: p99 ms of the events published in each of its seconds, and the CPU
+    # (% of one core) of broker, PostgreSQL, workers and this process (the publisher) meanwhile
+    latency_p99_by_second: list[float] | None = None
+    latency_cpu: tuple[float, float, float, float] | None = None
 
 
 # --- processes and CPU -------------------------------------------------------------------------
@@ -118,15 +128,17 @@ def _family(root: psutil.Process) -> list[psutil.Process]:
 
 
 class Sampler(threading.Thread):
-    """Samples cumulative CPU seconds of broker, PostgreSQL and workers, and worker RSS."""
+    """Samples cumulative CPU seconds of broker, PostgreSQL, workers and this process (the
+    publisher of the latency phase), and worker RSS."""
 
     def __init__(self, worker_roots: Callable[[], list[int]]) -> None:
         super().__init__(daemon=True)
         self.worker_roots = worker_roots
-        self.samples: list[tuple[float, float, float, float]] = []
+        self.samples: list[tuple[float, float, float, float, float]] = []
         self.rss: list[tuple[float, int]] = []  # (time, workers' RSS summed)
         self.stop_flag = threading.Event()
         self.broker = [p for p in psutil.process_iter(["name"]) if p.info["name"] == "beam.smp"]
+        self.me = [psutil.Process()]
 
     def run(self) -> None:
         while not self.stop_flag.is_set():
@@ -140,18 +152,25 @@ class Sampler(threading.Thread):
                 with contextlib.suppress(psutil.Error):
                     rss += w.memory_info().rss
             self.rss.append((time.time(), rss))
-            self.samples.append((time.time(), _cpu(self.broker), _cpu(pg), _cpu(workers)))
+            self.samples.append(
+                (time.time(), _cpu(self.broker), _cpu(pg), _cpu(workers), _cpu(self.me))
+            )
             self.stop_flag.wait(0.25)
 
     def usage_between(self, start: float, end: float) -> tuple[float, float, float]:
         """CPU seconds (broker, postgres, workers) used between two wall-clock times."""
+        broker_s, postgres_s, workers_s, _me = self.all_usage_between(start, end)
+        return broker_s, postgres_s, workers_s
 
-        def at(t: float) -> tuple[float, float, float]:
+    def all_usage_between(self, start: float, end: float) -> tuple[float, float, float, float]:
+        """CPU seconds (broker, postgres, workers, this process) between two wall-clock times."""
+
+        def at(t: float) -> tuple[float, float, float, float]:
             before = [s for s in self.samples if s[0] <= t] or self.samples[:1]
             return before[-1][1:]
 
         a, b = at(start), at(end)
-        return (b[0] - a[0], b[1] - a[1], b[2] - a[2])
+        return (b[0] - a[0], b[1] - a[1], b[2] - a[2], b[3] - a[3])
 
     def peak_rss_mb_between(self, start: float, end: float) -> float | None:
         peak = max((rss for t, rss in self.rss if start <= t <= end), default=None)
@@ -309,25 +328,41 @@ def commit_window(settings: Settings, prefix: str) -> tuple[float, float, float,
 LATENCY_SAMPLES_PER_S = 200
 
 
+@dataclass(frozen=True)
+class Latency:
+    """Publish-to-commit latency of the timed events, in ms, and when the phase ran."""
+
+    p50_ms: float
+    p99_ms: float
+    p99_by_second_ms: list[float]  # of the events published in each second of the phase
+    start: float
+    end: float
+
+
+def _quantile(sorted_values: Sequence[float], q: float) -> float:
+    return sorted_values[min(int(len(sorted_values) * q), len(sorted_values) - 1)]
+
+
 def measure_latency(
     settings: Settings,
     publish: Callable[[list[UsageEvent]], None],
     events: list[UsageEvent],
     rate: float,
     per_message: int,
-) -> tuple[float, float]:
+) -> Latency:
     """Publish ``events`` paced at ``rate`` events/s; p50/p99 ms from publish to visible commit.
 
     About ``LATENCY_SAMPLES_PER_S`` events a second are timed (one per message, every k-th
     message), and a poller looks their keys up in the narrow key table every 5 ms. The poll must
     stay small whatever the rate: timing every event made it a growing query that competed for
-    the CPU it was measuring and, once a backlog formed, fed it.
+    the CPU it was measuring and, once a backlog formed, fed it. An event's clock starts when it
+    is handed to ``publish`` (a publisher that holds it back to fill an envelope pays for that).
     """
     sent_at: dict[str, float] = {}
     pending: set[str] = set()
     published: set[str] = set()
     lock = threading.Lock()
-    latencies: list[float] = []
+    timed: list[tuple[float, float]] = []  # (sent at, latency s)
     done = threading.Event()
 
     def poll() -> None:
@@ -343,13 +378,14 @@ def measure_latency(
                     with lock:
                         for (event_id,) in seen:
                             pending.discard(event_id)
-                            latencies.append(now - sent_at[event_id])
+                            timed.append((sent_at[event_id], now - sent_at[event_id]))
                 time.sleep(0.005)
 
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
     interval = per_message / rate
     every = max(1, round(rate / per_message / LATENCY_SAMPLES_PER_S))  # messages per sample
+    start_wall = time.time()
     start = time.perf_counter()
     for m, i in enumerate(range(0, len(events), per_message)):
         chunk = events[i : i + per_message]
@@ -367,8 +403,18 @@ def measure_latency(
         publish(chunk)
     done.set()
     poller.join(timeout=120)
-    latencies.sort()
-    return latencies[len(latencies) // 2] * 1000, latencies[int(len(latencies) * 0.99)] * 1000
+    end_wall = time.time()
+    latencies = sorted(latency for _sent, latency in timed)
+    by_second: dict[int, list[float]] = {}
+    for sent, latency in timed:
+        by_second.setdefault(int(sent - start_wall), []).append(latency)
+    return Latency(
+        p50_ms=_quantile(latencies, 0.5) * 1000,
+        p99_ms=_quantile(latencies, 0.99) * 1000,
+        p99_by_second_ms=[_quantile(sorted(v), 0.99) * 1000 for _s, v in sorted(by_second.items())],
+        start=start_wall,
+        end=end_wall,
+    )
 
 
 class FastPublisher:
@@ -397,6 +443,15 @@ class FastPublisher:
             events, per_message, self.settings.usage_partitions
         ):
             self.raw(body, account_id)
+
+    def buffered(self, per_message: int, linger_ms: int) -> broker.BufferedUsagePublisher:
+        """The gateway's buffered publisher (envelopes by partition, ``linger_ms``) on this one."""
+        return broker.BufferedUsagePublisher(
+            self.raw,
+            size=per_message,
+            partitions=self.settings.usage_partitions,
+            linger_ms=linger_ms,
+        )
 
     def close(self) -> None:
         self.conn.release()
@@ -455,12 +510,18 @@ def run_fleet(
         if groups:
             env["BILLING_USAGE_CONSUME_PARTITIONS"] = ",".join(map(str, groups[i]))
         envs.append(env_for(settings, **env))
+    # the latency phase publishes as a gateway would: envelopes buffered by partition, each
+    # published when full or BILLING_PUBLISH_LINGER_MS after its first event (0: each call's
+    # events are cut into envelopes at once, as before)
+    linger_ms = int(worker_env.get("BILLING_PUBLISH_LINGER_MS", settings.publish_linger_ms))
+    gateway = publisher.buffered(per_message, linger_ms if per_message > 1 else 0)
     try:
         return measure(
             name, settings, events, latency_events, snap, [command] * workers, envs,
-            lambda chunk: publisher.events(chunk, per_message), per_message, drain_timeout=600,
+            gateway.add_many, per_message, drain_timeout=600,
         )  # fmt: skip
     finally:
+        gateway.close()
         publisher.close()
 
 
@@ -544,16 +605,24 @@ def measure(
         wait_recorded(settings, unique, timeout=drain_timeout, procs=procs)
         rate, t10, t90, windows = commit_window(settings, events[0].event_id.split("-")[0])
         cpu = sampler.usage_between(t10, t90)
-        p50, p99 = measure_latency(settings, publish, latency_events, rate / 2, per_message)
+        latency = measure_latency(settings, publish, latency_events, rate / 2, per_message)
         expected = unique + len({e.event_id for e in latency_events})
         wait_recorded(settings, expected, timeout=120, procs=procs)
+        time.sleep(0.3)  # one more CPU sample after the phase
     finally:
         _stop(procs, sampler)
     audit_ok, balances_ok = verify(settings, events + latency_events, snap)
-    return _result(
-        name, unique, rate, t90 - t10, cpu, sampler, p50, p99, rate / 2, audit_ok, balances_ok,
-        windows,
+    result = _result(
+        name, unique, rate, t90 - t10, cpu, sampler, latency.p50_ms, latency.p99_ms, rate / 2,
+        audit_ok, balances_ok, windows,
     )  # fmt: skip
+    result.latency_p99_by_second = latency.p99_by_second_ms
+    phase = max(latency.end - latency.start, 1e-3)
+    used = sampler.all_usage_between(latency.start, latency.end)
+    result.latency_cpu = (
+        100 * used[0] / phase, 100 * used[1] / phase, 100 * used[2] / phase, 100 * used[3] / phase
+    )  # fmt: skip
+    return result
 
 
 def _stop(procs: Sequence[subprocess.Popen[bytes]], sampler: Sampler) -> None:
@@ -652,6 +721,16 @@ def _result(
         rate_windows=[rate for _a, _b, rate in windows],
         rss_windows_mb=[sampler.peak_rss_mb_between(a, b) for a, b, _rate in windows],
     )
+
+
+def print_latency_phases(results: list[Result]) -> None:
+    """Where the latency phase spent the CPU, and its p99 second by second."""
+    print("\nlatency phase: CPU % of one core (broker, postgres, workers, publisher), p99 ms")
+    for r in results:
+        if r.latency_cpu and r.latency_p99_by_second:
+            cpu = " ".join(f"{x:.0f}" for x in r.latency_cpu)
+            by_second = " ".join(f"{x:,.0f}" for x in r.latency_p99_by_second)
+            print(f"{r.scenario:<23}cpu {cpu} | p99 {by_second}")
 
 
 def print_deciles(results: list[Result]) -> None:
@@ -801,6 +880,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append(run_sql(events, snap, args.workers, args.batch_events, label=label))
         print_table(results[-1:])
     print_deciles(results)
+    print_latency_phases(results)
     print()
     print_table(results)
     if args.quick:
