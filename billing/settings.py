@@ -115,6 +115,8 @@ class Settings:
     max_message_bytes: int = 1_048_576
     max_clock_skew: timedelta = timedelta(minutes=5)
     usage_consumer_enabled: bool = True
+    # the usage consumer reads its AMQP socket 64 KiB at a time (workers/amqp_reads.py)
+    amqp_read_ahead: bool = True
     # Worker HTTP: /metrics, /healthz, /readyz (billing/health.py); 0 = off.
     metrics_port: int = 9808
     # Stripe top-ups (billing/topups.py). Secrets are kept out of repr() so they never reach logs.
@@ -174,6 +176,7 @@ class Settings:
             max_message_bytes=_int(env, "BILLING_MAX_MESSAGE_BYTES", base.max_message_bytes),
             max_clock_skew=timedelta(seconds=_int(env, "BILLING_MAX_CLOCK_SKEW_S", 300, minimum=0)),
             usage_consumer_enabled=env.get("BILLING_USAGE_CONSUMER", "1") not in ("0", "false"),
+            amqp_read_ahead=env.get("BILLING_AMQP_READ_AHEAD", "1") not in ("0", "false"),
             metrics_port=_int(env, "BILLING_METRICS_PORT", base.metrics_port, minimum=0),
             stripe_api_key=env.get("BILLING_STRIPE_API_KEY", ""),
             stripe_webhook_secret=tuple(

@@ -57,6 +57,7 @@ from billing.health import Health
 from billing.settings import Settings
 from billing.usage import BatchResult, DecodedBatch, process_decoded
 from billing.wallets import relay_outbox
+from workers import amqp_reads
 
 log = logging.getLogger("billing.usage_consumer")
 
@@ -134,13 +135,15 @@ class UsageConsumer(ConsumerMixin):
         gc.freeze()
         gc.set_threshold(50_000, 50, 100)
         self.consuming, self.live_connection = True, connection
+        read_ahead = self.settings.amqp_read_ahead and amqp_reads.install(connection)
         log.info(
-            "consuming %s (batch %d events / %d messages / %d ms, prefetch %d)",
+            "consuming %s (batch %d events / %d messages / %d ms, prefetch %d, read-ahead %s)",
             self.settings.usage_queue,
             self.settings.batch_events,
             self.settings.batch_size,
             self.settings.batch_timeout_ms,
             self.settings.prefetch,
+            "on" if read_ahead else "off",
         )
 
     def on_consume_end(self, connection: Any, channel: Any) -> None:
