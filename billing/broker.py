@@ -309,7 +309,9 @@ class BufferedUsagePublisher:
     Guarantees: every event is published once ``flush`` or ``close`` returned. A publish that fails
     (broker down, queue full past the back-pressure timeout) keeps its envelope; the next ``add``
     retries it first and, if that fails too, raises without taking its event, so the caller
-    learns that the broker is refusing while the events already taken stay held.
+    learns that the broker is refusing while the events already taken stay held. One publish
+    runs at a time, under the buffer's lock: while the broker is slow, ``add`` waits for it
+    (back-pressure reaches the gateway; the buffer does not grow without bound).
     """
 
     def __init__(
