@@ -512,6 +512,9 @@ def run_fleet(
     """Our fleet; ``partitions`` > 1: each worker consumes a group of partitions (by traffic)."""
     scenario = name.split("@")[0].split("[")[0]  # the label without accounts or variant
     settings = replace(scenario_settings(scenario), usage_partitions=partitions)
+    # the simulated gateway reads the variant's settings too (queue arguments, linger)
+    settings = Settings.from_env(env_for(settings, **worker_env))
+    settings = replace(settings, usage_partitions=partitions)
     publisher = FastPublisher(settings)
     publisher.events(events, per_message)
     command = [sys.executable, "-m", "billing.cli", "worker", "--loglevel=WARNING", "--no-migrate"]
@@ -525,8 +528,7 @@ def run_fleet(
     # the latency phase publishes as a gateway would: envelopes buffered by partition, each
     # published when full or BILLING_PUBLISH_LINGER_MS after its first event (0: each call's
     # events are cut into envelopes at once, as before)
-    linger_ms = int(worker_env.get("BILLING_PUBLISH_LINGER_MS", settings.publish_linger_ms))
-    gateway = publisher.buffered(per_message, linger_ms if per_message > 1 else 0)
+    gateway = publisher.buffered(per_message, settings.publish_linger_ms if per_message > 1 else 0)
     try:
         return measure(
             name, settings, events, latency_events, snap, [command] * workers, envs,
@@ -623,6 +625,7 @@ def measure(
         time.sleep(0.3)  # one more CPU sample after the phase
     finally:
         _stop(procs, sampler)
+        _delete_broker_objects(settings)
     audit_ok, balances_ok = verify(settings, events + latency_events, snap)
     result = _result(
         name, unique, rate, t90 - t10, cpu, sampler, latency.p50_ms, latency.p99_ms, rate / 2,
@@ -635,6 +638,24 @@ def measure(
         100 * used[0] / phase, 100 * used[1] / phase, 100 * used[2] / phase, 100 * used[3] / phase
     )  # fmt: skip
     return result
+
+
+def _delete_broker_objects(settings: Settings) -> None:
+    """The scenario's queues and exchanges (each run names its own): a run leaves none behind."""
+    queues = [*broker.usage_queue_names(settings), settings.tasks_queue, settings.exports_queue]
+    exchanges = [
+        settings.usage_exchange,
+        settings.wallet_events_exchange,
+        settings.tasks_queue,
+        settings.exports_queue,
+    ]
+    with Connection(settings.broker_url) as conn:
+        for name in queues:
+            with contextlib.suppress(Exception), conn.channel() as channel:
+                channel.queue_delete(name)
+        for name in exchanges:
+            with contextlib.suppress(Exception), conn.channel() as channel:
+                channel.exchange_delete(name)
 
 
 def _stop(procs: Sequence[subprocess.Popen[bytes]], sampler: Sampler) -> None:

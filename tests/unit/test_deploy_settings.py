@@ -116,6 +116,8 @@ def test_partitioned_envelopes_carry_one_partition_each_in_order() -> None:
         ({"BILLING_USAGE_QUEUE_TYPE": "stream"}, "BILLING_USAGE_QUEUE_TYPE must be one of"),
         ({"BILLING_USAGE_QUEUE_MAX_LENGTH": "-1"}, "BILLING_USAGE_QUEUE_MAX_LENGTH must be >= 0"),
         ({"BILLING_USAGE_PARTITIONS": "0"}, "BILLING_USAGE_PARTITIONS must be >= 1"),
+        ({"BILLING_PUBLISH_LINGER_MS": "-5"}, "BILLING_PUBLISH_LINGER_MS must be >= 0"),
+        ({"BILLING_PUBLISH_ENVELOPE_SIZE": "0"}, "BILLING_PUBLISH_ENVELOPE_SIZE must be >= 1"),
         (
             {"BILLING_USAGE_PARTITIONS": "2", "BILLING_USAGE_CONSUME_PARTITIONS": "2"},
             "BILLING_USAGE_CONSUME_PARTITIONS: '2' is not a partition number 0..1",
