@@ -449,7 +449,11 @@ class FastPublisher:
         self.exchange = broker.usage_exchange(settings).name
         # py-amqp polls the socket for a connection.blocked notice before every publish (a
         # zero-timeout read: three system calls); this publisher never reads, so skip the poll
-        self.conn.connection.client_properties.get("capabilities", {})["connection.blocked"] = False
+        properties = self.conn.connection.client_properties  # this connection's own copy
+        properties["capabilities"] = {
+            **properties.get("capabilities", {}),
+            "connection.blocked": False,
+        }
 
     def raw(self, body: bytes, account_id: str = "") -> None:
         self.channel.basic_publish(
@@ -543,7 +547,9 @@ def run_fleet(
             gateway.add_many, per_message, drain_timeout=600,
         )  # fmt: skip
     finally:
-        gateway.close()
+        # after a failed measurement the scenario's queues are gone: do not hide its error
+        with contextlib.suppress(Exception):
+            gateway.close()
         publisher.close()
 
 

@@ -356,16 +356,18 @@ class BufferedUsagePublisher:
 
     def add_many(self, events: Iterable[UsageEvent]) -> None:
         """Take ``events`` (raises, taking none, if earlier envelopes still cannot be published)."""
+        events = list(events)  # an iterator that fails part-way fails before any event is taken
         with self._lock:
             if self._closed.is_set():
                 raise BillingError("the usage publisher is closed")
+            recovered = bool(self._unsent)
             self._publish([])
-            was_empty = self._held.events == 0
+            wake = recovered or self._held.events == 0  # a new linger, or no more retry pause
             full = [chunk for e in events if (chunk := self._held.add(e)) is not None]
             if self._flusher is None:
                 full += self._held.drain()
             self._publish_quietly(full)
-        if was_empty:
+        if wake:
             self._wake.set()
 
     def flush(self) -> None:
@@ -374,11 +376,16 @@ class BufferedUsagePublisher:
             self._publish(self._held.drain())
 
     def close(self) -> None:
-        """Flush, then stop the background thread (it also stops if the flush raises)."""
+        """Refuse new events, publish every event held, stop the background thread.
+
+        Closed and flushed under one lock, so no ``add`` slips in between. If the flush raises,
+        the events stay held and ``flush`` may be called again.
+        """
         try:
-            self.flush()
+            with self._lock:
+                self._closed.set()
+                self._publish(self._held.drain())
         finally:
-            self._closed.set()
             self._wake.set()
             if self._flusher is not None:
                 self._flusher.join()
@@ -413,6 +420,8 @@ class BufferedUsagePublisher:
         return sum(len(chunk) for chunk in self._unsent)
 
     def _flush_lingering(self) -> None:
+        """Publish envelopes as their linger ends. Woken early by an ``add`` into an empty
+        buffer, by an ``add`` that got failed envelopes through, and by ``close``."""
         linger_s = self._held.linger_s
         while not self._closed.is_set():
             with self._lock:
@@ -420,13 +429,14 @@ class BufferedUsagePublisher:
                     self._publish_quietly(self._held.due())
                 due_at = self._held.next_due_at()
                 retry = bool(self._unsent)
-            if due_at is None and not retry:
-                self._wake.wait()  # set by the next add into an empty buffer, or by close
-                self._wake.clear()
-                continue
-            # a failed publish already retried for a while (RETRY_POLICY, back-pressure): pause
-            wait = max(linger_s, 1.0) if retry or due_at is None else due_at - self._held.clock()
-            self._closed.wait(max(wait, 0.001))
+            if retry:  # a failed publish already retried for a while (RETRY_POLICY): pause
+                timeout: float | None = max(linger_s, 1.0)
+            elif due_at is None:
+                timeout = None  # nothing held
+            else:
+                timeout = max(due_at - self._held.clock(), 0.001)
+            self._wake.wait(timeout)
+            self._wake.clear()  # state is checked again, under the lock, before any wait
 
 
 class WalletEventPublisher:

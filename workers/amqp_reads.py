@@ -11,6 +11,12 @@ socket's timeout is left alone. py-amqp still parses every frame; only where its
 changes. The buffer is py-amqp's own ``_read_buffer`` (a ``bytearray`` here: taking bytes off its
 front is cheap), so a frame that py-amqp pushes back after a timeout mid-frame is kept in order.
 TLS connections keep py-amqp's reads (``install`` returns False).
+
+Two limits, both outside how the usage consumer uses its connection: a write with a timeout
+(``basic_publish(timeout=...)``) made while a frame is buffered runs without that timeout (the
+consumer's connection publishes nothing: wallet events go out on another), and an event loop
+that waits for the socket to become readable (a Celery hub) would not see bytes already in the
+buffer (``ConsumerMixin`` only calls ``drain_events``, which reads the buffer first).
 """
 
 from __future__ import annotations

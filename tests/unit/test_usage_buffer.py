@@ -4,8 +4,9 @@ fails and recovers. The sender here records bodies; tests/integration publishes 
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
 import orjson
@@ -158,3 +159,69 @@ def test_single_events_are_published_as_plain_events() -> None:
     publisher.add_many(_events(0, 2))
     publisher.close()
     assert [orjson.loads(b)["event_id"] for b in bodies] == ["ev-0", "ev-1"]
+
+
+def test_an_add_racing_close_is_refused_not_dropped() -> None:
+    """close() refuses new events and flushes under one lock: an add that waited for the lock
+    while close was publishing is refused (the caller keeps its event), never taken and lost."""
+    release = threading.Event()
+    publishing = threading.Event()
+    sent: list[bytes] = []
+
+    def slow_send(body: bytes, _account: str) -> None:
+        publishing.set()
+        release.wait(5)
+        sent.append(body)
+
+    publisher = broker.BufferedUsagePublisher(slow_send, size=10, linger_ms=60_000)
+    publisher.add(_events(0, 1)[0])
+    closer = threading.Thread(target=publisher.close)
+    closer.start()
+    assert publishing.wait(5)  # close is publishing the held event, holding the lock
+    outcome: list[BaseException | None] = []
+
+    def late_add() -> None:
+        try:
+            publisher.add(_events(1, 1)[0])
+            outcome.append(None)
+        except BillingError as exc:
+            outcome.append(exc)
+
+    adder = threading.Thread(target=late_add)
+    adder.start()
+    time.sleep(0.05)  # the adder now waits for the lock
+    release.set()
+    closer.join(5)
+    adder.join(5)
+    assert len(sent) == 1 and isinstance(outcome[0], BillingError)
+    assert publisher.held == 0
+
+
+def test_a_failing_iterator_takes_nothing_and_the_flusher_still_wakes() -> None:
+    sender = Sender()
+    with broker.BufferedUsagePublisher(sender, size=10, linger_ms=20) as publisher:
+
+        def broken() -> Iterator[UsageEvent]:
+            yield _events(0, 1)[0]
+            raise ValueError("the gateway's iterator broke")
+
+        with pytest.raises(ValueError):
+            publisher.add_many(broken())
+        assert publisher.held == 0
+        publisher.add(_events(1, 1)[0])
+        _wait_for(lambda: sender.ids == ["ev-1"], timeout=1.0)
+
+
+def test_after_the_broker_recovers_lingering_envelopes_go_out_within_the_linger() -> None:
+    sender = Sender()
+    with broker.BufferedUsagePublisher(sender, size=2, linger_ms=20) as publisher:
+        sender.broken = True
+        publisher.add_many(_events(0, 2))  # a full envelope whose publish fails: kept
+        assert publisher.error is not None
+        time.sleep(0.05)  # the flusher retried, failed, and pauses a second before the next try
+        sender.broken = False
+        publisher.add(_events(2, 1)[0])  # the kept envelope goes first; this one lingers 20 ms
+        started = time.monotonic()
+        _wait_for(lambda: publisher.held == 0, timeout=2.0)
+        assert time.monotonic() - started < 0.5  # not after the flusher's one-second pause
+        assert sender.ids == ["ev-0", "ev-1", "ev-2"]
