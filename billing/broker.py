@@ -16,6 +16,8 @@ back-pressure (retry with backoff, then ``QueueFull``), never dropping queued me
 UTF-8 account id, mod N, which every language's standard library has) and routes on the direct
 exchange with the key ``usage.<i>``. So an envelope carries every account of one partition, not
 one account; each worker consumes ``BILLING_USAGE_CONSUME_PARTITIONS`` (default: all).
+A gateway written in Python publishes through ``BufferedUsagePublisher``: one open envelope per
+partition, published when full or after a short linger, so envelopes stay full at any rate.
 
 Embedded mode uses kombu's filesystem transport in ``BILLING_DATA_DIR/queue``. It is for demos and
 local work only: it removes a message file when delivering it and keeps unacknowledged messages in
