@@ -10,6 +10,7 @@ from typing import Any
 import psycopg
 
 from billing import broker, catalog, db, synthetic, wallets
+from billing.audit import run_audit
 from billing.db import Queries
 from billing.events import Usage, UsageEvent
 from billing.settings import Settings
@@ -93,3 +94,9 @@ def wait_until(predicate: Any, timeout: float = 60, interval: float = 0.1) -> No
         if time.monotonic() > deadline:
             raise TimeoutError("condition not reached in time")
         time.sleep(interval)
+
+
+def assert_audit_clean(conn: psycopg.Connection[Any], q: Queries) -> None:
+    """``billing audit`` passes; a failure names the checks that did not."""
+    report = run_audit(conn, q)
+    assert report.ok, [c for c in report.checks if not c.ok]

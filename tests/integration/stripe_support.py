@@ -35,8 +35,6 @@ import stripe
 import uvicorn
 
 from billing import db
-from billing.audit import run_audit
-from billing.db import Queries
 from billing.settings import Settings
 from billing.stripe_client import StripeGateway
 from billing.topups import process_stripe_event
@@ -237,11 +235,6 @@ def dispute_object(
 
 
 # --- assertions -----------------------------------------------------------------------------
-def assert_audit_clean(conn: psycopg.Connection[Any], q: Queries) -> None:
-    report = run_audit(conn, q)
-    assert report.ok, [c for c in report.checks if not c.ok]
-
-
 def ledger_balance(conn: psycopg.Connection[Any], code: str) -> Decimal:
     row = conn.execute(
         "SELECT coalesce(sum(e.amount), 0) FROM ledger_entries e "

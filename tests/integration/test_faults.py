@@ -43,10 +43,9 @@ from workers.app import add_readiness_checks
 from workers.usage_consumer import UsageConsumer
 
 from .conftest import worker_env
-from .helpers import balances, drain, make_event, open_account, wait_until
+from .helpers import assert_audit_clean, balances, drain, make_event, open_account, wait_until
 from .stripe_support import (  # noqa: F401  (fixtures)
     Endpoint,
-    assert_audit_clean,
     charge_object,
     endpoint,
     envelope,

@@ -10,13 +10,12 @@ from typing import Any
 import psycopg
 
 from billing import db, grants, wallets
-from billing.audit import run_audit
 from billing.catalog import snapshot
 from billing.db import Queries
 from billing.settings import Settings
 from billing.usage import price_events, record_isolating
 
-from .helpers import make_event, open_account
+from .helpers import assert_audit_clean, make_event, open_account
 
 D = Decimal
 NOW = datetime.now(UTC)
@@ -38,11 +37,6 @@ def grant(conn: psycopg.Connection[Any], q: Queries, amount: str, days: float, g
 
 def rows(conn: psycopg.Connection[Any], q: Queries) -> dict[str, dict[str, Any]]:
     return {r["grant_id"]: r for r in grants.list_grants(conn, q, "acme")}
-
-
-def assert_audit_clean(conn: psycopg.Connection[Any], q: Queries) -> None:
-    report = run_audit(conn, q)
-    assert report.ok, [c for c in report.checks if not c.ok]
 
 
 def test_usage_consumes_the_credit_expiring_first(

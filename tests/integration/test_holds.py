@@ -18,7 +18,7 @@ from billing.holds import AuthorizationRequest, Authorizer, Decision, HoldStatus
 from billing.settings import Settings
 from billing.usage import price_events, record_isolating
 
-from .helpers import make_event, open_account
+from .helpers import assert_audit_clean, make_event, open_account
 
 # openai/o4-mini on openai: $1.10 / 1M input, $4.40 / 1M output
 WORST = Decimal("0.0055")  # 1000 input + 1000 max_tokens
@@ -63,11 +63,6 @@ def hold_row(conn: psycopg.Connection[Any], q: Queries, hold_id: str) -> dict[st
     rows = db.fetch_dicts(conn, q["hold_by_id"], {"hold_id": hold_id})
     assert rows
     return rows[0]
-
-
-def assert_audit_clean(conn: psycopg.Connection[Any], q: Queries) -> None:
-    report = run_audit(conn, q)
-    assert report.ok, [c for c in report.checks if not c.ok]
 
 
 @pytest.fixture

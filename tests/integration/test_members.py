@@ -11,7 +11,6 @@ import psycopg
 import pytest
 
 from billing import db, holds, members, wallets
-from billing.audit import run_audit
 from billing.catalog import snapshot
 from billing.db import Queries
 from billing.errors import BillingError
@@ -22,7 +21,7 @@ from billing.limits import Period as LimitPeriod
 from billing.settings import Settings
 from billing.usage import price_events, record_isolating
 
-from .helpers import make_event, open_account
+from .helpers import assert_audit_clean, make_event, open_account
 
 D = Decimal
 WORST = D("0.0055")  # o4-mini, 1000 input + 1000 max_tokens
@@ -50,11 +49,6 @@ def balance(conn: psycopg.Connection[Any], account: str) -> D:
     row = conn.execute("SELECT balance FROM wallets WHERE account_id = %s", (account,)).fetchone()
     assert row is not None
     return D(row[0])
-
-
-def assert_audit_clean(conn: psycopg.Connection[Any], q: Queries) -> None:
-    report = run_audit(conn, q)
-    assert report.ok, [c for c in report.checks if not c.ok]
 
 
 def test_the_organisation_pays_and_the_statement_attributes_to_the_member(

@@ -20,7 +20,7 @@ from billing.events import Reason, decode_event, encode_event
 from billing.settings import Settings
 from billing.usage import decode_and_price, record_batch, record_isolating
 
-from .helpers import balances, drain, expected_debits, make_event, open_account
+from .helpers import assert_audit_clean, balances, drain, expected_debits, make_event, open_account
 
 
 def publish(settings: Settings, *items: Any, envelope: int = 1) -> None:
@@ -37,11 +37,6 @@ def event_row(conn: psycopg.Connection[Any], event_id: str) -> dict[str, Any]:
         "SELECT * FROM usage_events WHERE event_id = %s",  # type: ignore[arg-type]
         (event_id,),
     )[0]
-
-
-def assert_audit_clean(conn: psycopg.Connection[Any], q: Queries) -> None:
-    report = run_audit(conn, q)
-    assert report.ok, [c for c in report.checks if not c.ok]
 
 
 def test_o4_mini_request_is_priced_to_the_exact_decimal(

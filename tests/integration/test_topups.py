@@ -35,10 +35,9 @@ from billing.topups import (
 )
 from billing.usage import decode_and_price, record_isolating
 
-from .helpers import make_event, open_account
+from .helpers import assert_audit_clean, make_event, open_account
 from .stripe_support import (  # noqa: F401  (fixtures)
     Endpoint,
-    assert_audit_clean,
     charge_object,
     dispute_object,
     endpoint,

@@ -15,7 +15,6 @@ from typing import Any
 import psycopg
 
 from billing import db
-from billing.audit import run_audit
 from billing.db import Queries
 from billing.ledger import (
     PostingKind,
@@ -27,7 +26,7 @@ from billing.ledger import (
 )
 from billing.settings import Settings
 
-from .helpers import open_account
+from .helpers import assert_audit_clean, open_account
 
 
 def debit(conn: psycopg.Connection[Any], q: Queries, amounts: dict[str, str]) -> list[WalletChange]:
@@ -79,7 +78,7 @@ def test_a_waiting_debit_starts_from_the_balance_committed_meanwhile(
     ]
     balances = dict(conn.execute("SELECT account_id, balance FROM wallets ORDER BY 1").fetchall())
     assert balances == {"acme": Decimal(-3), "beta": Decimal(4)}
-    assert run_audit(conn, q).ok
+    assert_audit_clean(conn, q)
 
 
 def test_overlapping_debits_in_any_order_never_deadlock(
@@ -110,4 +109,4 @@ def test_overlapping_debits_in_any_order_never_deadlock(
     assert not errors, errors
     balances = dict(conn.execute("SELECT account_id, balance FROM wallets").fetchall())
     assert balances == dict.fromkeys(accounts, Decimal("99.10"))  # 3 x 30 x 0.01 each
-    assert run_audit(conn, q).ok
+    assert_audit_clean(conn, q)

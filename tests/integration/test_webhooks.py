@@ -18,11 +18,10 @@ from billing.settings import Settings
 from billing.stripe_client import StripeGateway
 from billing.topups import create_topup, get_topup, process_pending
 
-from .helpers import open_account
+from .helpers import assert_audit_clean, open_account
 from .stripe_support import (  # noqa: F401  (fixtures)
     OLD_SECRET,
     Endpoint,
-    assert_audit_clean,
     endpoint,
     envelope,
     event_rows,
