@@ -523,17 +523,16 @@ def run_fleet(
 ) -> Result:
     """Our fleet; ``partitions`` > 1: each worker consumes a group of partitions (by traffic)."""
     scenario = name.split("@")[0].split("[")[0]  # the label without accounts or variant
-    settings = replace(scenario_settings(scenario), usage_partitions=partitions)
-    # the simulated gateway reads the variant's settings too (queue arguments, linger)
-    settings = Settings.from_env(env_for(settings, **worker_env))
-    settings = replace(settings, usage_partitions=partitions)
+    fleet_env = {**worker_env, "BILLING_USAGE_PARTITIONS": str(partitions)}
+    # the simulated gateway reads the settings the workers get (partitions, a variant's linger)
+    settings = Settings.from_env(env_for(scenario_settings(scenario), **fleet_env))
     publisher = FastPublisher(settings)
     publisher.events(events, per_message)
     command = [sys.executable, "-m", "billing.cli", "worker", "--loglevel=WARNING", "--no-migrate"]
     envs = []
     groups = partition_groups(events, workers, partitions) if partitions > 1 else []
     for i in range(workers):
-        env = {**worker_env, "BILLING_USAGE_PARTITIONS": str(partitions)}
+        env = dict(fleet_env)
         if groups:
             env["BILLING_USAGE_CONSUME_PARTITIONS"] = ",".join(map(str, groups[i]))
         envs.append(env_for(settings, **env))

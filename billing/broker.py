@@ -351,7 +351,7 @@ class BufferedUsagePublisher:
     def held(self) -> int:
         """Events taken but not yet published."""
         with self._lock:
-            return self._held.events + sum(len(chunk) for chunk in self._unsent)
+            return self._held.events + self._held_unsent()
 
     def add(self, event: UsageEvent) -> None:
         self.add_many([event])
@@ -403,8 +403,7 @@ class BufferedUsagePublisher:
         pending, self._unsent = [*self._unsent, *chunks], []
         for i, chunk in enumerate(pending):
             try:
-                body = encode_event(chunk[0]) if self._held.size == 1 else encode_envelope(chunk)
-                self._send(body, chunk[0].account_id)
+                self._send(message_body(chunk, self._held.size), chunk[0].account_id)
             except BaseException as exc:
                 self._unsent = pending[i:]
                 self.error = exc
@@ -551,8 +550,12 @@ def usage_messages(
     """Each message's body, the account that routes it and its number of events, cut as
     ``envelopes`` cuts them (``size`` 1: plain events, not envelopes of one)."""
     for chunk in envelopes(events, size, partitions):
-        body = encode_event(chunk[0]) if size == 1 else encode_envelope(chunk)
-        yield body, chunk[0].account_id, len(chunk)
+        yield message_body(chunk, size), chunk[0].account_id, len(chunk)
+
+
+def message_body(chunk: list[UsageEvent], size: int) -> bytes:
+    """A message cut for ``size`` events: the plain event when ``size`` is 1, else an envelope."""
+    return encode_event(chunk[0]) if size == 1 else encode_envelope(chunk)
 
 
 def _chunks(events: Iterable[UsageEvent], size: int) -> Iterator[list[UsageEvent]]:
