@@ -2,8 +2,8 @@
 
 py-amqp (5.x) reads a frame with three ``recv`` calls of exactly the size it needs (header,
 payload, end byte), and sets and restores the socket timeout around every frame. A delivered
-message is three frames, so one event per message cost the worker about 15 system calls; in a
-py-spy profile of a single-event worker the socket reads were a quarter of its time.
+message is three frames, so one event per message cost the worker about 15 system calls, and a
+py-spy profile of a single-event worker had those reads as its largest single cost.
 
 ``install`` switches one connection's transport to ``ReadAheadTCPTransport``: each ``recv`` asks
 for up to 64 KiB and keeps what it did not need, and while a whole frame is already buffered the
