@@ -9,6 +9,9 @@ Each line compares the chosen way with the way it replaced, on the same data, sa
   and inserting rows vs. claiming the keys from an array + COPY straight into ``usage_events``;
 * the ledger entries of one usage batch (666 wallets) checked by two foreign keys per row vs. by
   the balance trigger once per statement (migration 0008);
+* a posting's wallet step over 651 of 1,000 and 1,291 of 10,000 wallets (a batch of 5,000 events
+  at 1,000 and 10,000 accounts): migration 0008's three statements, trigger and index vs. 0009's
+  entries joined to their wallets and one UPDATE in account order;
 * the insert trigger's key probe, planned by a session while the key table was empty (a
   worker's first batch), then run over 30,000 keys: 0006's ``NOT EXISTS`` vs. 0007's per-row
   index look-up;
@@ -184,6 +187,11 @@ def main() -> None:
 
         _ledger_entry_checks(conn, q)
         _wallet_lock_hold(conn, q, priced[:5_000])
+        _wallet_step(conn, q, 651)  # a batch of 5,000 events over 1,000 accounts
+        with conn.transaction():  # 10x the accounts: 9,000 more (empty) wallets
+            conn.execute(WIDEN, {"n": 9_000})
+        conn.execute("VACUUM ANALYZE wallets")
+        _wallet_step(conn, q, 1_291)  # ... over 10,000 accounts
         _key_probe_on_a_plan_made_when_empty(conn, q, priced[:2_000])
         _python_hot_path(conn, priced)
 
@@ -191,9 +199,9 @@ def main() -> None:
 def function_as_in(migration: str, name: str) -> str:
     """``name``'s definition as migration ``migration`` created it, to re-create the "before"."""
     text = next(MIGRATIONS.glob(f"{migration}_*.sql")).read_text()
-    match = re.search(rf"CREATE FUNCTION {name}\(\).*?END \$\$;", text, re.DOTALL)
+    match = re.search(rf"CREATE (?:OR REPLACE )?FUNCTION {name}\(\).*?END \$\$;", text, re.DOTALL)
     assert match, f"{name} not found in migration {migration}"
-    return match.group(0).replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1)
+    return re.sub(r"^CREATE (OR REPLACE )?FUNCTION", "CREATE OR REPLACE FUNCTION", match.group(0))
 
 
 @contextlib.contextmanager
@@ -234,7 +242,7 @@ def _ledger_entry_checks(conn: Any, q: Any) -> None:
                 )
                 start = time.perf_counter()
                 conn.execute(
-                    q["insert_entries"],
+                    q["before_0009_insert_entries"],  # by ledger account, as 0008 measured it
                     {
                         "posting_id": SCRATCH_POSTING,
                         "ledger_accounts": text_array(accounts),
@@ -260,25 +268,22 @@ def _wallet_lock_hold(conn: Any, q: Any, batch: list[Any]) -> None:
 
     def entries() -> None:
         conn.execute(q["insert_posting"], dict.fromkeys(POSTING_FIELDS) | SCRATCH)
-        ids = dict(conn.execute(q["wallet_ledger_accounts"], {"accounts": text_array(accounts)}))
         conn.execute(
             q["insert_entries"],
             {
                 "posting_id": SCRATCH_POSTING,
-                "ledger_accounts": text_array([ids[a] for a in accounts] + [revenue]),
-                "amounts": text_array([*amounts, -sum(amounts)]),
+                "accounts": text_array(accounts),
+                "amounts": text_array(amounts),
+                "system_accounts": str(revenue),
+                "system_amounts": str(-sum(amounts)),
             },
         )
 
     def lock_and_update() -> list[WalletChange]:
-        old = {
-            r[0]: r[1] for r in conn.execute(q["lock_wallets"], {"accounts": text_array(accounts)})
-        }
-        new = conn.execute(
-            q["update_wallet_balances"],
-            {"accounts": text_array(accounts), "amounts": text_array(amounts)},
+        rows = conn.execute(
+            q["debit_wallets"], {"accounts": text_array(accounts), "amounts": text_array(amounts)}
         )
-        return [WalletChange(a, WalletState(old[a]), WalletState(st), b) for a, b, st in new]
+        return [WalletChange(a, WalletState(old), WalletState(st), b) for a, b, st, old in rows]
 
     for _ in range(3):  # alternate, so that neither way always runs on a cold cache
         with rolled_back(conn):  # before: entries and the spend plan inside the locks
@@ -298,6 +303,90 @@ def _wallet_lock_hold(conn: Any, q: Any, batch: list[Any]) -> None:
 
 
 POSTING_FIELDS = ("posting_id", "kind", "reference", "memo", "actor")
+
+
+def _wallet_step(conn: Any, q: Any, wallets: int) -> None:
+    """A posting's wallet step over ``wallets`` wallets: as of migration 0008 (ledger accounts
+    read first, entries with 0008's trigger and the (ledger_account_id, entry_id) index, the
+    wallets locked, then updated) vs. 0009 (entries joined to their wallets, one UPDATE in
+    account order). Alternating rounds, each rolled back; wall time of the step."""
+    total = conn.execute("SELECT count(*) FROM wallets").fetchone()[0]
+    accounts = [
+        r[0]
+        for r in conn.execute(
+            "SELECT account_id FROM wallets ORDER BY md5(account_id) LIMIT %s", (wallets,)
+        )
+    ]
+    accounts.sort()
+    amounts = [Decimal("-0.000123456789")] * len(accounts)
+    revenue = conn.execute(q["ledger_account_id"], {"code": "revenue:usage"}).fetchone()[0]
+    posting = dict.fromkeys(POSTING_FIELDS) | SCRATCH
+
+    def before() -> None:
+        at = text_array(accounts)
+        ids = dict(conn.execute(q["before_0009_wallet_ledger_accounts"], {"accounts": at}))
+        conn.execute(
+            q["before_0009_insert_entries"],
+            {
+                "posting_id": SCRATCH_POSTING,
+                "ledger_accounts": text_array([ids[a] for a in accounts] + [revenue]),
+                "amounts": text_array([*amounts, -sum(amounts)]),
+            },
+        )
+        conn.execute(q["lock_wallets"], {"accounts": at}).fetchall()
+        conn.execute(
+            q["before_0009_update_wallet_balances"],
+            {"accounts": at, "amounts": text_array(amounts)},
+        ).fetchall()
+
+    def now() -> None:
+        conn.execute(
+            q["insert_entries"],
+            {
+                "posting_id": SCRATCH_POSTING,
+                "accounts": text_array(accounts),
+                "amounts": text_array(amounts),
+                "system_accounts": str(revenue),
+                "system_amounts": str(-sum(amounts)),
+            },
+        )
+        conn.execute(
+            q["debit_wallets"], {"accounts": text_array(accounts), "amounts": text_array(amounts)}
+        ).fetchall()
+
+    print(f"the wallet step of one posting, {len(accounts):,} of {total:,} wallets, wall time:")
+    before_ddl = (
+        function_as_in("0008", "billing_check_balanced")
+        + "; CREATE INDEX ledger_entries_account ON ledger_entries (ledger_account_id, entry_id)"
+    )
+    for _ in range(5):  # alternate, so that neither way always runs on a cold cache
+        for label, ddl, step in (
+            ("three statements, 0008's trigger and index (before)", before_ddl, before),
+            ("entries joined, one UPDATE in account order (0009, now)", None, now),
+        ):
+            with rolled_back(conn):
+                if ddl:
+                    conn.execute(ddl)
+                conn.execute(q["insert_posting"], posting)
+                start = time.perf_counter()
+                step()
+                seconds = time.perf_counter() - start
+                per_wallet = 1e6 * seconds / wallets
+                print(f"  {label:<58} {1e3 * seconds:7.2f} ms {per_wallet:6.2f} us/wallet")
+
+
+WIDEN = """
+WITH a AS (
+    INSERT INTO accounts (account_id)
+    SELECT 'wide-' || lpad(g::text, 5, '0') FROM generate_series(1, %(n)s) g
+    RETURNING account_id
+), l AS (
+    INSERT INTO ledger_accounts (code, kind) SELECT 'wallet:' || account_id, 'wallet' FROM a
+    RETURNING ledger_account_id, code
+)
+INSERT INTO wallets (account_id, ledger_account_id)
+SELECT substr(code, 8), ledger_account_id FROM l
+"""
 SCRATCH = {"posting_id": 999_999_999_999, "kind": "usage"}
 
 

@@ -42,6 +42,7 @@ import contextlib
 import json
 import multiprocessing
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -107,6 +108,10 @@ class Result:
     # (% of one core) of broker, PostgreSQL, workers and this process (the publisher) meanwhile
     latency_p99_by_second: list[float] | None = None
     latency_cpu: tuple[float, float, float, float] | None = None
+    # --rounds: the scenario and variant it belongs to, its account count and round
+    group: str = ""
+    accounts: int = 0
+    round: int = 0
 
 
 # --- processes and CPU -------------------------------------------------------------------------
@@ -522,7 +527,7 @@ def run_fleet(
     partitions: int = 1,
 ) -> Result:
     """Our fleet; ``partitions`` > 1: each worker consumes a group of partitions (by traffic)."""
-    scenario = name.split("@")[0].split("[")[0]  # the label without accounts or variant
+    scenario = re.split(r"[@\[#]", name)[0]  # the label without accounts, variant or round
     fleet_env = {**worker_env, "BILLING_USAGE_PARTITIONS": str(partitions)}
     # the simulated gateway reads the settings the workers get (partitions, a variant's linger)
     settings = Settings.from_env(env_for(scenario_settings(scenario), **fleet_env))
@@ -779,6 +784,36 @@ def print_latency_phases(results: list[Result]) -> None:
             print(f"{r.scenario:<23}cpu {cpu} | p99 {by_second}")
 
 
+def print_rounds(results: list[Result]) -> None:
+    """--rounds: each round's rate per account count, and its ratio to the first count's rate in
+    the same round (the counts alternate, so a slow period of the VM hits both)."""
+    groups: dict[str, dict[int, dict[int, float]]] = {}
+    for r in results:
+        if r.round:
+            groups.setdefault(r.group, {}).setdefault(r.round, {})[r.accounts] = r.rate
+    if not groups or max(len(rounds) for rounds in groups.values()) < 2:
+        return
+    print("\nrounds: events/s per account count, and the ratio to the first count in the round")
+    for group, rounds in groups.items():
+        counts = sorted({n for rates in rounds.values() for n in rates})
+        ratios: dict[int, list[float]] = {n: [] for n in counts[1:]}
+        for round_, rates in sorted(rounds.items()):
+            cells = []
+            for n in counts:
+                cell = f"{n:,}: {rates[n]:,.0f}" if n in rates else f"{n:,}: -"
+                if n != counts[0] and n in rates and counts[0] in rates:
+                    ratios[n].append(rates[n] / rates[counts[0]])
+                    cell += f" ({ratios[n][-1]:.0%})"
+                cells.append(cell)
+            print(f"{group:<23}round {round_}  " + "  ".join(cells))
+        for n, values in ratios.items():
+            if values:
+                mean = sum(values) / len(values)
+                low, high = min(values), max(values)
+                spread = f"rounds {low:.0%}-{high:.0%}"
+                print(f"{group:<23}{n:,} accounts: {mean:.1%} of the rate ({spread})")
+
+
 def print_deciles(results: list[Result]) -> None:
     """The shape of each run: events/s and the workers' peak RSS in its 2nd to 9th tenth."""
     print("\nper tenth of the run (2nd to 9th): events/s, then peak worker RSS in MB")
@@ -864,6 +899,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--workers", type=int, default=2, help="usage worker processes")
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run each fleet scenario's account counts and variants this many times, "
+        "alternating (same run), and print each round's ratio between the counts",
+    )
+    parser.add_argument(
         "--variant",
         action="append",
         default=[],
@@ -890,12 +932,13 @@ def main(argv: list[str] | None = None) -> int:
 
     results: list[Result] = []
     runs = [
-        (name, count, variant)
+        (name, count, variant, round_)
         for name in scenarios
+        for round_ in range(1, (args.rounds if name in FLEET_SCENARIOS else 1) + 1)
         for count in (counts if name != "baseline" else counts[:1])
         for variant in (variants if name in FLEET_SCENARIOS else variants[:1])
     ]
-    for name, count, variant in runs:
+    for name, count, variant, round_ in runs:
         shape = TrafficShape(accounts=all_accounts[:count], window=timedelta(hours=6))
 
         def make(prefix: str, n: int, shape: TrafficShape = shape) -> list[UsageEvent]:
@@ -903,6 +946,8 @@ def main(argv: list[str] | None = None) -> int:
 
         label = name if len(counts) == 1 else f"{name}@{count}"
         label += f"[{variant.name}]" if variant.name else ""
+        group = name + (f"[{variant.name}]" if variant.name else "")  # all counts and rounds
+        label += f"#{round_}" if args.rounds > 1 and name in FLEET_SCENARIOS else ""
         env = {**worker_env, **dict(variant.env)}
         workers = variant.workers or args.workers
         print(f"running {label} ...", flush=True)
@@ -924,9 +969,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             events = make("sql", fleet_events)
             results.append(run_sql(events, snap, args.workers, args.batch_events, label=label))
+        results[-1].group, results[-1].accounts, results[-1].round = group, count, round_
         print_table(results[-1:])
     print_deciles(results)
     print_latency_phases(results)
+    print_rounds(results)
     print()
     print_table(results)
     if args.quick:

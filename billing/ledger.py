@@ -98,10 +98,11 @@ def post_movement(
 
     Call inside a transaction. The posting and all its entries are written first, in one
     statement (the balance trigger checks them together): they need only each wallet's ledger
-    account, which never changes. Then the wallet rows are locked in account order (the global
-    lock order that keeps parallel workers deadlock-free) and their balances updated. The locks
-    are held until the commit, so the caller should do there only what needs them: another
-    worker debiting the same hot wallet waits that long. Returns each wallet's state change.
+    account, which never changes. Then one statement locks the wallet rows in account order (the
+    global lock order that keeps parallel workers deadlock-free) and updates their balances
+    (``billing_debit_wallets``, migration 0009). The locks are held until the commit, so the
+    caller should do there only what needs them: another worker debiting the same hot wallet
+    waits that long. Returns each wallet's state change.
     """
     wallets = {a: v for a, v in wallet_deltas.items() if v != 0}
     systems = {c: v for c, v in system_deltas.items() if v != 0}
@@ -121,47 +122,30 @@ def post_movement(
     )
     accounts = sorted(wallets)
     accounts_text = text_array(accounts)
-    ledger_ids = (
-        dict(conn.execute(q["wallet_ledger_accounts"], {"accounts": accounts_text}).fetchall())
-        if accounts
-        else {}
-    )
-    missing = [a for a in accounts if a not in ledger_ids]
-    if missing:
-        raise BillingError(f"no wallet for account(s) {', '.join(missing)}")
-    amounts = [wallets[a] for a in accounts]
-    amounts_text = text_array(amounts)
+    amounts_text = text_array([wallets[a] for a in accounts])
     codes = sorted(systems)
-    system_ids = [system_account_id_by_code(conn, q, c) for c in codes]
     conn.execute(
         q["insert_entries"],
         {
             "posting_id": posting_id,
-            "ledger_accounts": text_array([ledger_ids[a] for a in accounts] + system_ids),
-            "amounts": text_array(amounts + [systems[c] for c in codes]),
+            "accounts": accounts_text,
+            "amounts": amounts_text,
+            "system_accounts": text_array([system_account_id_by_code(conn, q, c) for c in codes]),
+            "system_amounts": text_array([systems[c] for c in codes]),
         },
     )
     if not accounts:
         return []
     # The wallet locks, from here to the commit.
-    old_states = {
-        row[0]: row[1] for row in conn.execute(q["lock_wallets"], {"accounts": accounts_text})
-    }
-    updated = {
-        account: (balance, state)
-        for account, balance, state in conn.execute(
-            q["update_wallet_balances"], {"accounts": accounts_text, "amounts": amounts_text}
-        )
-    }
     return [
-        WalletChange(
-            account_id=a,
-            old_state=WalletState(old_states[a]),
-            new_state=WalletState(updated[a][1]),
-            balance=updated[a][0],
+        WalletChange(account, _STATES[old_state], _STATES[state], balance)
+        for account, balance, state, old_state in conn.execute(
+            q["debit_wallets"], {"accounts": accounts_text, "amounts": amounts_text}
         )
-        for a in accounts
     ]
+
+
+_STATES = {s.value: s for s in WalletState}
 
 
 def require_account(conn: psycopg.Connection[Any], q: Queries, account_id: str) -> None:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 
 from billing.alerts import publish_crossings
-from billing.db import Queries
+from billing.db import Queries, text_array
 from billing.ledger import WalletChange
 from billing.money import EXACT, ZERO
 
@@ -55,7 +55,7 @@ class BatchControls:
         members: set[str] = set()
         alerts: set[str] = set()
         for account, payer, limited_keys, member_limited, has_alerts in conn.execute(
-            q["batch_payers"], {"accounts": accounts}
+            q["batch_payers"], {"accounts": text_array(accounts)}
         ):
             payers[account] = payer
             keys.update((key, account) for key in limited_keys)
@@ -127,8 +127,8 @@ class SpendPlan:
             "event_ids": event_ids,
             "hold_accounts": hold_accounts,
             "hold_amounts": hold_amounts,
-            "accounts": accounts,
-            "debits": [EXACT.minus(deltas[a]) for a in accounts],
+            "accounts": text_array(accounts),  # one per wallet debited: as text (db.text_array)
+            "debits": text_array([EXACT.minus(deltas[a]) for a in accounts]),
             "posting_id": posting_id,
             "members": [m for m, _ in members],
             "member_payers": [p for _, p in members],

@@ -31,3 +31,28 @@ WITH claimed AS (
 INSERT INTO usage_events
 SELECT s.* FROM usage_staging s JOIN claimed c ON c.event_id = s.event_id
 RETURNING event_id, account_id, byok, debited
+
+-- The wallet step before migration 0009, kept so that `python -m bench.micro` can measure the two
+-- side by side: the ledger accounts read first, the wallets locked, then updated.
+
+-- name: before_0009_wallet_ledger_accounts
+SELECT account_id, ledger_account_id
+FROM wallets
+WHERE account_id = ANY(string_to_array(%(accounts)s, E'\n'))
+
+-- name: before_0009_insert_entries
+INSERT INTO ledger_entries (posting_id, ledger_account_id, amount)
+SELECT %(posting_id)s, e.ledger_account_id, e.amount
+FROM unnest(string_to_array(%(ledger_accounts)s, E'\n')::bigint[],
+            string_to_array(%(amounts)s, E'\n')::numeric[]) AS e(ledger_account_id, amount)
+WHERE e.amount <> 0
+
+-- name: before_0009_update_wallet_balances
+UPDATE wallets AS w
+SET balance = w.balance + d.amount,
+    state = CASE WHEN w.balance + d.amount > 0 THEN 'active' ELSE 'exhausted' END,
+    updated_at = now()
+FROM unnest(string_to_array(%(accounts)s, E'\n'),
+            string_to_array(%(amounts)s, E'\n')::numeric[]) AS d(account_id, amount)
+WHERE w.account_id = d.account_id
+RETURNING w.account_id, w.balance, w.state

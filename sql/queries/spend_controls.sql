@@ -48,7 +48,8 @@ WITH s AS (
     ON CONFLICT (member_account_id, period_start)
         DO UPDATE SET spent = member_spend.spent + excluded.spent
 ), d AS (
-    SELECT * FROM unnest(%(accounts)s::text[], %(debits)s::numeric[]) AS d(account_id, amount)
+    SELECT * FROM unnest(string_to_array(%(accounts)s, E'\n'),
+                         string_to_array(%(debits)s, E'\n')::numeric[]) AS d(account_id, amount)
 ), g AS (
     SELECT c.grant_id, c.account_id, c.amount - c.consumed - c.expired AS remaining,
            sum(c.amount - c.consumed - c.expired)
@@ -104,7 +105,7 @@ SELECT a.account_id, p.payer,
 FROM accounts a
 LEFT JOIN account_members m ON m.member_account_id = a.account_id
 CROSS JOIN LATERAL (SELECT coalesce(m.org_account_id, a.account_id) AS payer) p
-WHERE a.account_id = ANY(%(accounts)s)
+WHERE a.account_id = ANY(string_to_array(%(accounts)s, E'\n'))
 
 -- name: upsert_member
 -- A member of exactly one organisation; an organisation is never a member and vice versa.

@@ -1,4 +1,4 @@
-"""The wallet step of a posting (``lock_wallets``, then ``update_wallet_balances``).
+"""The wallet step of a posting (``debit_wallets``: one UPDATE in account order, 0009).
 
 A second transaction debiting a wallet another one holds waits, then starts from the committed
 balance and state (no lost update, the old state it reports is the one it moved from), and two
@@ -13,6 +13,7 @@ from decimal import Decimal
 from typing import Any
 
 import psycopg
+import pytest
 
 from billing import db
 from billing.db import Queries
@@ -109,4 +110,97 @@ def test_overlapping_debits_in_any_order_never_deadlock(
     assert not errors, errors
     balances = dict(conn.execute("SELECT account_id, balance FROM wallets").fetchall())
     assert balances == dict.fromkeys(accounts, Decimal("99.10"))  # 3 x 30 x 0.01 each
+    assert_audit_clean(conn, q)
+
+
+def _wallets_in_bulk(conn: psycopg.Connection[Any], n: int) -> list[str]:
+    """``n`` accounts with empty wallets, inserted set-wise (open_account is one by one)."""
+    rows = conn.execute(
+        """WITH a AS (INSERT INTO accounts (account_id)
+                      SELECT 'bulk-' || lpad(g::text, 5, '0') FROM generate_series(1, %s) g
+                      RETURNING account_id),
+                l AS (INSERT INTO ledger_accounts (code, kind)
+                      SELECT 'wallet:' || account_id, 'wallet' FROM a
+                      RETURNING ledger_account_id, code)
+           INSERT INTO wallets (account_id, ledger_account_id)
+           SELECT substr(code, 8), ledger_account_id FROM l RETURNING account_id""",
+        (n,),
+    ).fetchall()
+    conn.execute("ANALYZE wallets")
+    return sorted(r[0] for r in rows)
+
+
+def test_the_debit_finds_each_wallet_by_its_key_in_account_order(
+    conn: psycopg.Connection[Any],
+) -> None:
+    """Migration 0009: one UPDATE takes the wallet locks, so it must visit the wallets in account
+    order (the lock order) and by primary key, never by a scan of every wallet (a cost that grew
+    with the accounts), whatever the statistics say. The control: the same UPDATE without the
+    function's settings scans the table when the batch is a fifth of it."""
+    accounts = _wallets_in_bulk(conn, 2_000)[::5]
+    body, config = conn.execute(
+        "SELECT prosrc, proconfig FROM pg_proc WHERE proname = 'billing_debit_wallets'"
+    ).fetchone()  # type: ignore[misc]
+    update = body.replace("p_accounts", "%(accounts)s").replace("p_amounts", "%(amounts)s")
+    params = {"accounts": "\n".join(accounts), "amounts": "\n".join(["-1"] * len(accounts))}
+
+    def plan(settings: list[str]) -> str:
+        with conn.transaction(force_rollback=True):
+            for setting in settings:
+                name, value = setting.split("=")
+                conn.execute("SELECT set_config(%s, %s, true)", (name, value))
+            rows = conn.execute(f"EXPLAIN {update}", params).fetchall()  # type: ignore[arg-type]
+        return "\n".join(r[0] for r in rows)
+
+    pinned = plan(config)
+    lines = pinned.splitlines()
+    loop = next(line for line in lines if line.lstrip().startswith("->  Nested Loop"))
+    depth = len(loop) - len(loop.lstrip()) + 6  # the loop's two children, outer first
+    children = [
+        line.strip() for line in lines if line.startswith(" " * depth + "->") and line[depth] == "-"
+    ]
+    assert len(children) == 2, pinned
+    assert children[0].startswith("->  Subquery Scan on d"), pinned  # the input, sorted:
+    assert "Sort Key: u.account_id" in pinned, pinned
+    assert children[1].startswith("->  Index Scan using wallets_pkey on wallets w"), pinned
+    assert "Seq Scan" not in pinned, pinned
+    assert "Seq Scan on wallets" in plan([]), "the control: the planner's own choice"
+
+
+def test_a_wallet_movement_of_an_account_without_a_wallet_fails_by_name(
+    conn: psycopg.Connection[Any], q: Queries
+) -> None:
+    open_account(conn, q, "acme", "5")
+    conn.execute("INSERT INTO accounts (account_id) VALUES ('ghost')")  # no wallet: not via code
+    with (
+        pytest.raises(psycopg.errors.ForeignKeyViolation, match="no wallet for account ghost"),
+        conn.transaction(),
+    ):
+        debit(conn, q, {"acme": "1", "ghost": "1"})
+    assert conn.execute("SELECT balance FROM wallets WHERE account_id = 'acme'").fetchone() == (
+        Decimal(5),
+    )
+    assert_audit_clean(conn, q)
+
+
+def test_a_credit_that_replenishes_reports_the_state_it_moved_from(
+    conn: psycopg.Connection[Any], q: Queries
+) -> None:
+    open_account(conn, q, "acme", "1")
+    with conn.transaction():
+        debit(conn, q, {"acme": "3"})  # -2: exhausted
+    with conn.transaction():
+        [change] = debit(conn, q, {"acme": "-2"})  # +2: exactly 0, still exhausted
+    assert (change.old_state, change.new_state, change.balance) == (
+        WalletState.EXHAUSTED,
+        WalletState.EXHAUSTED,
+        Decimal(0),
+    )
+    with conn.transaction():
+        [change] = debit(conn, q, {"acme": "-0.000000000001"})
+    assert (change.old_state, change.new_state, change.crossed) == (
+        WalletState.EXHAUSTED,
+        WalletState.ACTIVE,
+        True,
+    )
     assert_audit_clean(conn, q)

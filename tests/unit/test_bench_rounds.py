@@ -1,0 +1,41 @@
+"""bench.throughput --rounds: each round's ratio is taken within the round, then averaged."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.throughput import Result, print_rounds
+
+
+def result(group: str, accounts: int, round_: int, rate: float) -> Result:
+    return Result(
+        scenario=f"{group}@{accounts}#{round_}",
+        events=1,
+        rate=rate,
+        group=group,
+        accounts=accounts,
+        round=round_,
+    )
+
+
+def test_each_round_is_compared_with_the_first_count_of_the_same_round(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # a slow second round: across rounds the 10,000 rows would read 50% and 150%
+    print_rounds(
+        [
+            result("envelope100", 1_000, 1, 40_000),
+            result("envelope100", 10_000, 1, 36_000),
+            result("envelope100", 1_000, 2, 20_000),
+            result("envelope100", 10_000, 2, 19_000),
+        ]
+    )
+    out = capsys.readouterr().out
+    assert "round 1  1,000: 40,000  10,000: 36,000 (90%)" in out
+    assert "round 2  1,000: 20,000  10,000: 19,000 (95%)" in out
+    assert "10,000 accounts: 92.5% of the rate (rounds 90%-95%)" in out
+
+
+def test_one_round_prints_nothing(capsys: pytest.CaptureFixture[str]) -> None:
+    print_rounds([result("single", 1_000, 1, 10_000), result("single", 10_000, 1, 9_000)])
+    assert capsys.readouterr().out == ""
