@@ -7,9 +7,11 @@ folder's ``billing`` and reads its ``sql/``) and with this one's, alternating ``
 so that neither always runs in the faster minutes of the VM.
 
     git worktree add /tmp/before HEAD~1
-    .venv/bin/python -m bench.compare_checkouts /tmp/before [--rounds 2]
+    .venv/bin/python -m bench.compare_checkouts /tmp/before [--rounds 2] [--accounts 10000]
 
-The other checkout must share this one's migrations (one template database serves both).
+One template database, migrated by this checkout, serves both: the other checkout's statements
+must run on this schema (its migrations a prefix of these, as for an older commit whose queries a
+later migration did not break; a change of migrations is then measured only in its statements).
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ def main() -> None:
     parser.add_argument("before", type=Path, help="the other checkout (e.g. a git worktree)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--accounts", type=int, default=1_000)
     args = parser.parse_args()
-    accounts = [f"acct-{i:05d}" for i in range(1_000)]
+    accounts = [f"acct-{i:05d}" for i in range(args.accounts)]
     snap = throughput.prepare_template(accounts)
     now = datetime.now(UTC)
     shape = TrafficShape(accounts=accounts, window=timedelta(hours=6))

@@ -18,7 +18,7 @@ import psycopg
 
 from billing.db import Queries, text_array
 from billing.errors import BillingError, UnknownAccount
-from billing.money import EXACT, sum_exact
+from billing.money import EXACT, is_exact_at_scale, sum_exact
 
 
 class PostingKind(StrEnum):
@@ -36,6 +36,9 @@ class SystemAccount(StrEnum):
 class WalletState(StrEnum):
     ACTIVE = "active"  # balance > 0: the gateway may serve
     EXHAUSTED = "exhausted"  # balance <= 0: the gateway answers 402 insufficient_credits
+
+
+_STATES = {s.value: s for s in WalletState}  # the database's text -> WalletState, without a call
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,10 @@ def post_movement(
     """
     wallets = {a: v for a, v in wallet_deltas.items() if v != 0}
     systems = {c: v for c, v in system_deltas.items() if v != 0}
+    # The database keeps 12 decimals: a finer delta would be rounded there, and the state a
+    # wallet moved from (its new balance minus its delta) would be off.
+    if not all(is_exact_at_scale(v) for v in (*wallets.values(), *systems.values())):
+        raise BillingError(f"posting {posting_id} ({kind}) has an amount finer than 1E-12")
     if sum_exact([*wallets.values(), *systems.values()]) != 0:
         raise BillingError(f"posting {posting_id} ({kind}) does not balance")
     if not wallets and not systems:
@@ -137,15 +144,15 @@ def post_movement(
     if not accounts:
         return []
     # The wallet locks, from here to the commit.
-    return [
+    changes = [
         WalletChange(account, _STATES[old_state], _STATES[state], balance)
         for account, balance, state, old_state in conn.execute(
             q["debit_wallets"], {"accounts": accounts_text, "amounts": amounts_text}
         )
     ]
-
-
-_STATES = {s.value: s for s in WalletState}
+    if len(changes) != len(accounts):  # a wallet row gone since the entries found it
+        raise BillingError(f"posting {posting_id} ({kind}): a wallet row is missing")
+    return changes
 
 
 def require_account(conn: psycopg.Connection[Any], q: Queries, account_id: str) -> None:

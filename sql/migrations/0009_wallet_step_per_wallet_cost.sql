@@ -4,13 +4,14 @@
 -- (docs/performance.md, bench.batch_steps), so the cost per wallet is what makes a fleet with more
 -- accounts slower. Before, the step ran three statements over the wallets: a look-up of their
 -- ledger accounts, a SELECT .. FOR UPDATE (one WAL record per wallet for the lock alone), then an
--- UPDATE that found them again. Each scanned the whole wallets table once the batch's wallets were
--- a tenth of it, a cost that grew with the number of accounts, not with the batch.
+-- UPDATE that found them again. (Planned with a batch's values, as a session's first executions
+-- are, each read the whole wallets table once the batch's wallets were a sizable share of it.)
 --
 -- 1. billing_debit_wallets: the wallets' row locks and their new balances in ONE UPDATE, which
 --    visits the wallets in account_id order: a nested loop over the sorted input, each wallet
---    found by its primary key (the function's settings leave the planner no hash or merge join and
---    no sequential scan). Every writer of several wallets comes through here, so all lock in the
+--    found by its primary key (the function's settings price hash and merge joins and sequential
+--    scans out, so no other plan is cheaper; on a small table the planner would otherwise read it
+--    in its physical order). Every writer of several wallets comes through here, so all lock in the
 --    same global order and two workers do not deadlock (tests/integration/test_wallet_locks.py);
 --    were a plan ever to differ, PostgreSQL would detect the deadlock and the batch would be
 --    retried as transient, never applied twice. The state a wallet moved from is its new balance

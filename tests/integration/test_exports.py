@@ -42,7 +42,16 @@ from billing.usage import decode_and_price, record_batch
 
 from .helpers import make_event, open_account
 
-MODEL, PROVIDER = "openai/o4-mini", "openai"
+# The scenario's model has versions of its own (OLD_SHEET from 2025, and the test's mid-month
+# change): a shipped catalog version starting on the 1st of the current month (o4-mini's of
+# 2026-12-01) would otherwise split the early events from the late one.
+MODEL, PROVIDER = "test/o4-mini-like", "openai"
+OLD_SHEET = {  # o4-mini's 2025 standard sheet
+    BillableClass.INPUT: PriceComponent(Decimal("1.10"), 1_000_000),
+    BillableClass.CACHED_INPUT: PriceComponent(Decimal("0.275"), 1_000_000),
+    BillableClass.OUTPUT: PriceComponent(Decimal("4.40"), 1_000_000),
+    BillableClass.IMAGE: PriceComponent(Decimal("0.842"), 1_000),
+}
 
 
 def record(
@@ -163,6 +172,8 @@ def build_scenario(conn: psycopg.Connection[Any], q: Queries, settings: Settings
     month_start = datetime(now.year, now.month, 1, tzinfo=UTC)
     elapsed = now - month_start
     t1, change_at, t2 = (month_start + elapsed * k for k in (0.25, 0.5, 0.75))
+    sheet = PriceVersion(MODEL, PROVIDER, datetime(2025, 1, 1, tzinfo=UTC), OLD_SHEET, "test")
+    catalog.load_versions(conn, q, [sheet], now=now, loaded_by="tests", allow_backdate=True)
     snap = catalog.snapshot(conn, q)
     old = snap.in_force(MODEL, PROVIDER, t1)
     assert old is not None and old.effective_from < month_start
@@ -202,6 +213,8 @@ def build_scenario(conn: psycopg.Connection[Any], q: Queries, settings: Settings
     wallets.adjust(conn, q, "globex", Decimal("25"), reason="trial", actor="tests")
 
     def ev(i: int, account: str, at: datetime, **kw: Any) -> UsageEvent:
+        kw.setdefault("model", MODEL)
+        kw.setdefault("provider", PROVIDER)
         e = make_event(f"{account}-{i}", account, occurred_at=at, **kw)
         return msgspec.structs.replace(e, latency_ms=900 + 37 * i, ttft_ms=120 + 11 * i)
 

@@ -347,11 +347,15 @@ def test_audit_finds_an_event_priced_in_a_tier_its_version_does_not_have(
     publish(settings, body("a-1", "openai.chat", ISSUE_EXAMPLE, "openai/o4-mini", "openai"))
     drain(settings)
     assert run_audit(conn, q).ok
-    # A row no code path can write: a tier without prices, and an amount without its count.
+    # A row no code path can write: a tier without prices, and an amount without its count. Its
+    # version is o4-mini's first, which has no tiers (later ones price priority: not whichever
+    # version is in force today).
     conn.execute(
         """INSERT INTO usage_events
            SELECT (json_populate_record(u, json_build_object(
                'event_id', 'forged', 'service_tier', 'priority', 'posting_id', NULL,
+               'price_effective_from', (SELECT min(p.effective_from) FROM prices p
+                                        WHERE p.model = u.model AND p.provider = u.provider),
                'input_amount', 0, 'cached_input_amount', 0, 'output_amount', 0, 'amount', 0,
                'debited', 0, 'audio_input_amount', 0))).*
            FROM usage_events u WHERE event_id = 'a-1'"""
@@ -377,21 +381,34 @@ def test_a_parked_provider_event_is_replayed_once_its_price_exists(
         "cache_creation": {"ephemeral_5m_input_tokens": 2000, "ephemeral_1h_input_tokens": 4000},
         "output_tokens": 300,
     }
-    sonnet = ("anthropic/claude-sonnet-4-5", "anthropic")
-    publish(settings, body("pu-1h", "anthropic.messages", one_hour_writes, *sonnet))
+    # A model of the test's own with no 1-hour write price: the shipped catalog's Anthropic
+    # models price them from their 2026-12-01 versions on, so they would not be parked today.
+    model = ("test/no-1h-writes", "anthropic")
+    prices = {
+        BillableClass.INPUT: PriceComponent(Decimal("3"), 1_000_000),
+        BillableClass.CACHE_WRITE: PriceComponent(Decimal("3.75"), 1_000_000),
+        BillableClass.OUTPUT: PriceComponent(Decimal("15"), 1_000_000),
+    }
+    day_ago = (datetime.now(UTC) - timedelta(days=1)).replace(microsecond=0)
+    catalog.load_versions(
+        conn,
+        q,
+        [PriceVersion(*model, day_ago, prices, "test: no 1-hour writes")],
+        now=datetime.now(UTC),
+        loaded_by="tests",
+        allow_backdate=True,
+    )
+    publish(settings, body("pu-1h", "anthropic.messages", one_hour_writes, *model))
     drain(settings)
     [parked] = deadletters.list_dead_letters(conn, q, reason_code="unpriced")
     assert parked["field"] == "$.usage.cache_write_1h_tokens"
 
     # The operator prices 1-hour writes from an hour ago (a backdated version, knowingly).
     start = (datetime.now(UTC) - timedelta(hours=1)).replace(microsecond=0)
-    [current] = [
-        v for v in catalog.snapshot(conn, q).versions[sonnet] if v.effective_from.year == 2025
-    ]
     fixed = PriceVersion(
-        *sonnet,
+        *model,
         start,
-        {**current.prices, BillableClass.CACHE_WRITE_1H: PriceComponent(Decimal("6"), 1_000_000)},
+        {**prices, BillableClass.CACHE_WRITE_1H: PriceComponent(Decimal("6"), 1_000_000)},
         "test: 1-hour writes",
     )
     catalog.load_versions(

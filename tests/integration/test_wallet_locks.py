@@ -17,6 +17,7 @@ import pytest
 
 from billing import db
 from billing.db import Queries
+from billing.errors import BillingError
 from billing.ledger import (
     PostingKind,
     SystemAccount,
@@ -141,6 +142,7 @@ def test_the_debit_finds_each_wallet_by_its_key_in_account_order(
     body, config = conn.execute(
         "SELECT prosrc, proconfig FROM pg_proc WHERE proname = 'billing_debit_wallets'"
     ).fetchone()  # type: ignore[misc]
+    assert config, "billing_debit_wallets lost its planner settings"
     update = body.replace("p_accounts", "%(accounts)s").replace("p_amounts", "%(amounts)s")
     params = {"accounts": "\n".join(accounts), "amounts": "\n".join(["-1"] * len(accounts))}
 
@@ -165,6 +167,28 @@ def test_the_debit_finds_each_wallet_by_its_key_in_account_order(
     assert children[1].startswith("->  Index Scan using wallets_pkey on wallets w"), pinned
     assert "Seq Scan" not in pinned, pinned
     assert "Seq Scan on wallets" in plan([]), "the control: the planner's own choice"
+
+
+def test_the_debit_as_it_runs_probes_each_wallet_by_its_key(
+    conn: psycopg.Connection[Any],
+) -> None:
+    """The function itself, as it runs (planned without the batch's values): this
+    transaction's scans of wallets, counted. On a small table a batch of every wallet is where the
+    planner, left alone, reads the table in its physical order (checked: without the function's
+    settings this test fails), which is not the lock order."""
+    accounts = _wallets_in_bulk(conn, 50)
+    params = {"accounts": "\n".join(accounts), "amounts": "\n".join(["-1"] * len(accounts))}
+    scans = "SELECT seq_scan, idx_scan FROM pg_stat_xact_user_tables WHERE relname = 'wallets'"
+    with conn.transaction(force_rollback=True):
+        before = conn.execute(scans).fetchone()
+        rows = conn.execute(
+            "SELECT account_id FROM billing_debit_wallets(%(accounts)s, %(amounts)s)", params
+        ).fetchall()
+        after = conn.execute(scans).fetchone()
+    assert [r[0] for r in rows] == accounts  # updated (and locked) in account order
+    assert before is not None and after is not None
+    assert after[0] == before[0], "the debit scanned the wallets table"
+    assert after[1] - before[1] == len(accounts)  # one primary-key probe per wallet
 
 
 def test_a_wallet_movement_of_an_account_without_a_wallet_fails_by_name(
@@ -203,4 +227,16 @@ def test_a_credit_that_replenishes_reports_the_state_it_moved_from(
         WalletState.ACTIVE,
         True,
     )
+    assert_audit_clean(conn, q)
+
+
+def test_a_delta_finer_than_the_ledgers_scale_is_refused_before_anything_is_written(
+    conn: psycopg.Connection[Any], q: Queries
+) -> None:
+    """The database keeps 12 decimals: a finer delta would be rounded there (and the state the
+    wallet moved from, derived from the new balance and the delta, could be wrong)."""
+    open_account(conn, q, "acme", "1")
+    with pytest.raises(BillingError, match="finer than 1E-12"), conn.transaction():
+        debit(conn, q, {"acme": "0.0000000000004"})
+    assert conn.execute("SELECT balance FROM wallets").fetchone() == (Decimal(1),)
     assert_audit_clean(conn, q)
