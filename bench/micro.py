@@ -253,6 +253,22 @@ def _ledger_entry_checks(conn: Any, q: Any) -> None:
                 print(f"  {label:<52} {1e3 * seconds:7.2f} ms")
 
 
+def _usage_entries(
+    conn: Any, q: Any, accounts: list[str], amounts: list[Decimal], revenue: int
+) -> None:
+    """The scratch posting's entries as a usage batch writes them: the wallets', and revenue's."""
+    conn.execute(
+        q["insert_entries"],
+        {
+            "posting_id": SCRATCH_POSTING,
+            "accounts": text_array(accounts),
+            "amounts": text_array(amounts),
+            "system_accounts": str(revenue),
+            "system_amounts": str(-sum(amounts)),
+        },
+    )
+
+
 def _wallet_lock_hold(conn: Any, q: Any, batch: list[Any]) -> None:
     """How long a usage batch holds its wallets' row locks (from the lock to the end of the
     spend-controls statement; the commit after it is the same either way)."""
@@ -268,16 +284,7 @@ def _wallet_lock_hold(conn: Any, q: Any, batch: list[Any]) -> None:
 
     def entries() -> None:
         conn.execute(q["insert_posting"], dict.fromkeys(POSTING_FIELDS) | SCRATCH)
-        conn.execute(
-            q["insert_entries"],
-            {
-                "posting_id": SCRATCH_POSTING,
-                "accounts": text_array(accounts),
-                "amounts": text_array(amounts),
-                "system_accounts": str(revenue),
-                "system_amounts": str(-sum(amounts)),
-            },
-        )
+        _usage_entries(conn, q, accounts, amounts, revenue)
 
     def lock_and_update() -> list[WalletChange]:
         rows = conn.execute(
@@ -340,16 +347,7 @@ def _wallet_step(conn: Any, q: Any, wallets: int) -> None:
         ).fetchall()
 
     def now() -> None:
-        conn.execute(
-            q["insert_entries"],
-            {
-                "posting_id": SCRATCH_POSTING,
-                "accounts": text_array(accounts),
-                "amounts": text_array(amounts),
-                "system_accounts": str(revenue),
-                "system_amounts": str(-sum(amounts)),
-            },
-        )
+        _usage_entries(conn, q, accounts, amounts, revenue)
         conn.execute(
             q["debit_wallets"], {"accounts": text_array(accounts), "amounts": text_array(amounts)}
         ).fetchall()
