@@ -189,7 +189,7 @@ def main() -> None:
         _wallet_lock_hold(conn, q, priced[:5_000])
         _wallet_step(conn, q, 651)  # a batch of 5,000 events over 1,000 accounts
         with conn.transaction():  # 10x the accounts: 9,000 more (empty) wallets
-            conn.execute(WIDEN, {"n": 9_000})
+            conn.execute(q["empty_wallets_in_bulk"], {"prefix": "wide-", "n": 9_000})
         conn.execute("VACUUM ANALYZE wallets")
         _wallet_step(conn, q, 1_291)  # ... over 10,000 accounts
         _key_probe_on_a_plan_made_when_empty(conn, q, priced[:2_000])
@@ -373,18 +373,6 @@ def _wallet_step(conn: Any, q: Any, wallets: int) -> None:
                 print(f"  {label:<58} {1e3 * seconds:7.2f} ms {per_wallet:6.2f} us/wallet")
 
 
-WIDEN = """
-WITH a AS (
-    INSERT INTO accounts (account_id)
-    SELECT 'wide-' || lpad(g::text, 5, '0') FROM generate_series(1, %(n)s) g
-    RETURNING account_id
-), l AS (
-    INSERT INTO ledger_accounts (code, kind) SELECT 'wallet:' || account_id, 'wallet' FROM a
-    RETURNING ledger_account_id, code
-)
-INSERT INTO wallets (account_id, ledger_account_id)
-SELECT substr(code, 8), ledger_account_id FROM l
-"""
 SCRATCH = {"posting_id": 999_999_999_999, "kind": "usage"}
 
 

@@ -944,9 +944,9 @@ def main(argv: list[str] | None = None) -> int:
         def make(prefix: str, n: int, shape: TrafficShape = shape) -> list[UsageEvent]:
             return list(generate(snap, shape, n, seed=42, now=now, prefix=prefix))
 
-        label = name if len(counts) == 1 else f"{name}@{count}"
-        label += f"[{variant.name}]" if variant.name else ""
-        group = name + (f"[{variant.name}]" if variant.name else "")  # all counts and rounds
+        tag = f"[{variant.name}]" if variant.name else ""
+        label = (name if len(counts) == 1 else f"{name}@{count}") + tag
+        group = name + tag  # the scenario and variant, all counts and rounds
         label += f"#{round_}" if args.rounds > 1 and name in FLEET_SCENARIOS else ""
         env = {**worker_env, **dict(variant.env)}
         workers = variant.workers or args.workers

@@ -56,3 +56,18 @@ FROM unnest(string_to_array(%(accounts)s, E'\n'),
             string_to_array(%(amounts)s, E'\n')::numeric[]) AS d(account_id, amount)
 WHERE w.account_id = d.account_id
 RETURNING w.account_id, w.balance, w.state
+
+-- name: empty_wallets_in_bulk
+-- %(n)s accounts named %(prefix)s00001.. with empty wallets, inserted set-wise (create_account is
+-- one transaction per account): bench.micro's 10x-accounts database, tests of the wallet step.
+WITH a AS (
+    INSERT INTO accounts (account_id)
+    SELECT %(prefix)s || lpad(g::text, 5, '0') FROM generate_series(1, %(n)s) g
+    RETURNING account_id
+), l AS (
+    INSERT INTO ledger_accounts (code, kind) SELECT 'wallet:' || account_id, 'wallet' FROM a
+    RETURNING ledger_account_id, code
+)
+INSERT INTO wallets (account_id, ledger_account_id)
+SELECT substr(code, 8), ledger_account_id FROM l
+RETURNING account_id

@@ -16,7 +16,7 @@ import psycopg
 import pytest
 
 from billing import db
-from billing.db import Queries
+from billing.db import Queries, text_array
 from billing.errors import BillingError
 from billing.ledger import (
     PostingKind,
@@ -114,37 +114,27 @@ def test_overlapping_debits_in_any_order_never_deadlock(
     assert_audit_clean(conn, q)
 
 
-def _wallets_in_bulk(conn: psycopg.Connection[Any], n: int) -> list[str]:
+def _wallets_in_bulk(conn: psycopg.Connection[Any], q: Queries, n: int) -> list[str]:
     """``n`` accounts with empty wallets, inserted set-wise (open_account is one by one)."""
-    rows = conn.execute(
-        """WITH a AS (INSERT INTO accounts (account_id)
-                      SELECT 'bulk-' || lpad(g::text, 5, '0') FROM generate_series(1, %s) g
-                      RETURNING account_id),
-                l AS (INSERT INTO ledger_accounts (code, kind)
-                      SELECT 'wallet:' || account_id, 'wallet' FROM a
-                      RETURNING ledger_account_id, code)
-           INSERT INTO wallets (account_id, ledger_account_id)
-           SELECT substr(code, 8), ledger_account_id FROM l RETURNING account_id""",
-        (n,),
-    ).fetchall()
+    rows = conn.execute(q["empty_wallets_in_bulk"], {"prefix": "bulk-", "n": n}).fetchall()
     conn.execute("ANALYZE wallets")
     return sorted(r[0] for r in rows)
 
 
 def test_the_debit_finds_each_wallet_by_its_key_in_account_order(
-    conn: psycopg.Connection[Any],
+    conn: psycopg.Connection[Any], q: Queries
 ) -> None:
     """Migration 0009: one UPDATE takes the wallet locks, so it must visit the wallets in account
     order (the lock order) and by primary key, never by a scan of every wallet (a cost that grew
     with the accounts), whatever the statistics say. The control: the same UPDATE without the
     function's settings scans the table when the batch is a fifth of it."""
-    accounts = _wallets_in_bulk(conn, 2_000)[::5]
+    accounts = _wallets_in_bulk(conn, q, 2_000)[::5]
     body, config = conn.execute(
         "SELECT prosrc, proconfig FROM pg_proc WHERE proname = 'billing_debit_wallets'"
     ).fetchone()  # type: ignore[misc]
     assert config, "billing_debit_wallets lost its planner settings"
     update = body.replace("p_accounts", "%(accounts)s").replace("p_amounts", "%(amounts)s")
-    params = {"accounts": "\n".join(accounts), "amounts": "\n".join(["-1"] * len(accounts))}
+    params = {"accounts": text_array(accounts), "amounts": text_array(["-1"] * len(accounts))}
 
     def plan(settings: list[str]) -> str:
         with conn.transaction(force_rollback=True):
@@ -170,14 +160,14 @@ def test_the_debit_finds_each_wallet_by_its_key_in_account_order(
 
 
 def test_the_debit_as_it_runs_probes_each_wallet_by_its_key(
-    conn: psycopg.Connection[Any],
+    conn: psycopg.Connection[Any], q: Queries
 ) -> None:
     """The function itself, as it runs (planned without the batch's values): this
     transaction's scans of wallets, counted. On a small table a batch of every wallet is where the
     planner, left alone, reads the table in its physical order (checked: without the function's
     settings this test fails), which is not the lock order."""
-    accounts = _wallets_in_bulk(conn, 50)
-    params = {"accounts": "\n".join(accounts), "amounts": "\n".join(["-1"] * len(accounts))}
+    accounts = _wallets_in_bulk(conn, q, 50)
+    params = {"accounts": text_array(accounts), "amounts": text_array(["-1"] * len(accounts))}
     scans = "SELECT seq_scan, idx_scan FROM pg_stat_xact_user_tables WHERE relname = 'wallets'"
     with conn.transaction(force_rollback=True):
         before = conn.execute(scans).fetchone()
