@@ -28,6 +28,7 @@ with the generator's expected totals: a fast wrong answer fails the benchmark (e
     python -m bench.throughput            # the full comparison (a few minutes)
     python -m bench.throughput --quick    # tiny, correctness only (runs in the test suite)
     python -m bench.throughput --only envelope100_hash --accounts 1000,10000   # 10x accounts
+    python -m bench.throughput --only envelope100 --accounts 1000,10000 --hot-set scattered
     python -m bench.throughput --only envelope100 --variant w3:workers=3 \
         --variant small:BILLING_BATCH_EVENTS=1000   # also with other settings, same run
 
@@ -42,6 +43,7 @@ import contextlib
 import json
 import multiprocessing
 import os
+import random
 import re
 import subprocess
 import sys
@@ -84,6 +86,7 @@ CREDIT = Decimal(10_000_000)
 HASH_PARTITIONS = 4
 ENVELOPE_PREFETCH = 200  # messages: BILLING_PREFETCH for the envelope scenarios (README)
 ROOT = Path(__file__).resolve().parent.parent
+HOT_SETS = ("first", "scattered")  # where the busiest accounts fall in the wallets' lock order
 
 
 @dataclass
@@ -858,27 +861,46 @@ class Variant:
     env: tuple[tuple[str, str], ...] = ()
     workers: int | None = None
     partitions: int | None = None  # envelope100_hash only
+    hot_set: str | None = None  # "first" or "scattered" (--hot-set)
+
+
+def ranked_accounts(accounts: list[str], hot_set: str) -> list[str]:
+    """The accounts in the order the generator's Zipf-like traffic falls off along.
+
+    ``first``: as given (sorted ids), so the busiest wallets are the first a batch locks (its
+    account order) and are held the longest. ``scattered``: a seeded shuffle, the same for every
+    scenario of a count, so the busiest fall anywhere in that order, as arbitrary ids would.
+    """
+    if hot_set == "scattered":
+        return random.Random(len(accounts)).sample(accounts, len(accounts))
+    return list(accounts)
 
 
 def parse_variant(text: str) -> Variant:
-    """``w3:workers=3,partitions=8,BILLING_BATCH_EVENTS=2000`` -> a ``Variant``."""
+    """``w3:workers=3,partitions=8,hot=scattered,BILLING_BATCH_EVENTS=2000`` -> a ``Variant``."""
     name, _, assignments = text.partition(":")
     pairs = [item.split("=", 1) for item in assignments.split(",") if "=" in item]
     env = tuple((k, v) for k, v in pairs if k.startswith("BILLING_"))
     counts = {k: v for k, v in pairs if k in ("workers", "partitions")}
+    hot = [v for k, v in pairs if k == "hot"]
     if (
         not name
         or not pairs
-        or len(env) + len(counts) != len(pairs)
+        or len(env) + len(counts) + len(hot) != len(pairs)
         or not all(v.isdigit() and int(v) >= 1 for v in counts.values())
+        or not all(v in HOT_SETS for v in hot)
     ):
         raise SystemExit(
             f"--variant {text!r}: expected NAME:SETTING[,SETTING...], each workers=N, "
-            "partitions=N or BILLING_VAR=VALUE"
+            "partitions=N, hot=first|scattered or BILLING_VAR=VALUE"
         )
     workers, partitions = counts.get("workers"), counts.get("partitions")
     return Variant(
-        name, env, int(workers) if workers else None, int(partitions) if partitions else None
+        name,
+        env,
+        int(workers) if workers else None,
+        int(partitions) if partitions else None,
+        hot[-1] if hot else None,
     )
 
 
@@ -911,7 +933,16 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         metavar="NAME:SETTING[,...]",
         help="also run each fleet scenario with these settings (same run); a SETTING is "
-        "workers=N, partitions=N (envelope100_hash) or BILLING_VAR=VALUE",
+        "workers=N, partitions=N (envelope100_hash), hot=first|scattered (--hot-set) or "
+        "BILLING_VAR=VALUE",
+    )
+    parser.add_argument(
+        "--hot-set",
+        choices=HOT_SETS,
+        default="first",
+        help="which accounts get the Zipf-like hot set's traffic: the first ids (acct-00000 is "
+        "the busiest; its wallet is locked first in a batch's account order, the longest hold) "
+        "or accounts at seeded random positions in that order",
     )
     parser.add_argument("--batch-events", type=int, default=5_000)
     parser.add_argument("--latency-seconds", type=float, default=8.0)
@@ -939,7 +970,8 @@ def main(argv: list[str] | None = None) -> int:
         for variant in (variants if name in FLEET_SCENARIOS else variants[:1])
     ]
     for name, count, variant, round_ in runs:
-        shape = TrafficShape(accounts=all_accounts[:count], window=timedelta(hours=6))
+        ranked = ranked_accounts(all_accounts[:count], variant.hot_set or args.hot_set)
+        shape = TrafficShape(accounts=ranked, window=timedelta(hours=6))
 
         def make(prefix: str, n: int, shape: TrafficShape = shape) -> list[UsageEvent]:
             return list(generate(snap, shape, n, seed=42, now=now, prefix=prefix))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.throughput import Result, print_rounds
+from bench.throughput import Result, parse_variant, print_rounds, ranked_accounts
 
 
 def result(group: str, accounts: int, round_: int, rate: float) -> Result:
@@ -39,3 +39,19 @@ def test_each_round_is_compared_with_the_first_count_of_the_same_round(
 def test_one_round_prints_nothing(capsys: pytest.CaptureFixture[str]) -> None:
     print_rounds([result("single", 1_000, 1, 10_000), result("single", 10_000, 1, 9_000)])
     assert capsys.readouterr().out == ""
+
+
+def test_a_variant_can_scatter_the_hot_set() -> None:
+    assert parse_variant("s:hot=scattered").hot_set == "scattered"
+    assert parse_variant("w3:workers=3").hot_set is None
+    with pytest.raises(SystemExit):
+        parse_variant("s:hot=middle")
+
+
+def test_the_scattered_hot_set_is_a_seeded_shuffle_of_the_same_accounts() -> None:
+    accounts = [f"acct-{i:05d}" for i in range(1_000)]
+    scattered = ranked_accounts(accounts, "scattered")
+    assert ranked_accounts(accounts, "first") == accounts
+    assert sorted(scattered) == accounts
+    assert scattered == ranked_accounts(accounts, "scattered")  # every scenario of the run
+    assert scattered[:10] != accounts[:10]  # the busiest are not the first locked
