@@ -21,6 +21,7 @@ workers contend for the same wallet row.
     python -m bench.scaleout                         # 1, 2, 4 workers x single, hash (minutes)
     python -m bench.scaleout --quick                 # tiny, correctness only
     python -m bench.scaleout --workers 1,2 --modes hash --events 50000 --json out.json
+    python -m bench.scaleout --workers 2 --modes single --accounts 1000,10000,1000,10000
 
 Servers as ``bench.throughput``
 (``BILLING_BENCH_DATABASE_URL``, ``BILLING_BENCH_BROKER_URL``); databases are named
@@ -67,6 +68,7 @@ SAMPLE_INTERVAL_S = 0.05
 class ScaleResult:
     mode: str
     workers: int
+    accounts: int
     events: int
     rate: float
     lock_wait_share: float  # samples with >= 1 backend waiting on a Lock / samples with activity
@@ -137,6 +139,7 @@ def delete_broker_entities(settings: Settings) -> None:
 def run_scenario(
     mode: str,
     workers: int,
+    accounts: int,
     events: list[UsageEvent],
     snap: catalog.Catalog,
     per_message: int,
@@ -179,6 +182,7 @@ def run_scenario(
     return ScaleResult(
         mode=mode,
         workers=workers,
+        accounts=accounts,
         events=unique,
         rate=rate,
         lock_wait_share=sampler.lock_samples / busy,
@@ -192,18 +196,25 @@ def run_scenario(
 
 def print_table(results: list[ScaleResult]) -> None:
     head = (
-        f"{'mode':<7}{'workers':>8}{'events':>9}{'events/s':>10}{'x 1 wkr':>8}"
+        f"{'mode':<7}{'workers':>8}{'accounts':>9}{'events':>9}{'events/s':>10}{'x 1 wkr':>8}"
         f"{'lock %':>8}{'waiting':>8}{'active':>8}  correct  top waits (samples)"
     )
     print(head)
     print("-" * len(head))
     for r in results:
-        one = next((o.rate for o in results if o.mode == r.mode and o.workers == 1), None)
+        one = next(
+            (
+                o.rate
+                for o in results
+                if o.mode == r.mode and o.accounts == r.accounts and o.workers == 1
+            ),
+            None,
+        )
         x = f"{r.rate / one:.2f}" if one else "-"
         ok = "yes" if r.audit_ok and r.balances_ok else "NO"
         waits = ", ".join(f"{w} {n}" for w, n in r.top_waits) or "-"
         print(
-            f"{r.mode:<7}{r.workers:>8}{r.events:>9,}{r.rate:>10,.0f}{x:>8}"
+            f"{r.mode:<7}{r.workers:>8}{r.accounts:>9,}{r.events:>9,}{r.rate:>10,.0f}{x:>8}"
             f"{100 * r.lock_wait_share:>7.1f}%{r.lock_waiting_backends:>8.2f}"
             f"{r.active_backends:>8.2f}  {ok:<7}  {waits}"
         )
@@ -215,7 +226,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", default="1,2,4", help="worker counts, e.g. 1,2,4")
     parser.add_argument("--modes", default="single,hash", help="single, hash or both")
     parser.add_argument("--events", type=int, help="events per scenario (default 200,000)")
-    parser.add_argument("--accounts", type=int, default=1_000)
+    parser.add_argument(
+        "--accounts",
+        default="1000",
+        help="accounts; several (1000,10000,1000,10000) run every scenario once per count, in "
+        "that order, same run",
+    )
     parser.add_argument("--envelope", type=int, default=100, help="events per message")
     parser.add_argument("--batch-events", type=int, default=5_000)
     parser.add_argument("--json", help="also write the results to this file")
@@ -228,26 +244,38 @@ def main(argv: list[str] | None = None) -> int:
     if "hash" in modes and max(counts) > HASH_PARTITIONS:
         parser.error(f"--modes hash: at most {HASH_PARTITIONS} workers (one partition each)")
     n_events = args.events or (600 if args.quick else 200_000)
-    accounts = [f"acct-{i:05d}" for i in range(40 if args.quick else args.accounts)]
+    account_counts = [40] if args.quick else [int(n) for n in str(args.accounts).split(",")]
+    accounts = [f"acct-{i:05d}" for i in range(max(account_counts))]
     print(f"preparing: {len(accounts):,} accounts, catalog, template database ...", flush=True)
     snap = prepare_template(accounts)
-    shape = TrafficShape(accounts=accounts, window=timedelta(hours=6))
     now = datetime.now(UTC)
     timeout = 120 if args.quick else 1800
 
     results: list[ScaleResult] = []
     try:
-        for mode in modes:
-            for workers in counts:
-                print(f"running {mode} x {workers} worker(s) ...", flush=True)
-                prefix = f"{mode[0]}{workers}"
-                events = list(generate(snap, shape, n_events, seed=42, now=now, prefix=prefix))
-                results.append(
-                    run_scenario(
-                        mode, workers, events, snap, args.envelope, args.batch_events, timeout
+        for n_accounts in account_counts:
+            shape = TrafficShape(accounts=accounts[:n_accounts], window=timedelta(hours=6))
+            for mode in modes:
+                for workers in counts:
+                    print(
+                        f"running {mode} x {workers} worker(s), {n_accounts:,} accounts ...",
+                        flush=True,
                     )
-                )
-                print_table(results[-1:])
+                    prefix = f"{mode[0]}{workers}"
+                    events = list(generate(snap, shape, n_events, seed=42, now=now, prefix=prefix))
+                    results.append(
+                        run_scenario(
+                            mode,
+                            workers,
+                            n_accounts,
+                            events,
+                            snap,
+                            args.envelope,
+                            args.batch_events,
+                            timeout,
+                        )
+                    )
+                    print_table(results[-1:])
     finally:
         if args.quick:  # a smoke test leaves nothing behind
             for mode in modes:

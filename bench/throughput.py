@@ -56,7 +56,7 @@ from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import amqp
 import psutil
@@ -86,7 +86,8 @@ CREDIT = Decimal(10_000_000)
 HASH_PARTITIONS = 4
 ENVELOPE_PREFETCH = 200  # messages: BILLING_PREFETCH for the envelope scenarios (README)
 ROOT = Path(__file__).resolve().parent.parent
-HOT_SETS = ("first", "scattered")  # where the busiest accounts fall in the wallets' lock order
+HotSet = Literal["first", "scattered"]  # where the busiest accounts fall in the lock order
+HOT_SETS: tuple[HotSet, ...] = ("first", "scattered")
 
 
 @dataclass
@@ -115,6 +116,7 @@ class Result:
     group: str = ""
     accounts: int = 0
     round: int = 0
+    hot_set: str = "first"  # where the busiest accounts fall in the lock order (--hot-set)
 
 
 # --- processes and CPU -------------------------------------------------------------------------
@@ -861,10 +863,10 @@ class Variant:
     env: tuple[tuple[str, str], ...] = ()
     workers: int | None = None
     partitions: int | None = None  # envelope100_hash only
-    hot_set: str | None = None  # "first" or "scattered" (--hot-set)
+    hot_set: HotSet | None = None  # --hot-set
 
 
-def ranked_accounts(accounts: list[str], hot_set: str) -> list[str]:
+def ranked_accounts(accounts: list[str], hot_set: HotSet) -> list[str]:
     """The accounts in the order the generator's Zipf-like traffic falls off along.
 
     ``first``: as given (sorted ids), so the busiest wallets are the first a batch locks (its
@@ -873,7 +875,9 @@ def ranked_accounts(accounts: list[str], hot_set: str) -> list[str]:
     """
     if hot_set == "scattered":
         return random.Random(len(accounts)).sample(accounts, len(accounts))
-    return list(accounts)
+    if hot_set == "first":
+        return list(accounts)
+    raise ValueError(f"hot set {hot_set!r}: expected one of {HOT_SETS}")
 
 
 def parse_variant(text: str) -> Variant:
@@ -882,7 +886,7 @@ def parse_variant(text: str) -> Variant:
     pairs = [item.split("=", 1) for item in assignments.split(",") if "=" in item]
     env = tuple((k, v) for k, v in pairs if k.startswith("BILLING_"))
     counts = {k: v for k, v in pairs if k in ("workers", "partitions")}
-    hot = [v for k, v in pairs if k == "hot"]
+    hot = [v for k, v in pairs if k == "hot"]  # checked against HOT_SETS below
     if (
         not name
         or not pairs
@@ -900,7 +904,7 @@ def parse_variant(text: str) -> Variant:
         env,
         int(workers) if workers else None,
         int(partitions) if partitions else None,
-        hot[-1] if hot else None,
+        cast("HotSet", hot[-1]) if hot else None,
     )
 
 
@@ -970,7 +974,8 @@ def main(argv: list[str] | None = None) -> int:
         for variant in (variants if name in FLEET_SCENARIOS else variants[:1])
     ]
     for name, count, variant, round_ in runs:
-        ranked = ranked_accounts(all_accounts[:count], variant.hot_set or args.hot_set)
+        hot_set: HotSet = variant.hot_set or args.hot_set
+        ranked = ranked_accounts(all_accounts[:count], hot_set)
         shape = TrafficShape(accounts=ranked, window=timedelta(hours=6))
 
         def make(prefix: str, n: int, shape: TrafficShape = shape) -> list[UsageEvent]:
@@ -1002,6 +1007,7 @@ def main(argv: list[str] | None = None) -> int:
             events = make("sql", fleet_events)
             results.append(run_sql(events, snap, args.workers, args.batch_events, label=label))
         results[-1].group, results[-1].accounts, results[-1].round = group, count, round_
+        results[-1].hot_set = hot_set
         print_table(results[-1:])
     print_deciles(results)
     print_latency_phases(results)

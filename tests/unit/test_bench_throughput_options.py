@@ -1,10 +1,16 @@
-"""bench.throughput --rounds: each round's ratio is taken within the round, then averaged."""
+"""bench.throughput's options: --rounds takes each round's ratio within the round, then averages;
+--hot-set / hot= places the Zipf hot set's busiest accounts in the lock order."""
 
 from __future__ import annotations
 
+from collections import Counter
+from datetime import UTC, datetime
+
 import pytest
 
-from bench.throughput import Result, parse_variant, print_rounds, ranked_accounts
+from bench.throughput import HOT_SETS, Result, parse_variant, print_rounds, ranked_accounts
+from billing.catalog import DEFAULT_CATALOG, Catalog, read_catalog_file
+from billing.synthetic import TrafficShape, generate
 
 
 def result(group: str, accounts: int, round_: int, rate: float) -> Result:
@@ -55,3 +61,21 @@ def test_the_scattered_hot_set_is_a_seeded_shuffle_of_the_same_accounts() -> Non
     assert sorted(scattered) == accounts
     assert scattered == ranked_accounts(accounts, "scattered")  # every scenario of the run
     assert scattered[:10] != accounts[:10]  # the busiest are not the first locked
+
+
+def test_the_generator_gives_the_most_traffic_to_the_first_account_of_the_ranking() -> None:
+    # the premise of --hot-set: the traffic falls off along the list the generator is given
+    catalog = Catalog.of(read_catalog_file(DEFAULT_CATALOG))
+    accounts = [f"acct-{i:05d}" for i in range(1_000)]
+    for hot_set in HOT_SETS:
+        ranked = ranked_accounts(accounts, hot_set)
+        events = generate(
+            catalog,
+            TrafficShape(accounts=ranked),
+            5_000,
+            seed=1,
+            now=datetime(2026, 11, 1, tzinfo=UTC),
+            prefix="hot",
+        )
+        busiest = [a for a, _ in Counter(e.account_id for e in events).most_common(2)]
+        assert busiest == ranked[:2], hot_set
