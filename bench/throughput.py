@@ -116,7 +116,7 @@ class Result:
     group: str = ""
     accounts: int = 0
     round: int = 0
-    hot_set: str = "first"  # where the busiest accounts fall in the lock order (--hot-set)
+    hot_set: HotSet = "first"  # where the busiest accounts fall in the lock order (--hot-set)
 
 
 # --- processes and CPU -------------------------------------------------------------------------
