@@ -31,6 +31,7 @@ with the generator's expected totals: a fast wrong answer fails the benchmark (e
     python -m bench.throughput --only envelope100 --accounts 1000,10000 --hot-set scattered
     python -m bench.throughput --only envelope100 --variant w3:workers=3 \
         --variant small:BILLING_BATCH_EVENTS=1000   # also with other settings, same run
+    python -m bench.throughput --only single --load-curve 0.3,0.4,0.6   # latency vs. load
 
 ``BILLING_BENCH_DATABASE_URL`` (default ``postgresql://postgres@127.0.0.1:5432/postgres``) and
 ``BILLING_BENCH_BROKER_URL`` (default ``amqp://guest:guest@127.0.0.1:5672//``) choose the servers.
@@ -90,6 +91,17 @@ HotSet = Literal["first", "scattered"]  # where the busiest accounts fall in the
 HOT_SETS: tuple[HotSet, ...] = ("first", "scattered")
 
 
+@dataclass(frozen=True)
+class LoadPoint:
+    """One latency phase of a load curve: publish-to-commit latency at a fraction of the rate."""
+
+    fraction: float
+    rate: float
+    p50_ms: float
+    p99_ms: float
+    cpu: tuple[float, float, float, float]  # broker, PostgreSQL, workers, publisher
+
+
 @dataclass
 class Result:
     scenario: str
@@ -112,6 +124,9 @@ class Result:
     # (% of one core) of broker, PostgreSQL, workers and this process (the publisher) meanwhile
     latency_p99_by_second: list[float] | None = None
     latency_cpu: tuple[float, float, float, float] | None = None
+    # --load-curve: more latency phases after the half-rate one, each at another fraction of the
+    # sustained rate (fraction, events/s, p50 ms, p99 ms, CPU % of one core as in latency_cpu)
+    load_curve: list[LoadPoint] | None = None
     # --rounds: the scenario and variant it belongs to, its account count and round
     group: str = ""
     accounts: int = 0
@@ -530,8 +545,10 @@ def run_fleet(
     workers: int,
     worker_env: dict[str, str],
     partitions: int = 1,
+    curve: Sequence[tuple[float, list[UsageEvent]]] = (),
 ) -> Result:
-    """Our fleet; ``partitions`` > 1: each worker consumes a group of partitions (by traffic)."""
+    """Our fleet; ``partitions`` > 1: each worker consumes a group of partitions (by traffic);
+    ``curve``: latency phases at other fractions of the rate (``measure``)."""
     scenario = re.split(r"[@\[#]", name)[0]  # the label without accounts, variant or round
     fleet_env = {**worker_env, "BILLING_USAGE_PARTITIONS": str(partitions)}
     # the simulated gateway reads the settings the workers get (partitions, a variant's linger)
@@ -553,7 +570,7 @@ def run_fleet(
     try:
         return measure(
             name, settings, events, latency_events, snap, [command] * workers, envs,
-            gateway.add_many, per_message, drain_timeout=600,
+            gateway.add_many, per_message, drain_timeout=600, curve=curve,
         )  # fmt: skip
     finally:
         # after a failed measurement the scenario's queues are gone: do not hide its error
@@ -622,13 +639,16 @@ def measure(
     publish: Callable[[list[UsageEvent]], None],
     per_message: int,
     drain_timeout: float,
+    curve: Sequence[tuple[float, list[UsageEvent]]] = (),
 ) -> Result:
     """The one measurement protocol every broker scenario goes through (a fair comparison).
 
     The queue already holds ``events``. Start the worker processes, wait until every event is
     recorded, take the sustained rate and CPU from the 10th-90th percentile of commit times, then
     publish ``latency_events`` paced at half that rate and measure publish-to-commit latency.
-    Stop the workers, then audit and compare with the generator's expected totals.
+    ``curve``: then the same again for each (fraction of the rate, its own events), once the
+    phase before is all recorded. Stop the workers, then audit and compare with the generator's
+    expected totals.
     """
     procs: list[subprocess.Popen[bytes]] = []
     sampler = Sampler(lambda: [p.pid for p in procs])
@@ -646,21 +666,40 @@ def measure(
         expected = unique + len({e.event_id for e in latency_events})
         wait_recorded(settings, expected, timeout=120, procs=procs)
         time.sleep(0.3)  # one more CPU sample after the phase
+        points: list[tuple[float, Latency]] = []
+        for fraction, phase_events in curve:
+            point = measure_latency(settings, publish, phase_events, rate * fraction, per_message)
+            expected += len({e.event_id for e in phase_events})
+            wait_recorded(settings, expected, timeout=120, procs=procs)
+            time.sleep(0.3)
+            points.append((fraction, point))
     finally:
         _stop(procs, sampler)
         _delete_broker_objects(settings)
-    audit_ok, balances_ok = verify(settings, events + latency_events, snap)
+    published = events + latency_events + [e for _f, phase in curve for e in phase]
+    audit_ok, balances_ok = verify(settings, published, snap)
     result = _result(
         name, unique, rate, t90 - t10, cpu, sampler, latency.p50_ms, latency.p99_ms, rate / 2,
         audit_ok, balances_ok, windows,
     )  # fmt: skip
     result.latency_p99_by_second = latency.p99_by_second_ms
-    phase = max(latency.end - latency.start, 1e-3)
-    used = sampler.all_usage_between(latency.start, latency.end)
-    result.latency_cpu = (
-        100 * used[0] / phase, 100 * used[1] / phase, 100 * used[2] / phase, 100 * used[3] / phase
-    )  # fmt: skip
+    result.latency_cpu = _phase_cpu(sampler, latency)
+    if curve:
+        result.load_curve = [
+            LoadPoint(fraction, rate * fraction, p.p50_ms, p.p99_ms, _phase_cpu(sampler, p))
+            for fraction, p in points
+        ]
     return result
+
+
+def _phase_cpu(sampler: Sampler, phase: Latency) -> tuple[float, float, float, float]:
+    """CPU in % of one core (broker, PostgreSQL, workers, publisher) during a latency phase."""
+    seconds = max(phase.end - phase.start, 1e-3)
+    used = sampler.all_usage_between(phase.start, phase.end)
+    return (
+        100 * used[0] / seconds, 100 * used[1] / seconds, 100 * used[2] / seconds,
+        100 * used[3] / seconds,
+    )  # fmt: skip
 
 
 def _delete_broker_objects(settings: Settings) -> None:
@@ -789,6 +828,26 @@ def print_latency_phases(results: list[Result]) -> None:
             print(f"{r.scenario:<23}cpu {cpu} | p99 {by_second}")
 
 
+def print_load_curves(results: list[Result]) -> None:
+    """--load-curve: each scenario's latency at each fraction of its rate, half rate included."""
+    rows = [r for r in results if r.load_curve]
+    if not rows:
+        return
+    print("\nload curve: p50 / p99 ms at fractions of the sustained rate (CPU % total)")
+    for r in rows:
+        assert r.load_curve is not None and r.latency_cpu is not None
+        points = [
+            LoadPoint(0.5, r.latency_rate or 0.0, r.p50_ms or 0.0, r.p99_ms or 0.0, r.latency_cpu),
+            *r.load_curve,
+        ]
+        cells = [
+            f"{p.fraction:.0%} ({p.rate:,.0f}/s): {p.p50_ms:,.0f} / {p.p99_ms:,.0f} "
+            f"({sum(p.cpu):.0f}%)"
+            for p in sorted(points, key=lambda p: p.fraction)
+        ]
+        print(f"{r.scenario:<23}" + "  ".join(cells))
+
+
 def print_rounds(results: list[Result]) -> None:
     """--rounds: each round's rate per account count, and its ratio to the first count's rate in
     the same round (the counts alternate, so a slow period of the VM hits both)."""
@@ -880,6 +939,19 @@ def ranked_accounts(accounts: list[str], hot_set: HotSet) -> list[str]:
     raise ValueError(f"hot set {hot_set!r}: expected one of {HOT_SETS}")
 
 
+def parse_fractions(text: str) -> tuple[float, ...]:
+    """``0.3,0.4,0.6`` -> fractions of the sustained rate, each in (0, 1.5]."""
+    try:
+        fractions = tuple(float(item) for item in text.split(","))
+    except ValueError:
+        fractions = ()
+    if not fractions or not all(0 < f <= 1.5 for f in fractions):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected fractions of the rate in (0, 1.5], e.g. 0.3,0.4,0.6"
+        )
+    return fractions
+
+
 def parse_variant(text: str) -> Variant:
     """``w3:workers=3,partitions=8,hot=scattered,BILLING_BATCH_EVENTS=2000`` -> a ``Variant``."""
     name, _, assignments = text.partition(":")
@@ -950,6 +1022,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--batch-events", type=int, default=5_000)
     parser.add_argument("--latency-seconds", type=float, default=8.0)
+    parser.add_argument(
+        "--load-curve",
+        type=parse_fractions,
+        default=(),
+        metavar="F[,F...]",
+        help="fleet scenarios: after the half-rate phase, a latency phase at each of these "
+        "fractions of the sustained rate (e.g. 0.3,0.4,0.6), each as long and with its own "
+        "events, to show where the latency turns up",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
 
@@ -993,16 +1074,20 @@ def main(argv: list[str] | None = None) -> int:
             results.append(run_baseline(make("base", base_events), lat, snap, 2))
         elif name == "single":
             lat = make("slat", max(200, int(8_000 * lat_seconds)))
+            curve = [(f, make(f"slat{f:g}-", len(lat))) for f in args.load_curve]
             events = make("single", fleet_events)
-            results.append(run_fleet(label, events, lat, snap, 1, workers, env))
+            results.append(run_fleet(label, events, lat, snap, 1, workers, env, curve=curve))
         elif name.startswith("envelope100"):
             lat = make("elat", max(1_000, int(25_000 * lat_seconds)))
+            curve = [(f, make(f"elat{f:g}-", len(lat))) for f in args.load_curve]
             events = make("env", fleet_events)
             partitions = (variant.partitions or HASH_PARTITIONS) if name.endswith("_hash") else 1
             # the prefetch the README gives for envelopes of 100 (two batches), unless a variant
             # sets one: the default 4,000 is for single events
             env = {"BILLING_PREFETCH": str(ENVELOPE_PREFETCH), **env}
-            results.append(run_fleet(label, events, lat, snap, 100, workers, env, partitions))
+            results.append(
+                run_fleet(label, events, lat, snap, 100, workers, env, partitions, curve=curve)
+            )
         else:
             events = make("sql", fleet_events)
             results.append(run_sql(events, snap, args.workers, args.batch_events, label=label))
@@ -1011,6 +1096,7 @@ def main(argv: list[str] | None = None) -> int:
         print_table(results[-1:])
     print_deciles(results)
     print_latency_phases(results)
+    print_load_curves(results)
     print_rounds(results)
     print()
     print_table(results)

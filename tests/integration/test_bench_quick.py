@@ -2,7 +2,8 @@
 
 Timings at this size mean nothing and are not asserted; what is asserted is that the baseline,
 the fleet (single events and envelopes) and the raw SQL path each leave an audit-clean ledger whose
-balances equal the generator's independently computed totals (the benchmark exits 1 otherwise).
+balances equal the generator's independently computed totals (the benchmark exits 1 otherwise),
+the events of a --load-curve's extra latency phase included.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def test_quick_benchmark_is_correct_in_every_scenario() -> None:
         }
     )
     run = subprocess.run(
-        [sys.executable, "-m", "bench.throughput", "--quick"],
+        [sys.executable, "-m", "bench.throughput", "--quick", "--load-curve", "0.25"],
         env=env,
         cwd=Path(__file__).parents[2],
         capture_output=True,
@@ -37,6 +38,8 @@ def test_quick_benchmark_is_correct_in_every_scenario() -> None:
         timeout=600,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    curve = run.stdout.split("load curve:")[1].split("\n\n")[0]
+    assert any(line.startswith("single") and "25% (" in line for line in curve.splitlines())
     table = run.stdout.split("\n\n")[-1]
     for scenario in ("baseline", "single", "envelope100", "sql"):
         assert any(

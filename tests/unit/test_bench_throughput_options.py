@@ -1,14 +1,25 @@
 """bench.throughput's options: --rounds takes each round's ratio within the round, then averages;
---hot-set / hot= places the Zipf hot set's busiest accounts in the lock order."""
+--hot-set / hot= places the Zipf hot set's busiest accounts in the lock order; --load-curve takes
+fractions of the rate and prints them beside the half-rate phase."""
 
 from __future__ import annotations
 
+import argparse
 from collections import Counter
 from datetime import UTC, datetime
 
 import pytest
 
-from bench.throughput import HOT_SETS, Result, parse_variant, print_rounds, ranked_accounts
+from bench.throughput import (
+    HOT_SETS,
+    LoadPoint,
+    Result,
+    parse_fractions,
+    parse_variant,
+    print_load_curves,
+    print_rounds,
+    ranked_accounts,
+)
 from billing.catalog import DEFAULT_CATALOG, Catalog, read_catalog_file
 from billing.synthetic import TrafficShape, generate
 
@@ -79,3 +90,28 @@ def test_the_generator_gives_the_most_traffic_to_the_first_account_of_the_rankin
         )
         busiest = [a for a, _ in Counter(e.account_id for e in events).most_common(2)]
         assert busiest == ranked[:2], hot_set
+
+
+def test_load_curve_fractions_are_parsed_and_bounded() -> None:
+    assert parse_fractions("0.3,0.4,0.6") == (0.3, 0.4, 0.6)
+    for bad in ("", "0", "0.3,2", "half", "0.3,,0.4", "-0.1"):
+        with pytest.raises(argparse.ArgumentTypeError, match="fractions of the rate"):
+            parse_fractions(bad)
+
+
+def test_load_curve_prints_the_half_rate_phase_among_the_others_in_order(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    r = Result(scenario="single", events=1, rate=20_000, p50_ms=180, p99_ms=480)
+    r.latency_rate, r.latency_cpu = 10_000, (70, 25, 55, 40)
+    r.load_curve = [
+        LoadPoint(0.6, 12_000, 400, 2_100, (80, 26, 56, 36)),
+        LoadPoint(0.3, 6_000, 90, 200, (40, 15, 35, 25)),
+    ]
+    print_load_curves([r, Result(scenario="sql", events=1, rate=50_000)])
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("single"))
+    assert line.index("30% (6,000/s): 90 / 200 (115%)") < line.index("50% (10,000/s): 180 / 480")
+    assert line.index("50% (10,000/s): 180 / 480 (190%)") < line.index("60% (12,000/s)")
+    assert "2,100 (198%)" in line
+    assert not any(line.startswith("sql") for line in out.splitlines())
