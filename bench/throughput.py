@@ -100,6 +100,7 @@ class LoadPoint:
     p50_ms: float
     p99_ms: float
     cpu: tuple[float, float, float, float]  # broker, PostgreSQL, workers, publisher
+    p99_by_second_ms: tuple[float, ...] = ()  # of the events published in each second
 
 
 @dataclass
@@ -686,7 +687,14 @@ def measure(
     result.latency_cpu = _phase_cpu(sampler, latency)
     if curve:
         result.load_curve = [
-            LoadPoint(fraction, rate * fraction, p.p50_ms, p.p99_ms, _phase_cpu(sampler, p))
+            LoadPoint(
+                fraction,
+                rate * fraction,
+                p.p50_ms,
+                p.p99_ms,
+                _phase_cpu(sampler, p),
+                tuple(p.p99_by_second_ms),
+            )
             for fraction, p in points
         ]
     return result
