@@ -179,37 +179,74 @@ def redact(payload: bytes) -> bytes:
         return payload[:_STORED_RAW_LIMIT]
     if not isinstance(obj, dict):
         return payload[:_STORED_RAW_LIMIT]
-    kept: dict[str, Any] = {k: v for k, v in obj.items() if k in _KNOWN_EVENT_FIELDS}
-    dropped = sorted(k for k in obj if k not in _KNOWN_EVENT_FIELDS)
+    # A payload parked before and now replayed names what was dropped then: keep that list, so
+    # that redacting twice gives the same bytes (replay finds the row it was parked under).
+    earlier = obj.pop(_REDACTED, None)
+    dropped = [
+        f for f in earlier or () if isinstance(f, str) and len(f) <= 200 and f.isprintable()
+    ] if isinstance(earlier, list) else []  # fmt: skip
+    dropped += sorted(k for k in obj if k not in _KNOWN_EVENT_FIELDS)
+    kept: dict[str, Any] = {
+        k: None if k in ("usage", "provider_usage") else _shallow(v, k, dropped)  # below
+        for k, v in obj.items()
+        if k in _KNOWN_EVENT_FIELDS
+    }
     usage = obj.get("usage")
+    if "usage" in obj and not isinstance(usage, dict):
+        kept["usage"] = _shallow(usage, "usage", dropped)
     if isinstance(usage, dict):
-        kept["usage"] = {k: v for k, v in usage.items() if k in _KNOWN_USAGE_FIELDS}
+        kept["usage"] = {
+            k: _shallow(v, f"usage.{k}", dropped)
+            for k, v in usage.items()
+            if k in _KNOWN_USAGE_FIELDS
+        }
         dropped += sorted(f"usage.{k}" for k in usage if k not in _KNOWN_USAGE_FIELDS)
     if "provider_usage" in obj:
         kept["provider_usage"] = _numbers_only(obj["provider_usage"], "provider_usage", dropped)
     if dropped:
-        kept["_redacted_fields"] = dropped
+        kept[_REDACTED] = dropped
     return orjson.dumps(kept)
+
+
+_REDACTED = "_redacted_fields"
+# Objects and lists nested deeper than this are not stored (JSON encoders and Python's stack
+# have limits; a usage event needs three levels, a provider usage object a few more).
+MAX_STORED_DEPTH = 16
+
+
+def _shallow(value: Any, path: str, dropped: list[str], depth: int = 1) -> Any:
+    """``value`` as stored, with anything nested deeper than ``MAX_STORED_DEPTH`` left out."""
+    if isinstance(value, dict | list) and depth > MAX_STORED_DEPTH:
+        dropped.append(f"{path} (nested deeper than {MAX_STORED_DEPTH} levels)")
+        return None
+    if isinstance(value, dict):
+        return {k: _shallow(v, f"{path}.{k}", dropped, depth + 1) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_shallow(v, f"{path}[{i}]", dropped, depth + 1) for i, v in enumerate(value)]
+    return value
 
 
 _ENUM_KEYS = frozenset({"service_tier", "modality", "trafficType"})
 
 
-def _numbers_only(value: Any, path: str, dropped: list[str]) -> Any:
+def _numbers_only(value: Any, path: str, dropped: list[str], depth: int = 1) -> Any:
     """A provider usage object as stored when parked: numbers, booleans and nulls, nested objects
     and lists of them; strings only under the few enumeration keys (no text can leak)."""
     if value is None or isinstance(value, (bool, int, float)):
         return value
+    if isinstance(value, dict | list) and depth > MAX_STORED_DEPTH:
+        dropped.append(f"{path} (nested deeper than {MAX_STORED_DEPTH} levels)")
+        return None
     if isinstance(value, dict):
         kept = {}
         for k, v in value.items():
             if isinstance(v, str) and not (k in _ENUM_KEYS and len(v) <= 40):
                 dropped.append(f"{path}.{k}")
                 continue
-            kept[k] = _numbers_only(v, f"{path}.{k}", dropped)
+            kept[k] = _numbers_only(v, f"{path}.{k}", dropped, depth + 1)
         return kept
     if isinstance(value, list):
-        return [_numbers_only(v, f"{path}[{i}]", dropped) for i, v in enumerate(value)]
+        return [_numbers_only(v, f"{path}[{i}]", dropped, depth + 1) for i, v in enumerate(value)]
     dropped.append(path)
     return None
 
@@ -268,7 +305,14 @@ def decode_event(payload: bytes, now: datetime, max_skew: timedelta) -> UsageEve
         return _reject(code, field, reason, payload)
     except msgspec.DecodeError as error:
         return _reject(Reason.MALFORMED_JSON, "$", f"malformed JSON: {error}", payload)
+    except RecursionError:
+        return _reject(Reason.MALFORMED_JSON, "$", _TOO_DEEP, payload)
     return checked(event, payload, now, max_skew)
+
+
+# msgspec decodes nested values recursively, up to Python's recursion limit; a document nested
+# deeper (a few KiB of brackets suffice) is refused like malformed JSON, not left to crash a worker
+_TOO_DEEP = "malformed JSON: nested too deeply to decode"
 
 
 def checked(
@@ -390,12 +434,14 @@ def decode_message(
         return [_reject(Reason.INVALID_EVENT, field, reason, body)]
     except msgspec.DecodeError as error:  # (ValidationError is a DecodeError: keep this second)
         return [_reject(Reason.MALFORMED_JSON, "$", f"malformed JSON: {error}", body)]
+    except RecursionError:
+        return [_reject(Reason.MALFORMED_JSON, "$", _TOO_DEEP, body)]
     if probe.schema != SCHEMA_BATCH_V1:
         return [decode_event(body, now, max_skew)]
     # The common case in one pass: every event of the envelope valid. Otherwise (an event the
     # schema or the rules reject) item by item, so that each rejection names its event and keeps
     # its own payload.
-    with contextlib.suppress(msgspec.ValidationError):
+    with contextlib.suppress(msgspec.ValidationError, RecursionError):
         fast = [checked(e, b"", now, max_skew) for e in _decode_typed_envelope(body).events]
         if not any(isinstance(item, Rejected) for item in fast):
             return fast
@@ -409,6 +455,8 @@ def envelope_items(body: bytes, now: datetime, max_skew: timedelta) -> list[Usag
     except msgspec.ValidationError as error:
         field, reason = _field_of(error)
         return [_reject(Reason.INVALID_EVENT, field, f"envelope: {reason}", body)]
+    except RecursionError:
+        return [_reject(Reason.MALFORMED_JSON, "$", _TOO_DEEP, body)]
     items: list[UsageEvent | Rejected] = []
     for index, raw in enumerate(envelope.events):
         item = decode_event(bytes(raw), now, max_skew)

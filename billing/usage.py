@@ -29,7 +29,7 @@ from __future__ import annotations
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, NamedTuple
@@ -341,6 +341,7 @@ def park(
     conn: psycopg.Connection[Any], q: Queries, rejected: Sequence[Rejected], result: BatchResult
 ) -> None:
     """Write dead letters, except for items whose event is already recorded (duplicates)."""
+    rejected = [_storable(r) for r in rejected]
     ids = sorted({r.event_id for r in rejected if r.event_id is not None})
     recorded = (
         {row[0] for row in conn.execute(q["recorded_event_ids"], {"event_ids": ids})}
@@ -374,6 +375,27 @@ def park(
                 for key, r in sorted(by_key.items())
             ],
         )
+
+
+def _storable(item: Rejected) -> Rejected:
+    """``item`` with its texts storable: PostgreSQL's text refuses NUL, which a rejected
+    payload's ids, unknown field names or the decoder's message may carry. Each is written as
+    the six characters \\u0000 (the stored payload, bytea, keeps the original)."""
+    texts = (item.dedup_key, item.event_id, item.account_id, item.field, item.reason)
+    if not any(t is not None and "\x00" in t for t in texts):
+        return item
+    return replace(
+        item,
+        dedup_key=_no_nul(item.dedup_key),
+        event_id=None if item.event_id is None else _no_nul(item.event_id),
+        account_id=None if item.account_id is None else _no_nul(item.account_id),
+        field=_no_nul(item.field),
+        reason=_no_nul(item.reason),
+    )
+
+
+def _no_nul(text: str) -> str:
+    return text.replace("\x00", "\\u0000")
 
 
 def record_isolating(

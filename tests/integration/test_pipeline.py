@@ -515,3 +515,57 @@ def test_identifiers_with_backslashes_survive_the_copy(
 def test_decoded_event_round_trips(settings: Settings) -> None:
     event = make_event("rt", input_tokens=5, output_tokens=3, reasoning_tokens=2)
     assert decode_event(encode_event(event), datetime.now(UTC), timedelta(minutes=5)) == event
+
+
+def test_poison_messages_are_parked_and_the_events_beside_them_are_billed(
+    settings: Settings, conn: psycopg.Connection[Any], q: Queries
+) -> None:
+    """Two messages that stopped billing: one nested past the decoder's recursion limit (its
+    RecursionError, and orjson's TypeError storing one 300 deep, killed the consumer thread on
+    every redelivery) and an envelope item whose account_id holds a NUL (PostgreSQL's text
+    refused the dead letter, so the whole batch was requeued forever, good events with it)."""
+    open_account(conn, q, "acme", "10")
+    good = [make_event(f"good-{i}") for i in range(4)]
+    prefix = json.dumps(json.loads(encode_event(make_event("deep"))))[:-1]
+    deep = f'{prefix},"provider_usage_format":"openai.chat","provider_usage":{{"x":'
+    nested = [deep + '{"a":' * n + "1" + "}" * n + "}}" for n in (300, 5_000)]
+    nul = {**json.loads(encode_event(make_event("nul"))), "account_id": "ac\u0000me"}
+    envelope = {"schema": "usage.batch.v1", "events": [json.loads(encode_event(good[3])), nul]}
+    publish(
+        settings, good[0], nested[0].encode(), good[1], nested[1].encode(), good[2],
+        json.dumps(envelope).encode(),
+    )  # fmt: skip
+    drain(settings)
+    recorded = {r[0] for r in conn.execute("SELECT event_id FROM usage_events")}
+    assert recorded == {e.event_id for e in good}
+    parked = {
+        (r["event_id"], r["account_id"], r["reason_code"])
+        for r in deadletters.list_dead_letters(conn, q)
+    }
+    assert parked == {
+        ("deep", "acme", "invalid_event"),  # 300 levels: decoded, refused by the schema
+        (None, None, "malformed_json"),  # 5,000 levels: refused like malformed JSON
+        ("nul", "ac\\u0000me", "invalid_event"),
+    }
+    assert balances(conn)["acme"] == Decimal(10) - expected_debits(conn, q, good)["acme"]
+    assert_audit_clean(conn, q)
+
+
+def test_replaying_a_redacted_event_without_an_id_keeps_its_one_dead_letter(
+    settings: Settings, conn: psycopg.Connection[Any], q: Queries
+) -> None:
+    """The stored payload is redacted; replay redacted it again, which named the list of
+    dropped fields as a dropped field and, the bytes being new, parked a second row."""
+    open_account(conn, q, "acme", "10")
+    body = {**json.loads(encode_event(make_event("x"))), "prompt": "a secret"}
+    del body["event_id"]
+    publish(settings, json.dumps(body).encode())
+    drain(settings)
+    [before] = deadletters.list_dead_letters(conn, q)
+    for _ in range(2):
+        deadletters.replay(conn, q, catalog.CatalogCache(q), settings, datetime.now(UTC))
+    [after] = deadletters.list_dead_letters(conn, q)
+    assert after["dead_letter_id"] == before["dead_letter_id"]
+    [(payload,)] = conn.execute("SELECT payload FROM dead_letters").fetchall()
+    stored = json.loads(bytes(payload))
+    assert stored["_redacted_fields"] == ["prompt"] and "secret" not in json.dumps(stored)

@@ -10,7 +10,7 @@ from typing import Any
 import jsonschema
 import pytest
 
-from billing.events import Reason, Rejected, UsageEvent, decode_message
+from billing.events import MAX_STORED_DEPTH, Reason, Rejected, UsageEvent, decode_message, redact
 
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
 SKEW = timedelta(minutes=5)
@@ -195,3 +195,50 @@ def test_schema_rejects_what_the_decoder_rejects(payload: Any, code: Reason, fie
     # (future timestamps and reasoning <= output are cross-field rules a JSON Schema cannot state;
     # the schema documents them in descriptions)
     assert not VALIDATOR.is_valid(payload)
+
+
+def nested(depth: int) -> str:
+    return '{"a":' * depth + "1" + "}" * depth
+
+
+def test_a_message_nested_deeper_than_the_decoder_goes_is_refused_not_raised() -> None:
+    """Past Python's recursion limit msgspec raises RecursionError, which escaped decode_message
+    and killed the worker's consumer thread for every worker the message was redelivered to."""
+    deep = json.dumps(event())[:-1] + f',"provider_usage":{nested(5_000)}}}'
+    for body in (deep, f'{{"schema":"usage.batch.v1","events":[{deep}]}}'):
+        [item] = decode(body.encode())
+        assert isinstance(item, Rejected), item
+        assert (item.reason_code, item.field) == (Reason.MALFORMED_JSON, "$")
+        assert "nested too deeply" in item.reason
+
+
+def test_a_deeply_nested_event_in_an_envelope_is_parked_alone_and_stored_shallow() -> None:
+    """300 levels decode, but orjson cannot encode them (its limit is 254) and storing the
+    rejected event raised TypeError; what is stored stops at MAX_STORED_DEPTH."""
+    deep = json.dumps(event(event_id="deep"))[:-1] + f',"provider_usage":{nested(300)}}}'
+    good = json.dumps(event(event_id="good"))
+    body = f'{{"schema":"usage.batch.v1","events":[{good},{deep}]}}'.encode()
+    accepted, bad = decode(body)
+    assert isinstance(accepted, UsageEvent) and accepted.event_id == "good"
+    assert isinstance(bad, Rejected) and bad.event_id == "deep"
+    stored = json.loads(bad.payload)
+    dropped = [f for f in stored["_redacted_fields"] if "nested deeper than" in f]
+    assert dropped == [
+        "provider_usage" + ".a" * MAX_STORED_DEPTH + " (nested deeper than 16 levels)"
+    ]
+
+
+def test_redacting_a_stored_payload_again_gives_the_same_bytes() -> None:
+    """Replay re-decodes the stored (redacted) payload: it must be stored the same, or the
+    dropped fields' names are lost and an event without an id is parked under a new key."""
+    for payload in (
+        event(prompt="secret", usage={"input_tokens": -1, "completion": "hi"}),
+        {k: v for k, v in event(prompt="secret").items() if k != "event_id"} | {"x": nested(40)},
+        event(provider_usage=json.loads(nested(30)), provider_usage_format="openai.chat"),
+    ):
+        stored = redact(json.dumps(payload).encode())
+        assert redact(stored) == stored
+    first = only_rejection({k: v for k, v in event(prompt="s").items() if k != "event_id"})
+    again = only_rejection(first.payload)
+    assert json.loads(again.payload)["_redacted_fields"] == ["prompt"]
+    assert again.payload == first.payload
