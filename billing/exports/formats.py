@@ -11,6 +11,11 @@ text in CSV and XLSX so no spreadsheet float touches it), and the printed amount
 ``Statement.printed`` (``CentsAllocator``), so the printed lines sum to the printed closing
 balance, and a section subtotal is the sum of its printed lines.
 
+Spreadsheets: account ids, names and other customer-chosen text can begin with a character a
+spreadsheet reads as a formula (``=HYPERLINK(..)``). CSV text cells that could are prefixed with
+``'`` (OWASP's advice on CSV injection; ``spreadsheet_text``), and XLSX text cells are typed as
+strings, which a spreadsheet never evaluates. Parquet, for programs, keeps the text as stored.
+
 Determinism: no format embeds the time it was written. XLSX document properties are set to a
 fixed time (the invoice's issue time, or the period end) and the zip entries carry a fixed date;
 Parquet and HTML hold no timestamps of their own. The same statement gives the same bytes.
@@ -32,6 +37,7 @@ from datetime import UTC, datetime, time
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, BinaryIO
+from zoneinfo import ZoneInfo
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -223,6 +229,21 @@ def _text(kind: str, value: Any) -> str:
 
 
 # --- CSV --------------------------------------------------------------------------------------
+# What a spreadsheet opening a CSV reads as the start of a formula (OWASP, "CSV Injection").
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\n")
+
+
+def spreadsheet_text(value: str) -> str:
+    """Customer-chosen text as a spreadsheet shows it, never as a formula: a ``'`` before it
+    when it begins like one. Only for text columns: amounts such as ``-1.50`` stay numbers."""
+    return "'" + value if value.startswith(_FORMULA_START) else value
+
+
+def _csv_text(kind: str, value: Any) -> str:
+    text = _text(kind, value)
+    return spreadsheet_text(text) if kind == "text" else text
+
+
 def csv_bytes(records: Iterable[dict[str, Any]], columns: tuple[tuple[str, str], ...]) -> bytes:
     buffer = io.StringIO()
     _write_csv(buffer, records, columns, header=True)
@@ -236,7 +257,7 @@ def _write_csv(
     if header:
         writer.writerow([name for name, _ in columns])
     for r in records:
-        writer.writerow([_text(kind, r[name]) for name, kind in columns])
+        writer.writerow([_csv_text(kind, r[name]) for name, kind in columns])
 
 
 # --- Parquet ----------------------------------------------------------------------------------
@@ -289,7 +310,11 @@ def _xlsx_cell(ws: Any, kind: str, value: Any) -> Any:
         cell = WriteOnlyCell(ws, value=int(value))
         cell.number_format = "#,##0"
         return cell
-    return _text(kind, value)  # exact amounts and times as text: no float, no zone loss
+    # exact amounts and times as text (no float, no zone loss); every text cell typed as a
+    # string, or openpyxl would store one that begins with "=" as a formula
+    cell = WriteOnlyCell(ws, value=_text(kind, value))
+    cell.data_type = "s"
+    return cell
 
 
 class XlsxBook:
@@ -410,8 +435,11 @@ def _page(title: str, header: InvoiceHeader | None, heading: str, body: str) -> 
 def statement_html(st: Statement, header: InvoiceHeader | None = None) -> bytes:
     """A customer statement that prints well to PDF (A4, repeated table headers)."""
     printed = st.printed()
-    start = st.period_start.strftime("%Y-%m-%d %H:%M")
-    end = st.period_end.strftime("%Y-%m-%d %H:%M")
+    # the period's bounds and the movements' dates in the account's zone, the one the heading
+    # names (the bytes must not depend on the database session's zone: invoices --verify)
+    zone = ZoneInfo(st.time_zone)
+    start = st.period_start.astimezone(zone).strftime("%Y-%m-%d %H:%M")
+    end = st.period_end.astimezone(zone).strftime("%Y-%m-%d %H:%M")
     heading = (
         f"<h1>Statement {_e(st.period)}</h1>"
         f"<div>Account <strong>{_e(st.account_id)}</strong>"
@@ -467,7 +495,7 @@ def statement_html(st: Statement, header: InvoiceHeader | None = None) -> bytes:
             fee = _money(_line_fee_cents(m.fee)) if m.fee else ""
             charged = _money(_line_fee_cents(m.charged)) if m.fee else ""
             body.append(
-                f"<tr><td>{_e(m.created_at.astimezone(UTC).strftime('%Y-%m-%d'))}</td>"
+                f"<tr><td>{_e(m.created_at.astimezone(zone).strftime('%Y-%m-%d'))}</td>"
                 f"<td>{_e(line.description)}"
                 f"{' <span class=muted>by ' + _e(m.actor) + '</span>' if m.actor else ''}</td>"
                 f'<td class="num">{fee}</td><td class="num">{charged}</td>'

@@ -24,6 +24,7 @@ from typing import Any
 import pandas as pd
 
 from billing.db import connect, fetch_dicts, queries
+from billing.exports.formats import spreadsheet_text
 from billing.exports.statements import Period
 from billing.money import format_usd, sum_exact
 from billing.settings import Settings
@@ -117,6 +118,8 @@ def _csv(frame: pd.DataFrame, path: Path) -> None:
     for column in out.columns:
         if len(out) and isinstance(out[column].iloc[0], Decimal):
             out[column] = out[column].map(format_usd)
+        elif len(out) and isinstance(out[column].iloc[0], str):  # model and provider names
+            out[column] = out[column].map(spreadsheet_text)
     out.to_csv(path, index=False)
 
 

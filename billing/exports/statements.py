@@ -27,6 +27,7 @@ from functools import cached_property
 from typing import Any
 
 import psycopg
+from psycopg.pq import TransactionStatus
 
 from billing.db import Queries
 from billing.errors import BillingError, UnknownAccount
@@ -416,8 +417,12 @@ class _Peek:
 def statement_for(
     conn: psycopg.Connection[Any], q: Queries, account_id: str, period: Period
 ) -> Statement:
-    """One account's statement, in a consistent snapshot (or the caller's transaction)."""
+    """One account's statement, in one consistent snapshot: its own REPEATABLE READ READ ONLY
+    transaction, or the caller's (whose isolation is the caller's choice)."""
+    owned = conn.info.transaction_status == TransactionStatus.IDLE
     with conn.transaction():
+        if owned:  # else three cursors could see a batch that commits between them
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
         found = list(iter_statements(conn, q, period, account_id))
     if not found:
         raise UnknownAccount(f"no account {account_id!r}")
@@ -427,15 +432,27 @@ def statement_for(
 def set_time_zone(
     conn: psycopg.Connection[Any], q: Queries, account_id: str, time_zone: str | None
 ) -> None:
-    """Set the zone an account's periods are cut in (None = UTC), checked against PostgreSQL's."""
+    """Set the zone an account's periods are cut in (None = UTC), checked against PostgreSQL's.
+
+    Refused once a usage statement was issued in another zone: the month after it would be cut
+    in the new zone, and the hours between the two zones' month boundaries would fall in no
+    statement (or in two), so an issued closing balance would no longer open the next one.
+    """
     if time_zone is not None:
         row = conn.execute(q["time_zone_exists"], {"time_zone": time_zone}).fetchone()
         if row is None or not row[0]:
             raise BillingError(f"unknown time zone {time_zone!r} (see pg_timezone_names)")
-    if (
-        conn.execute(
-            q["set_account_time_zone"], {"account_id": account_id, "time_zone": time_zone}
+    with conn.transaction():
+        current = conn.execute(
+            q["account_time_zone_for_update"], {"account_id": account_id}
         ).fetchone()
-        is None
-    ):
-        raise UnknownAccount(f"no account {account_id!r}")
+        if current is None:
+            raise UnknownAccount(f"no account {account_id!r}")
+        zone, last_issued = current
+        if last_issued is not None and zone != (time_zone or "UTC"):
+            raise BillingError(
+                f"{account_id}: statements were issued in {zone} (the last for {last_issued}); "
+                "its periods cannot move to another zone without a gap or an overlap between "
+                "issued statements"
+            )
+        conn.execute(q["set_account_time_zone"], {"account_id": account_id, "time_zone": time_zone})

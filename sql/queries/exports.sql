@@ -153,6 +153,15 @@ WHERE l.amount <> 0 OR (l.ord = 10 AND pr.unit_price IS NOT NULL)
 ORDER BY g.account_id COLLATE "C", g.byok, g.member COLLATE "C" NULLS FIRST, g.model, g.provider,
          g.price_effective_from, g.service_tier <> 'standard', g.service_tier, l.ord
 
+-- name: account_time_zone_for_update
+-- The zone periods are cut in now, and the last period a usage statement was issued for. The
+-- row lock keeps a concurrent change out until this one commits.
+SELECT coalesce(a.time_zone, 'UTC') AS time_zone,
+       (SELECT max(i.period) FROM invoices i
+         WHERE i.kind = 'usage_statement' AND i.account_id = a.account_id) AS last_issued
+FROM accounts a WHERE a.account_id = %(account_id)s
+FOR UPDATE OF a
+
 -- name: set_account_time_zone
 UPDATE accounts SET time_zone = %(time_zone)s WHERE account_id = %(account_id)s
 RETURNING account_id

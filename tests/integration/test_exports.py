@@ -642,6 +642,10 @@ def test_cli_export_invoices_and_report(
     shown = run("invoices", "show", "1", "--verify", "--out", str(tmp_path / "inv.html"))
     assert "identical bytes" in shown and "hash ok: True" in shown
     assert (tmp_path / "inv.html").read_bytes().startswith(b"<!DOCTYPE html>")
-    assert "Europe/Paris" in run("invoices", "time-zone", "acme", "Europe/Paris")
-    assert "unknown time zone" in run("invoices", "time-zone", "acme", "Nowhere/X", code=2)
+    assert "statements were issued in UTC" in run(
+        "invoices", "time-zone", "acme", "Europe/Paris", code=2
+    )
+    wallets.create_account(conn, q, "fresh")
+    assert "Europe/Paris" in run("invoices", "time-zone", "fresh", "Europe/Paris")
+    assert "unknown time zone" in run("invoices", "time-zone", "fresh", "Nowhere/X", code=2)
     assert "report.html" in run("report", "--period", period, "--out", str(tmp_path / "r"))
