@@ -230,17 +230,29 @@ WHERE t.topup_id = %(topup_id)s
 WITH b AS MATERIALIZED (
     SELECT * FROM billing_period_bounds(%(year)s, %(month)s, %(end_year)s, %(end_month)s,
                                         %(account)s::text)
+),
+ev AS (  -- as in statement_usage: a member's usage its organisation paid is the organisation's
+    SELECT b.account_id AS report_account, b.time_zone, u.*
+    FROM b
+    JOIN usage_events u ON u.account_id = b.account_id
+                       AND u.recorded_at >= b.period_start AND u.recorded_at < b.period_end
+    WHERE NOT EXISTS (SELECT 1 FROM usage_attributions ua
+                      WHERE ua.posting_id = u.posting_id AND ua.member_account_id = u.account_id)
+    UNION ALL
+    SELECT b.account_id, b.time_zone, u.*
+    FROM b
+    JOIN usage_attributions ua ON ua.payer_account_id = b.account_id
+    JOIN usage_events u ON u.account_id = ua.member_account_id AND u.posting_id = ua.posting_id
+                       AND u.recorded_at >= b.period_start AND u.recorded_at < b.period_end
 )
-SELECT (u.recorded_at AT TIME ZONE b.time_zone)::date AS day, u.model, u.byok,
+SELECT (u.recorded_at AT TIME ZONE u.time_zone)::date AS day, u.model, u.byok,
        count(*) AS events,
        sum(u.input_tokens + u.cached_input_tokens + u.cache_write_tokens + u.output_tokens
            + coalesce(u.cache_write_1h_tokens, 0) + coalesce(u.audio_input_tokens, 0)
            + coalesce(u.audio_output_tokens, 0)) AS tokens,
        sum(u.debited) AS spend,
        sum(u.amount) AS priced
-FROM b
-JOIN usage_events u ON u.account_id = b.account_id
-                   AND u.recorded_at >= b.period_start AND u.recorded_at < b.period_end
+FROM ev u
 GROUP BY 1, 2, 3
 ORDER BY 1, 2, 3
 
@@ -250,6 +262,20 @@ ORDER BY 1, 2, 3
 WITH b AS MATERIALIZED (
     SELECT * FROM billing_period_bounds(%(year)s, %(month)s, %(end_year)s, %(end_month)s,
                                         %(account)s::text)
+),
+ev AS (  -- as in statement_usage: a member's usage its organisation paid is the organisation's
+    SELECT b.account_id AS report_account, b.time_zone, u.*
+    FROM b
+    JOIN usage_events u ON u.account_id = b.account_id
+                       AND u.recorded_at >= b.period_start AND u.recorded_at < b.period_end
+    WHERE NOT EXISTS (SELECT 1 FROM usage_attributions ua
+                      WHERE ua.posting_id = u.posting_id AND ua.member_account_id = u.account_id)
+    UNION ALL
+    SELECT b.account_id, b.time_zone, u.*
+    FROM b
+    JOIN usage_attributions ua ON ua.payer_account_id = b.account_id
+    JOIN usage_events u ON u.account_id = ua.member_account_id AND u.posting_id = ua.posting_id
+                       AND u.recorded_at >= b.period_start AND u.recorded_at < b.period_end
 )
 SELECT u.model, u.provider, count(*) AS events,
        count(u.ttft_ms) AS with_ttft,
@@ -259,8 +285,6 @@ SELECT u.model, u.provider, count(*) AS events,
        percentile_cont(0.5) WITHIN GROUP (
            ORDER BY u.output_tokens * 1000.0 / nullif(u.latency_ms - coalesce(u.ttft_ms, 0), 0)
        ) AS throughput_p50_tps
-FROM b
-JOIN usage_events u ON u.account_id = b.account_id
-                   AND u.recorded_at >= b.period_start AND u.recorded_at < b.period_end
+FROM ev u
 GROUP BY u.model, u.provider
 ORDER BY u.model, u.provider

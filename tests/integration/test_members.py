@@ -187,3 +187,27 @@ def test_cli_members(settings: Settings, conn: psycopg.Connection[Any], q: Queri
     ]
     run("members", "remove", "org", "m1")
     assert "not a member" in run("members", "remove", "org", "m1", code=2)
+
+
+def test_the_usage_report_puts_a_members_paid_usage_where_the_statement_does(
+    settings: Settings, conn: psycopg.Connection[Any], q: Queries
+) -> None:
+    """The report grouped usage by the event's account: the organisation's report showed no
+    spend for what its wallet paid, and the member's showed spend its own wallet never paid."""
+    from billing.exports.report import build_report
+
+    open_account(conn, q, "org", "1")
+    open_account(conn, q, "alice", "0.5")
+    members.add_member(conn, q, org="org", member="alice", actor="tests")
+    record(conn, q, "o1", "org")
+    record(conn, q, "a1", "alice")
+    record(conn, q, "a2", "alice", byok=True)
+    period = Period.of(datetime.now(UTC))
+    # org: o1 and alice's a1 (paid by org); alice: her BYOK event only (no money, her own)
+    for account, events in (("org", 2), ("alice", 1)):
+        report = build_report(settings, period, account)
+        assert report.spend == statement_for(conn, q, account, period).usage_total
+        assert report.daily["events"].sum() == report.latency["events"].sum() == events
+    assert build_report(settings, period, "org").spend == 2 * D("0.0033")
+    assert build_report(settings, period, "alice").spend == 0
+    assert build_report(settings, period).spend == 2 * D("0.0033")  # fleet-wide: each once
