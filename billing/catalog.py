@@ -19,7 +19,7 @@ import bisect
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
 from functools import cached_property
@@ -259,8 +259,14 @@ def load_versions(
     now: datetime,
     loaded_by: str,
     allow_backdate: bool = False,
+    max_clock_skew: timedelta = timedelta(0),
 ) -> LoadResult:
-    """Append the new versions in one transaction; refuse anything that rewrites history."""
+    """Append the new versions in one transaction; refuse anything that rewrites history.
+
+    A new version must start after the latest one and no earlier than ``now`` plus
+    ``max_clock_skew`` (``BILLING_MAX_CLOCK_SKEW_S``): events are accepted up to that far ahead,
+    so one may already be priced, at the version before, in the minutes just after ``now``.
+    """
     added: list[PriceVersion] = []
     unchanged: list[PriceVersion] = []
     with conn.transaction():
@@ -279,11 +285,14 @@ def load_versions(
                 continue
             if history and not allow_backdate:
                 latest = history[-1].effective_from
-                if version.effective_from <= latest or version.effective_from < now:
+                earliest = now + max_clock_skew
+                if version.effective_from <= latest or version.effective_from < earliest:
                     raise CatalogError(
                         f"{version.label()} would take effect before the latest version "
-                        f"({latest.isoformat()}) or in the past; events may already be priced "
-                        "in that period (use allow_backdate / --allow-backdate if none are)"
+                        f"({latest.isoformat()}) or in the past (before {earliest.isoformat()}: "
+                        f"now plus the {max_clock_skew} events may run ahead); events may already "
+                        "be priced in that period (use allow_backdate / --allow-backdate if none "
+                        "are)"
                     )
             with conn.cursor() as cur:
                 cur.executemany(

@@ -88,6 +88,7 @@ def prices_load(ctx: click.Context, file: Path | None, allow_backdate: bool) -> 
             now=datetime.now(UTC),
             loaded_by=current_actor(),
             allow_backdate=allow_backdate,
+            max_clock_skew=settings.max_clock_skew,
         )
     for version in result.added:
         click.echo(f"added {version.label()}")

@@ -66,6 +66,7 @@ def run_demo(
             catalog.read_catalog_file(catalog.DEFAULT_CATALOG),
             now=datetime.now(UTC),
             loaded_by="demo",
+            max_clock_skew=settings.max_clock_skew,
         )
         snap = catalog.snapshot(conn, q)
         accounts = [f"demo-{i:03d}" for i in range(1, account_count + 1)]

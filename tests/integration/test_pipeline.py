@@ -195,6 +195,15 @@ def test_history_is_never_rewritten(conn: psycopg.Connection[Any], q: Queries) -
     )
     with pytest.raises(CatalogError, match="in the past"):
         catalog.load_versions(conn, q, [backdated], now=datetime.now(UTC), loaded_by="t")
+    # events are accepted up to 5 minutes ahead: one at now + 4 min may already be priced at
+    # the version before, so a version starting at now + 2 min would rewrite its price
+    now, skew = datetime.now(UTC), timedelta(minutes=5)
+    soon, later = (catalog.PriceVersion(o4.model, o4.provider, now + timedelta(minutes=m),
+                                        o4.prices, "x") for m in (2, 6))  # fmt: skip
+    with pytest.raises(CatalogError, match="in the past"):
+        catalog.load_versions(conn, q, [soon], now=now, loaded_by="t", max_clock_skew=skew)
+    added = catalog.load_versions(conn, q, [later], now=now, loaded_by="t", max_clock_skew=skew)
+    assert added.added == [later]
 
 
 def test_byok_is_priced_and_recorded_but_debits_nothing(
