@@ -282,7 +282,10 @@ class UsagePublisher:
         """
         sent = 0
         for body, account_id, count in usage_messages(
-            events, envelope_size, self.settings.usage_partitions
+            events,
+            envelope_size,
+            self.settings.usage_partitions,
+            self.settings.max_message_bytes,
         ):
             self.publish_raw(body, account_id)
             sent += count
@@ -323,8 +326,10 @@ class BufferedUsagePublisher:
         size: int,
         partitions: int = 1,
         linger_ms: int = 50,
+        max_bytes: int | None = None,
     ) -> None:
         self._send = send  # (body, routing account): UsagePublisher.publish_raw
+        self._max_bytes = max_bytes  # the workers' BILLING_MAX_MESSAGE_BYTES: larger is split
         self._held = OpenEnvelopes(size, partitions, linger_ms / 1000)
         self._unsent: list[list[UsageEvent]] = []  # closed, but their publish failed
         self._lock = threading.Lock()  # the buffer and the channel: one publish at a time
@@ -345,6 +350,7 @@ class BufferedUsagePublisher:
             size=settings.publish_envelope_size,
             partitions=settings.usage_partitions,
             linger_ms=settings.publish_linger_ms,
+            max_bytes=settings.max_message_bytes,
         )
 
     @property
@@ -401,9 +407,15 @@ class BufferedUsagePublisher:
     def _publish(self, chunks: list[list[UsageEvent]]) -> None:
         """Publish the unsent envelopes, then ``chunks``; on failure keep the rest and raise."""
         pending, self._unsent = [*self._unsent, *chunks], []
-        for i, chunk in enumerate(pending):
+        bodies = [
+            piece
+            for chunk in pending
+            for piece in sized_bodies(chunk, self._held.size, self._max_bytes)
+        ]
+        pending = [part for _body, part in bodies]  # a failure keeps the parts not yet sent
+        for i, (body, chunk) in enumerate(bodies):
             try:
-                self._send(message_body(chunk, self._held.size), chunk[0].account_id)
+                self._send(body, chunk[0].account_id)
             except BaseException as exc:
                 self._unsent = pending[i:]
                 self.error = exc
@@ -545,17 +557,33 @@ class OpenEnvelopes:
 
 
 def usage_messages(
-    events: Iterable[UsageEvent], size: int, partitions: int = 1
+    events: Iterable[UsageEvent], size: int, partitions: int = 1, max_bytes: int | None = None
 ) -> Iterator[tuple[bytes, str, int]]:
     """Each message's body, the account that routes it and its number of events, cut as
-    ``envelopes`` cuts them (``size`` 1: plain events, not envelopes of one)."""
+    ``envelopes`` cuts them (``size`` 1: plain events, not envelopes of one), an envelope over
+    ``max_bytes`` split in halves (``sized_bodies``)."""
     for chunk in envelopes(events, size, partitions):
-        yield message_body(chunk, size), chunk[0].account_id, len(chunk)
+        for body, part in sized_bodies(chunk, size, max_bytes):
+            yield body, part[0].account_id, len(part)
 
 
 def message_body(chunk: list[UsageEvent], size: int) -> bytes:
     """A message cut for ``size`` events: the plain event when ``size`` is 1, else an envelope."""
     return encode_event(chunk[0]) if size == 1 else encode_envelope(chunk)
+
+
+def sized_bodies(
+    chunk: list[UsageEvent], size: int, max_bytes: int | None
+) -> list[tuple[bytes, list[UsageEvent]]]:
+    """``chunk``'s message, or, when it is over ``max_bytes`` (the workers' limit,
+    ``BILLING_MAX_MESSAGE_BYTES``), its halves, split again until each fits: the workers would
+    park a larger message whole as ``too_large``, its events beyond replay. A single event over
+    the limit is left as it is (it is parked, and the sender must be fixed)."""
+    body = message_body(chunk, size)
+    if max_bytes is None or len(body) <= max_bytes or len(chunk) == 1:
+        return [(body, chunk)]
+    half = len(chunk) // 2
+    return sized_bodies(chunk[:half], size, max_bytes) + sized_bodies(chunk[half:], size, max_bytes)
 
 
 def _chunks(events: Iterable[UsageEvent], size: int) -> Iterator[list[UsageEvent]]:

@@ -225,3 +225,38 @@ def test_after_the_broker_recovers_lingering_envelopes_go_out_within_the_linger(
         _wait_for(lambda: publisher.held == 0, timeout=2.0)
         assert time.monotonic() - started < 0.5  # not after the flusher's one-second pause
         assert sender.ids == ["ev-0", "ev-1", "ev-2"]
+
+
+def test_an_envelope_over_the_workers_message_limit_is_split_until_each_part_fits() -> None:
+    """The schema allows 10,000 events per envelope, the workers 1 MiB per message: a larger
+    message was parked whole as too_large, beyond replay. The publishers split it instead."""
+    events = _events(0, 100)
+    whole = len(broker.message_body(events, 100))
+    limit = whole // 3  # the 100 events need at least 4 messages of <= limit bytes
+    messages = list(broker.usage_messages(events, 100, max_bytes=limit))
+    assert len(messages) >= 4 and all(len(body) <= limit for body, _a, _n in messages)
+    decoded = [
+        item.event_id
+        for body, _account, _count in messages
+        for item in decode_message(body, datetime(2026, 11, 1, tzinfo=UTC), timedelta(3650), limit)
+        if isinstance(item, UsageEvent)
+    ]
+    assert decoded == [e.event_id for e in events]  # all, once, in order
+    assert sum(n for _b, _a, n in messages) == 100
+
+    sender, calls = Sender(), 0
+
+    def fails_on_the_third(body: bytes, account: str) -> None:
+        nonlocal calls
+        calls += 1
+        sender.broken = calls == 3
+        sender(body, account)
+
+    publisher = broker.BufferedUsagePublisher(
+        fails_on_the_third, size=100, linger_ms=60_000, max_bytes=limit
+    )
+    publisher.add_many(events)  # a full envelope: published in parts, the third part fails
+    assert isinstance(publisher.error, ConnectionError)
+    assert publisher.held == 100 - len(sender.ids)  # only the parts not sent are kept
+    publisher.close()
+    assert sender.ids == [e.event_id for e in events]  # each once, in order
