@@ -39,8 +39,15 @@ import psycopg
 
 from billing.catalog import Catalog, PriceVersion
 from billing.db import Queries, map_error, text_array
-from billing.errors import DatabaseRejected, Transient, Unpriced
-from billing.events import Reason, Rejected, UsageEvent, decode_message, encode_event
+from billing.errors import BillingError, DatabaseRejected, Transient, Unpriced
+from billing.events import (
+    Reason,
+    Rejected,
+    UsageEvent,
+    decode_message,
+    dedup_key_for,
+    encode_event,
+)
 from billing.ledger import PostingKind, SystemAccount, next_posting_id, post_wallet_movement
 from billing.money import EXACT, ZERO, sum_exact
 from billing.pricing import Charge, price
@@ -394,6 +401,23 @@ def _storable(item: Rejected) -> Rejected:
     )
 
 
+_BARE = "stored bare"
+
+
+def _bare(item: Rejected, refused: BillingError) -> Rejected:
+    """A dead letter the database refused, reduced to what it cannot refuse: the reason code,
+    why it is bare, and the payload (bytea), keyed by the payload's hash. Without it the batch
+    would be retried, and refused, for ever, its good events with it."""
+    return Rejected(
+        item.reason_code,
+        "$",
+        f"{_BARE} (the database refused this dead letter: {_no_nul(str(refused))[:500]})",
+        item.payload,
+        dedup_key_for(None, item.payload),
+        payload_bytes=item.payload_bytes,
+    )
+
+
 def _no_nul(text: str) -> str:
     return text.replace("\x00", "\\u0000")
 
@@ -427,9 +451,15 @@ def _split_or_raise(
     if isinstance(mapped, Transient) or conn.closed or conn.broken:
         raise mapped from exc
     assert isinstance(mapped, DatabaseRejected)
+    if priced and rejected:  # the dead letters on their own first: the refusal may be theirs
+        first = record_isolating(conn, q, [], rejected, resolution=resolution)
+        return first.merge(record_isolating(conn, q, priced, [], resolution=resolution))
     if len(priced) <= 1:
-        if not priced:
-            raise mapped from exc  # dead letters themselves were refused: nothing to split
+        if not priced:  # the dead letters themselves were refused: park them bare, once
+            if any(r.reason.startswith(_BARE) for r in rejected):
+                raise mapped from exc  # refused even so: retried as the batch's error
+            bare = [_bare(r, mapped) for r in rejected]
+            return record_isolating(conn, q, [], bare, resolution=resolution)
         bad = rejection_of(priced[0].event, Reason.DATABASE_REJECTED, "$", str(mapped)[:1000])
         return record_isolating(conn, q, [], [*rejected, bad], resolution=resolution)
     half = len(priced) // 2

@@ -578,3 +578,31 @@ def test_replaying_a_redacted_event_without_an_id_keeps_its_one_dead_letter(
     [(payload,)] = conn.execute("SELECT payload FROM dead_letters").fetchall()
     stored = json.loads(bytes(payload))
     assert stored["_redacted_fields"] == ["prompt"] and "secret" not in json.dumps(stored)
+
+
+def test_a_dead_letter_the_database_refuses_is_parked_bare_and_the_batch_goes_on(
+    settings: Settings, conn: psycopg.Connection[Any], q: Queries
+) -> None:
+    """Were a dead letter itself refused (a NUL was one such case), the batch was retried and
+    refused for ever, its good events with it. It is parked bare instead: reason code, payload."""
+    open_account(conn, q, "acme", "10")
+    conn.execute("""
+        CREATE FUNCTION refuse_letter() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN IF NEW.event_id = 'refused' THEN RAISE EXCEPTION 'no' USING ERRCODE = '22000';
+              END IF; RETURN NEW; END $$;
+        CREATE TRIGGER refuse_letter BEFORE INSERT ON dead_letters
+            FOR EACH ROW EXECUTE FUNCTION refuse_letter();""")
+    good = [make_event(f"ok-{i}") for i in range(3)]
+    bad = {**json.loads(encode_event(make_event("refused"))), "usage": {"input_tokens": -1}}
+    bodies = [*(encode_event(e) for e in good), json.dumps(bad).encode()]
+    priced, rejected = decode_and_price(
+        bodies, catalog.snapshot(conn, q), settings, datetime.now(UTC)
+    )
+    result = record_isolating(conn, q, priced, rejected)
+    assert (result.debited, result.parked) == (3, 1)
+    [row] = deadletters.list_dead_letters(conn, q)
+    assert (row["event_id"], row["reason_code"], row["field"]) == (None, "invalid_event", "$")
+    assert row["reason"].startswith("stored bare (the database refused this dead letter")
+    [(payload,)] = conn.execute("SELECT payload FROM dead_letters").fetchall()
+    assert json.loads(bytes(payload))["event_id"] == "refused"  # what an operator needs
+    assert_audit_clean(conn, q)
