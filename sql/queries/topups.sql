@@ -159,9 +159,11 @@ SELECT * FROM auto_topup_settings WHERE account_id = %(account_id)s
 
 -- name: auto_topup_candidates
 -- Accounts that need an auto top-up now (re-checked under the row lock by auto_topup_claim).
+-- A wallet frozen by a dispute is never topped up: its balance is low because the disputed
+-- credit is held, and the card holder who disputes must not be charged off-session again.
 SELECT a.account_id
 FROM auto_topup_settings a JOIN wallets w USING (account_id)
-WHERE a.enabled AND a.pending_topup_id IS NULL AND w.balance < a.threshold
+WHERE a.enabled AND a.pending_topup_id IS NULL AND w.balance < a.threshold AND NOT w.frozen
 ORDER BY a.account_id
 LIMIT %(limit)s
 
@@ -170,7 +172,7 @@ LIMIT %(limit)s
 SELECT a.account_id, a.threshold, a.amount, a.payment_method, a.attempts, w.balance
 FROM auto_topup_settings a JOIN wallets w USING (account_id)
 WHERE a.account_id = %(account_id)s
-  AND a.enabled AND a.pending_topup_id IS NULL AND w.balance < a.threshold
+  AND a.enabled AND a.pending_topup_id IS NULL AND w.balance < a.threshold AND NOT w.frozen
 FOR UPDATE OF a SKIP LOCKED
 
 -- name: auto_topup_set_pending

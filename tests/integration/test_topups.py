@@ -613,3 +613,47 @@ def test_cli_topup_then_reconcile_reports_every_difference(
     assert "charge not in our books" in diff.output and stray["id"] in diff.output
     assert "7.77" in diff.output
     assert_audit_clean(conn, q)
+
+
+def test_a_wallet_frozen_by_a_dispute_is_not_auto_topped_up(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    stripe_settings: Settings,
+    gateway: StripeGateway,
+    endpoint: Endpoint,
+    localstripe_url: str,
+) -> None:
+    """The dispute holds the balance below the threshold: charging the card holder who disputes
+    a payment off-session again would be wrong; auto top-up resumes once the wallet is unfrozen."""
+    open_account(conn, q, "acme", credit="0")
+    topup_id = _paid_topup(conn, q, stripe_settings, gateway, "acme")
+    customer = ensure_customer(conn, q, gateway, "acme")
+    card = _saved_card(gateway, localstripe_url, customer, "4242424242424242")
+    set_auto_topup(
+        conn, q, stripe_settings, "acme", threshold=D(20), amount=D(50), payment_method=card
+    )
+    assert check_auto_topups(conn, q, stripe_settings, gateway) == []  # 100 is above 20
+    topup = get_topup(conn, q, topup_id)
+    assert topup.charge_id and topup.payment_intent_id
+    opened = envelope(
+        "charge.dispute.created",
+        dispute_object(topup.charge_id, topup.payment_intent_id, 10500, "needs_response", "du_f"),
+    )
+    assert endpoint.post(opened).status_code == 200
+    endpoint.dispatch.drain()
+    assert wallet_balance(conn, "acme") == 0  # below the threshold, and frozen
+    assert check_auto_topups(conn, q, stripe_settings, gateway) == []
+    assert conn.execute("SELECT count(*) FROM topups WHERE kind = 'auto'").fetchone() == (0,)
+    won = envelope(
+        "charge.dispute.closed",
+        dispute_object(topup.charge_id, topup.payment_intent_id, 10500, "won", "du_f"),
+    )
+    assert endpoint.post(won).status_code == 200
+    endpoint.dispatch.drain()
+    assert check_auto_topups(conn, q, stripe_settings, gateway) == []  # 100 again: above 20
+    from billing import wallets
+
+    wallets.adjust(conn, q, "acme", D("-90"), reason="spent", actor="tests")
+    [result] = check_auto_topups(conn, q, stripe_settings, gateway)  # unfrozen: it resumes
+    assert result.outcome == "created"
+    assert_audit_clean(conn, q)
