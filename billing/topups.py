@@ -12,6 +12,7 @@ Postings (each balanced, entries written in one statement):
 
 * ``topup``:           wallet +credit, revenue:fees +fee, clearing:stripe -charged
 * ``topup_refund``:    wallet -credit part, revenue:fees -fee part, clearing:stripe +refunded
+                       (the opposite signs when a refund fails and its clawback is given back)
 * ``dispute_hold``:    wallet -held credit, liability:dispute_holds +held credit (wallet frozen)
 * ``dispute_release``: liability:dispute_holds -held credit, wallet +held credit (won)
 * ``dispute_loss``:    liability:dispute_holds -held credit, revenue:fees -fee part,
@@ -24,7 +25,7 @@ import hashlib
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Context, Decimal, InvalidOperation, localcontext
 from enum import StrEnum
 from typing import Any, Protocol
@@ -571,35 +572,72 @@ def _mark_unpaid(
 
 
 def _converge_refunds(
-    conn: psycopg.Connection[Any], q: Queries, topup: dict[str, Any], amount_refunded: int
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    topup: dict[str, Any],
+    snapshot: tuple[datetime, int] | None = None,
 ) -> str:
-    """Book the difference between Stripe's cumulative ``amount_refunded`` and ours."""
+    """Book the difference between the refunded total Stripe's state implies and ours.
+
+    The target is the cumulative ``amount_refunded`` of the newest charge snapshot (by event
+    time; the largest at that time) minus the refunds known to have failed at or after it
+    (``stripe_refund_failures``): a failed or canceled refund returns the money to us and
+    lowers Stripe's total. That is a function of the events received, not of their order, so
+    duplicates and late events converge; an older snapshot never moves the total. The split
+    is applied to the cumulative target, so a reversal gives back exactly the credit and fee
+    parts its refund took.
+    """
+    topup_id = topup["topup_id"]
+    at, snapshot_cents = topup["refund_snapshot_at"], int(topup["refund_snapshot_cents"])
+    if snapshot is not None:
+        row = conn.execute(
+            q["topup_refund_snapshot"],
+            {"topup_id": topup_id, "at": snapshot[0], "cents": snapshot[1]},
+        ).fetchone()
+        assert row is not None
+        at, snapshot_cents = row[0], int(row[1])
+        topup["refund_snapshot_at"], topup["refund_snapshot_cents"] = at, snapshot_cents
+    failed = conn.execute(
+        q["refund_failures_not_in_snapshot"], {"topup_id": topup_id, "at": at}
+    ).fetchone()
+    assert failed is not None
     credit_c, charged_c = _cents(topup["credit"]), _cents(topup["charged"])
+    target = max(0, min(snapshot_cents, charged_c) - _cents(failed[0]))
     booked_credit, booked_fee = _cents(topup["refunded_credit"]), _cents(topup["refunded_fee"])
-    target = min(amount_refunded, charged_c)
-    if target <= booked_credit + booked_fee:
-        return f"refunds up to date ({format_cents(booked_credit + booked_fee)} USD booked)"
+    booked = booked_credit + booked_fee
+    if target == booked:
+        return f"refunds up to date ({format_cents(booked)} USD booked)"
     credit_part, fee_part = split_refund(target, credit_c, charged_c)
     d_credit, d_fee = credit_part - booked_credit, fee_part - booked_fee
     credit_dec, fee_dec = exact(Decimal(d_credit) * CENT), exact(Decimal(d_fee) * CENT)
+    number = int(topup["refund_postings"]) + 1
+    if target > booked:
+        what = f"refund of {format_cents(d_credit + d_fee)} USD"
+    else:
+        what = f"failed refunds give back {format_cents(-(d_credit + d_fee))} USD"
     _post(
         conn,
         q,
         topup,
         TopupPosting.REFUND,
-        reference=f"{topup['topup_id']}:refunded:{target}",
+        reference=f"{topup_id}:refund:{number}:{target}",
         memo=(
-            f"refund of {format_cents(d_credit + d_fee)} USD: credit {format_cents(d_credit)}, "
-            f"fee {format_cents(d_fee)} (refunded in total {format_cents(target)})"
+            f"{what}: credit {format_cents(abs(d_credit))}, fee {format_cents(abs(d_fee))} "
+            f"(refunded in total {format_cents(target)})"
         ),
         wallet=-credit_dec,
         system={Ledger.FEES: -fee_dec, Ledger.CLEARING: credit_dec + fee_dec},
     )
     conn.execute(
         q["topup_add_refund"],
-        {"topup_id": topup["topup_id"], "credit": credit_dec, "fee": fee_dec},
+        {"topup_id": topup_id, "credit": credit_dec, "fee": fee_dec, "refund_postings": number},
     )
-    return f"refunded {format_cents(d_credit + d_fee)} USD (total {format_cents(target)})"
+    topup["refunded_credit"] += credit_dec
+    topup["refunded_fee"] += fee_dec
+    topup["refund_postings"] = number
+    if target > booked:
+        return f"refunded {format_cents(d_credit + d_fee)} USD (total {format_cents(target)})"
+    return f"{what} (total refunded {format_cents(target)})"
 
 
 def _converge_dispute(
@@ -798,7 +836,11 @@ def _charge_succeeded(charge: Mapping[str, Any]) -> bool:
 
 
 def _on_charge(
-    conn: psycopg.Connection[Any], q: Queries, event_type: str, charge: Mapping[str, Any]
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    event_type: str,
+    charge: Mapping[str, Any],
+    at: datetime,
 ) -> Outcome:
     pi = _id(charge.get("payment_intent"))
     topup = _lock_topup(conn, q, topup_id=_metadata_topup(charge), pi=pi, charge=charge.get("id"))
@@ -819,9 +861,55 @@ def _on_charge(
         if refused:
             return Outcome(f"refused: {refused}")
         notes.append("credited")
-    if event_type == "charge.refunded" or int(charge.get("amount_refunded") or 0):
-        notes.append(_converge_refunds(conn, q, topup, int(charge.get("amount_refunded") or 0)))
+    if charge.get("amount_refunded") is not None and _charge_succeeded(charge):
+        snapshot = (at, int(charge["amount_refunded"]))
+        notes.append(_converge_refunds(conn, q, topup, snapshot))
     return Outcome("; ".join(notes) or "nothing to do")
+
+
+REFUND_REVERSED = frozenset({"failed", "canceled"})
+
+
+def _on_refund(
+    conn: psycopg.Connection[Any], q: Queries, refund: Mapping[str, Any], at: datetime
+) -> Outcome:
+    """A refund that failed or was canceled: the money is back with us, so is the clawback.
+
+    Refunds themselves are booked from the charge's cumulative total (``charge.refunded``);
+    a refund object only matters when its status says it will never reach the card holder.
+    """
+    status = str(refund.get("status") or "")
+    if status not in REFUND_REVERSED:
+        return Outcome(f"ignored: refund {status} (refunds are booked from charge.refunded)")
+    pi, charge = _id(refund.get("payment_intent")), _id(refund.get("charge"))
+    topup = _lock_topup(conn, q, topup_id=_metadata_topup(refund), pi=pi, charge=charge)
+    if topup is None:
+        return NOT_OURS
+    notes = []
+    if topup["status"] != TopupStatus.SUCCEEDED:
+        # A refund exists only on a successful charge: book the payment first.
+        _ensure_succeeded(
+            conn, q, topup, amount_cents=None, currency=None, source=f"refund {refund.get('id')}"
+        )
+        notes.append("credited")
+    amount = int(refund.get("amount") or 0)
+    if amount <= 0:
+        return Outcome("ignored: refund without an amount")
+    inserted = conn.execute(
+        q["refund_failure_insert"],
+        {
+            "refund_id": str(refund["id"]),
+            "topup_id": topup["topup_id"],
+            "amount": exact(Decimal(amount) * CENT),
+            "stripe_status": status,
+            "failure_reason": refund.get("failure_reason"),
+            "at": at,
+        },
+    ).fetchone()
+    if inserted is not None:
+        notes.append(f"refund {refund['id']} {status}: {format_cents(amount)} USD")
+    notes.append(_converge_refunds(conn, q, topup))
+    return Outcome("; ".join(notes))
 
 
 def _on_dispute(conn: psycopg.Connection[Any], q: Queries, dispute: Mapping[str, Any]) -> Outcome:
@@ -840,15 +928,29 @@ def _on_dispute(conn: psycopg.Connection[Any], q: Queries, dispute: Mapping[str,
     return Outcome("; ".join(notes))
 
 
-IGNORED_REFUND_EVENTS = frozenset(
+REFUND_EVENTS = frozenset(
     {"refund.created", "refund.updated", "refund.failed", "charge.refund.updated"}
 )
 
 
-def apply_event(conn: psycopg.Connection[Any], q: Queries, event: Mapping[str, Any]) -> Outcome:
+def event_time(event: Mapping[str, Any], received_at: datetime | None = None) -> datetime:
+    """When Stripe says the event happened (``created``), else when we received it."""
+    created = event.get("created")
+    if isinstance(created, int) and not isinstance(created, bool):
+        return datetime.fromtimestamp(created, UTC)
+    return received_at if received_at is not None else datetime.now(UTC)
+
+
+def apply_event(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    event: Mapping[str, Any],
+    received_at: datetime | None = None,
+) -> Outcome:
     """Apply one verified event's object state to our records. Call inside a transaction."""
     event_type = str(event.get("type"))
     obj = event["data"]["object"]
+    at = event_time(event, received_at)
     if event_type.startswith("payment_intent."):
         if event_type in (
             "payment_intent.succeeded",
@@ -861,9 +963,9 @@ def apply_event(conn: psycopg.Connection[Any], q: Queries, event: Mapping[str, A
     elif event_type.startswith("charge.dispute."):
         return _on_dispute(conn, q, obj)
     elif event_type in ("charge.succeeded", "charge.refunded", "charge.captured"):
-        return _on_charge(conn, q, event_type, obj)
-    elif event_type in IGNORED_REFUND_EVENTS:
-        return Outcome("ignored: refunds are booked from charge.refunded (cumulative)")
+        return _on_charge(conn, q, event_type, obj, at)
+    elif event_type in REFUND_EVENTS:
+        return _on_refund(conn, q, obj, at)
     return Outcome(f"ignored: {event_type} is not handled")
 
 
@@ -885,7 +987,7 @@ def process_stripe_event(
                 raise BillingError(f"no stored stripe event {event_id!r}")
             if rows[0]["processed_at"] is not None:
                 return Outcome("duplicate: already processed")
-            outcome = apply_event(conn, q, rows[0]["event"])
+            outcome = apply_event(conn, q, rows[0]["event"], rows[0]["received_at"])
             done = "stripe_event_done" if outcome.done else "stripe_event_waiting"
             conn.execute(q[done], {"event_id": event_id, "outcome": outcome.text})
         log.info("stripe event %s: %s", event_id, outcome.text)

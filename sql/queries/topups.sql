@@ -53,10 +53,35 @@ WHERE topup_id = %(topup_id)s AND status = 'pending'
 RETURNING topup_id
 
 -- name: topup_add_refund
+-- credit and fee are signed: a failed refund gives back what its refund took.
 UPDATE topups
 SET refunded_credit = refunded_credit + %(credit)s, refunded_fee = refunded_fee + %(fee)s,
-    updated_at = now()
+    refund_postings = %(refund_postings)s, updated_at = now()
 WHERE topup_id = %(topup_id)s
+
+-- name: topup_refund_snapshot
+-- Keep the newest charge snapshot (event time); at the same time the largest total wins
+-- (amount_refunded grows within a second; a failure is accounted apart, by its own time).
+UPDATE topups
+SET refund_snapshot_cents = CASE
+        WHEN refund_snapshot_at IS NULL OR %(at)s > refund_snapshot_at THEN %(cents)s
+        WHEN %(at)s = refund_snapshot_at THEN greatest(refund_snapshot_cents, %(cents)s)
+        ELSE refund_snapshot_cents END,
+    refund_snapshot_at = greatest(coalesce(refund_snapshot_at, %(at)s), %(at)s)
+WHERE topup_id = %(topup_id)s
+RETURNING refund_snapshot_at, refund_snapshot_cents
+
+-- name: refund_failure_insert
+INSERT INTO stripe_refund_failures (refund_id, topup_id, amount, stripe_status, failure_reason,
+                                    failed_at)
+VALUES (%(refund_id)s, %(topup_id)s, %(amount)s, %(stripe_status)s, %(failure_reason)s, %(at)s)
+ON CONFLICT (refund_id) DO NOTHING
+RETURNING refund_id
+
+-- name: refund_failures_not_in_snapshot
+-- Failed refunds the snapshot taken at %(at)s still counts (they failed at or after it).
+SELECT coalesce(sum(amount), 0) FROM stripe_refund_failures
+WHERE topup_id = %(topup_id)s AND (%(at)s::timestamptz IS NULL OR failed_at >= %(at)s)
 
 -- name: topup_posting_insert
 INSERT INTO topup_postings (posting_id, topup_id, kind)
@@ -117,7 +142,7 @@ UPDATE stripe_events SET attempts = attempts + 1 WHERE event_id = %(event_id)s
 RETURNING attempts
 
 -- name: stripe_event_lock
-SELECT event_id, type, event, processed_at FROM stripe_events
+SELECT event_id, type, event, processed_at, received_at FROM stripe_events
 WHERE event_id = %(event_id)s
 FOR UPDATE
 

@@ -657,3 +657,113 @@ def test_a_wallet_frozen_by_a_dispute_is_not_auto_topped_up(
     [result] = check_auto_topups(conn, q, stripe_settings, gateway)  # unfrozen: it resumes
     assert result.outcome == "created"
     assert_audit_clean(conn, q)
+
+
+def _refund_object(refund: dict[str, Any], status: str) -> dict[str, Any]:
+    """Stripe's published refund object carrying a real refund's ids and amount."""
+    obj = fixture("refund.json")
+    for key in ("id", "amount", "charge", "payment_intent", "currency"):
+        obj[key] = refund[key]
+    obj["status"] = status
+    if status == "failed":
+        obj.update(failure_reason="expired_or_canceled_card", failure_balance_transaction="txn_f")
+    return obj
+
+
+def _at(event: dict[str, Any], created: int) -> dict[str, Any]:
+    event["created"] = created
+    return event
+
+
+@pytest.mark.parametrize("order", ["as_sent", "failure_first", "reversed"])
+def test_a_failed_refund_gives_the_credit_and_fee_back_then_a_lost_dispute_takes_them_once(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    stripe_settings: Settings,
+    gateway: StripeGateway,
+    endpoint: Endpoint,
+    order: str,
+) -> None:
+    """A full refund is booked, then fails (the money came back to us): the clawback is
+    reversed with the split the refund used. A lost dispute then takes the payment once."""
+    open_account(conn, q, "acme", credit="0")
+    topup_id = _paid_topup(conn, q, stripe_settings, gateway, "acme")
+    topup = get_topup(conn, q, topup_id)
+    assert topup.charge_id and topup.payment_intent_id
+    refund = gateway.create_refund(
+        key=f"refund-{topup_id}-1", payment_intent_id=topup.payment_intent_id, amount_cents=10500
+    )
+    charge = _charge(gateway, topup_id, conn, q)
+    assert charge["amount_refunded"] == 10500
+    t0 = int(datetime.now(UTC).timestamp())
+    refunded = _at(envelope("charge.refunded", charge_object(charge)), t0)
+    failed = _at(envelope("refund.failed", _refund_object(refund, "failed")), t0 + 60)
+    updated = _at(
+        envelope("charge.refund.updated", _refund_object(refund, "failed"), status="succeeded"),
+        t0 + 60,
+    )
+    later = _at(
+        envelope("charge.succeeded", charge_object({**charge, "amount_refunded": 0})), t0 + 90
+    )
+    events = [refunded, failed, updated, later]
+    if order == "failure_first":
+        events = [failed, refunded, updated, later]
+    elif order == "reversed":
+        events = events[::-1]
+    for event in events + events:  # each delivered twice
+        assert endpoint.post(event).status_code == 200
+        endpoint.dispatch.drain()
+    assert wallet_balance(conn, "acme") == D(100)
+    assert ledger_balance(conn, "revenue:fees") == D(5)
+    assert ledger_balance(conn, "clearing:stripe") == D(-105)
+    view = get_topup(conn, q, topup_id)
+    assert (view.refunded_credit, view.refunded_fee) == (0, 0)
+    assert_audit_clean(conn, q)
+    for status in ("needs_response", "lost"):
+        dispute = dispute_object(topup.charge_id, topup.payment_intent_id, 10500, status, "du_rf")
+        assert endpoint.post(envelope("charge.dispute.created", dispute)).status_code == 200
+        endpoint.dispatch.drain()
+    assert wallet_balance(conn, "acme") == 0
+    assert ledger_balance(conn, "revenue:fees") == 0
+    assert ledger_balance(conn, "clearing:stripe") == 0
+    assert_audit_clean(conn, q)
+
+
+def test_a_partial_refund_that_fails_is_reversed_and_a_later_refund_still_books(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    stripe_settings: Settings,
+    gateway: StripeGateway,
+    endpoint: Endpoint,
+) -> None:
+    open_account(conn, q, "acme", credit="0")
+    topup_id = _paid_topup(conn, q, stripe_settings, gateway, "acme")
+    intent = get_topup(conn, q, topup_id).payment_intent_id
+    assert intent is not None
+    t0 = int(datetime.now(UTC).timestamp())
+    first = gateway.create_refund(
+        key=f"refund-{topup_id}-1", payment_intent_id=intent, amount_cents=1000
+    )
+    gateway.create_refund(key=f"refund-{topup_id}-2", payment_intent_id=intent, amount_cents=2000)
+    charge = _charge(gateway, topup_id, conn, q)
+    assert charge["amount_refunded"] == 3000
+    for event in (
+        _at(envelope("charge.refunded", charge_object(charge)), t0),
+        _at(envelope("refund.failed", _refund_object(first, "failed")), t0 + 60),
+    ):
+        assert endpoint.post(event).status_code == 200
+        endpoint.dispatch.drain()
+    # 2000 of 10500 still refunded: credit to_cents(20 * 100/105 = 19.047..) = 19.05, fee 0.95
+    view = get_topup(conn, q, topup_id)
+    assert (view.refunded_credit, view.refunded_fee) == (D("19.05"), D("0.95"))
+    assert wallet_balance(conn, "acme") == D("80.95")
+    assert ledger_balance(conn, "revenue:fees") == D("4.05")
+    # a new refund of 1000 after the failure: Stripe's total is 3000 again, and it is booked
+    again = {**charge, "amount_refunded": 3000}
+    event = _at(envelope("charge.refunded", charge_object(again)), t0 + 120)
+    assert endpoint.post(event).status_code == 200
+    endpoint.dispatch.drain()
+    view = get_topup(conn, q, topup_id)
+    assert (view.refunded_credit, view.refunded_fee) == (D("28.57"), D("1.43"))
+    assert wallet_balance(conn, "acme") == D("71.43")
+    assert_audit_clean(conn, q)
