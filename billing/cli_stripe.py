@@ -243,7 +243,7 @@ def autotopup_run(ctx: click.Context) -> None:
             conn, db.queries(settings), settings, StripeGateway(settings)
         )
     for r in results:
-        click.echo(f"{r.account_id}: {r.topup_id} {r.outcome}")
+        click.echo(f"{r.account_id}: {r.topup_id or '-'} {r.outcome}")
     click.echo(f"{len(results)} auto top-up(s)")
 
 

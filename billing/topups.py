@@ -36,8 +36,11 @@ from psycopg.types.json import Jsonb
 from billing.db import Queries, fetch_dicts, map_error
 from billing.errors import (
     BillingError,
+    ConfigError,
     IdempotencyConflict,
     PaymentDeclined,
+    PaymentError,
+    Transient,
 )
 from billing.ledger import next_posting_id, post_movement, require_account
 from billing.money import CENT, EXACT, ZERO, exact, format_cents, format_usd, to_cents
@@ -1097,8 +1100,8 @@ def disable_auto_topup(
 @dataclass(frozen=True)
 class AutoTopupResult:
     account_id: str
-    topup_id: str
-    outcome: str  # "created" or "declined: <reason>"
+    topup_id: str | None
+    outcome: str  # "created", "declined: ..." / "refused: ..." (disabled), "retry: ..." (skipped)
 
 
 def check_auto_topups(
@@ -1115,14 +1118,65 @@ def check_auto_topups(
     intent, so a second caller either skips the locked row or sees the pending top-up. The
     intent's idempotency key comes from (account, attempt number), so a crash after Stripe
     answered but before our commit reuses the same intent on retry.
+
+    One account never stops the others: a permanent refusal (a decline, a payment method
+    Stripe no longer knows, an idempotency conflict) disables that account's auto top-up with
+    the reason and writes ``wallet.auto_topup_failed``; a transient failure (Stripe or the
+    database unreachable) skips it until the next run. Each outcome is in the result. Only a
+    configuration error stops the run: it is the same for every account.
     """
     accounts = [r[0] for r in conn.execute(q["auto_topup_candidates"], {"limit": limit})]
     results = []
     for account_id in accounts:
-        result = _auto_topup(conn, q, settings, gateway, account_id)
+        try:
+            result = _auto_topup(conn, q, settings, gateway, account_id)
+        except ConfigError:
+            raise
+        except (BillingError, psycopg.Error) as exc:
+            error = map_error(exc) if isinstance(exc, psycopg.Error) else exc
+            if isinstance(error, Transient):
+                log.warning("auto top-up of %s skipped this run: %s", account_id, error)
+                result = AutoTopupResult(account_id, None, f"retry: {error}")
+            else:
+                log.warning("auto top-up of %s refused: %s", account_id, error)
+                result = _refused(conn, q, account_id, None, _refusal_reason(error))
         if result is not None:
             results.append(result)
     return results
+
+
+def _refusal_reason(exc: BillingError) -> str:
+    if isinstance(exc, PaymentDeclined):
+        return f"declined: {exc.code or exc}"
+    return f"refused: {exc}"
+
+
+def _refused(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    account_id: str,
+    topup_id: str | None,
+    reason: str,
+    attempt: int | None = None,
+) -> AutoTopupResult:
+    """Disable the account's auto top-up for good: the top-up failed, the gateway is told."""
+    with conn.transaction():
+        if topup_id is not None:
+            conn.execute(
+                q["topup_mark_unpaid"],
+                {"topup_id": topup_id, "status": TopupStatus.FAILED.value, "reason": reason},
+            )
+        conn.execute(
+            q["auto_topup_declined"],
+            {"account_id": account_id, "reason": reason, "attempts": attempt},
+        )
+        _outbox(
+            conn,
+            q,
+            AUTO_TOPUP_FAILED,
+            {"account_id": account_id, "topup_id": topup_id, "reason": reason},
+        )
+    return AutoTopupResult(account_id, topup_id, reason)
 
 
 def _auto_topup(
@@ -1151,23 +1205,9 @@ def _auto_topup(
                 payment_method=claim["payment_method"],
                 off_session=True,
             )
-        except PaymentDeclined as exc:
-            reason = f"declined: {exc.code or exc}"
-            conn.execute(
-                q["topup_mark_unpaid"],
-                {"topup_id": topup_id, "status": TopupStatus.FAILED.value, "reason": reason},
-            )
-            conn.execute(
-                q["auto_topup_declined"],
-                {"account_id": account_id, "reason": reason, "attempts": attempt},
-            )
-            _outbox(
-                conn,
-                q,
-                AUTO_TOPUP_FAILED,
-                {"account_id": account_id, "topup_id": topup_id, "reason": reason},
-            )
-            return AutoTopupResult(account_id, topup_id, reason)
+        except (PaymentError, IdempotencyConflict) as exc:
+            # Permanent for this account (a decline, a payment method Stripe does not know).
+            return _refused(conn, q, account_id, topup_id, _refusal_reason(exc), attempt)
         _set_ids(conn, q, topup_id, pi=intent["id"], charge=_id(intent.get("latest_charge")))
         conn.execute(
             q["auto_topup_set_pending"],

@@ -207,9 +207,11 @@ SET pending_topup_id = %(topup_id)s, pending_intent_id = %(intent_id)s,
 WHERE account_id = %(account_id)s
 
 -- name: auto_topup_declined
+-- A permanent refusal: disabled with the reason (attempts kept when not given).
 UPDATE auto_topup_settings
 SET enabled = false, disabled_reason = %(reason)s, pending_topup_id = NULL,
-    pending_intent_id = NULL, attempts = %(attempts)s, updated_at = now()
+    pending_intent_id = NULL, attempts = coalesce(%(attempts)s::integer, attempts),
+    updated_at = now()
 WHERE account_id = %(account_id)s
 
 -- name: auto_topup_settle

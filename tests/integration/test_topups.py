@@ -18,6 +18,7 @@ import pytest
 
 from billing import catalog, db
 from billing.db import Queries
+from billing.errors import StripeUnavailable
 from billing.events import encode_event
 from billing.settings import Settings
 from billing.stripe_client import StripeGateway
@@ -766,4 +767,59 @@ def test_a_partial_refund_that_fails_is_reversed_and_a_later_refund_still_books(
     view = get_topup(conn, q, topup_id)
     assert (view.refunded_credit, view.refunded_fee) == (D("28.57"), D("1.43"))
     assert wallet_balance(conn, "acme") == D("71.43")
+    assert_audit_clean(conn, q)
+
+
+class _FlakyStripe(StripeGateway):
+    """localstripe, except that Stripe is unreachable for the accounts in ``down``."""
+
+    down: set[str]
+
+    def create_payment_intent(self, **kw: Any) -> dict[str, Any]:
+        if kw["metadata"].get("account_id") in self.down:
+            raise StripeUnavailable("stripe unavailable: APIConnectionError")
+        return super().create_payment_intent(**kw)
+
+
+def test_a_bad_saved_card_disables_only_its_account_and_an_outage_skips_only_its_own(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    stripe_settings: Settings,
+    endpoint: Endpoint,
+    localstripe_url: str,
+) -> None:
+    """The accounts are checked in order: the first's card is gone (Stripe answers 404), the
+    second cannot be reached this run; the third still gets its top-up, the first is disabled
+    with the reason and notified, the second is left enabled and created on the next run."""
+    flaky = _FlakyStripe(stripe_settings)
+    flaky.down = {"b-down"}
+    for account in ("a-gone", "b-down", "c-good"):
+        open_account(conn, q, account, credit="1")
+        customer = ensure_customer(conn, q, flaky, account)
+        card = (
+            "pm_detached_card"
+            if account == "a-gone"
+            else _saved_card(flaky, localstripe_url, customer, "4242424242424242")
+        )
+        set_auto_topup(
+            conn, q, stripe_settings, account, threshold=D(5), amount=D(20), payment_method=card
+        )
+    results = {r.account_id: r for r in check_auto_topups(conn, q, stripe_settings, flaky)}
+    assert results["a-gone"].outcome.startswith("refused") and "404" in results["a-gone"].outcome
+    assert results["b-down"].outcome.startswith("retry")
+    assert results["c-good"].outcome == "created"
+    rows = dict(
+        (r[0], r[1:])
+        for r in conn.execute(
+            "SELECT account_id, enabled, disabled_reason FROM auto_topup_settings"
+        ).fetchall()
+    )
+    assert rows["a-gone"][0] is False and "refused" in rows["a-gone"][1]
+    assert rows["b-down"] == (True, None) and rows["c-good"] == (True, None)
+    assert _outbox(conn, AUTO_TOPUP_FAILED, "a-gone") == 1
+    assert _outbox(conn, AUTO_TOPUP_FAILED, "b-down") == 0
+    assert get_topup(conn, q, results["a-gone"].topup_id).status == "failed"
+    flaky.down = set()
+    [again] = check_auto_topups(conn, q, stripe_settings, flaky)  # a disabled, c pending
+    assert (again.account_id, again.outcome) == ("b-down", "created")
     assert_audit_clean(conn, q)
