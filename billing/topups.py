@@ -1114,10 +1114,13 @@ def check_auto_topups(
     """Create one off-session PaymentIntent per account below its threshold.
 
     Safe under concurrent callers: each account is claimed with ``FOR UPDATE SKIP LOCKED`` on its
-    settings row, and the pending top-up is recorded in the same transaction that creates the
-    intent, so a second caller either skips the locked row or sees the pending top-up. The
-    intent's idempotency key comes from (account, attempt number), so a crash after Stripe
-    answered but before our commit reuses the same intent on retry.
+    settings row and its top-up recorded as pending and committed BEFORE Stripe is called, so a
+    second caller sees the pending top-up and a webhook arriving first finds it. The intent is
+    then created while the top-up row is locked (``SKIP LOCKED``: one sender), with the
+    idempotency key of the top-up id (from account and attempt number), and recorded. If the
+    call fails transiently, or the process dies before the intent is recorded, the top-up stays
+    pending without an intent and the next run sends it again with the same key, whatever the
+    balance did meanwhile (Stripe answers with the intent it may already have created).
 
     One account never stops the others: a permanent refusal (a decline, a payment method
     Stripe no longer knows, an idempotency conflict) disables that account's auto top-up with
@@ -1187,36 +1190,57 @@ def _auto_topup(
     account_id: str,
 ) -> AutoTopupResult | None:
     customer_id = ensure_customer(conn, q, gateway, account_id)
+    # 1. Claim and record the top-up as pending, and COMMIT, before Stripe hears of it: a
+    #    webhook arriving before our answer (or after an answer we lost) finds the top-up.
     with conn.transaction():
         rows = fetch_dicts(conn, q["auto_topup_claim"], {"account_id": account_id})
-        if not rows:
-            return None  # another checker holds it, an intent is pending, or no longer below
-        claim = rows[0]
-        attempt = int(claim["attempts"]) + 1
-        quote_ = quote(claim["amount"], settings.topup_fee_rate)
-        topup_id = topup_id_for(account_id, f"auto:{attempt}")
-        _record_topup(conn, q, topup_id, account_id, quote_, TopupKind.AUTO)
+        if rows:
+            claim = rows[0]
+            attempt = int(claim["attempts"]) + 1
+            quote_ = quote(claim["amount"], settings.topup_fee_rate)
+            topup_id = topup_id_for(account_id, f"auto:{attempt}")
+            _record_topup(conn, q, topup_id, account_id, quote_, TopupKind.AUTO)
+            conn.execute(
+                q["auto_topup_set_pending"],
+                {"account_id": account_id, "topup_id": topup_id, "attempts": attempt},
+            )
+    # 2. Send the pending top-up that has no intent yet: the one just claimed, or one a
+    #    transient failure left (whatever the balance did since), always with the same key.
+    with conn.transaction():
+        unsent = conn.execute(q["auto_topup_unsent"], {"account_id": account_id}).fetchone()
+        if unsent is None:
+            return None  # nothing to send (or another checker claimed it)
+        topup_id = str(unsent[0])
+        topups_ = fetch_dicts(conn, q["topup_lock_skip_locked"], {"topup_id": topup_id})
+        if not topups_:
+            return None  # another checker is sending it, or a webhook is settling it
+        sending = fetch_dicts(
+            conn, q["auto_topup_lock_unsent"], {"account_id": account_id, "topup_id": topup_id}
+        )
+        if not sending or topups_[0]["status"] != TopupStatus.PENDING:
+            return None  # sent or settled meanwhile
+        topup = topups_[0]
+        quote_ = Quote(_cents(topup["credit"]), _cents(topup["fee"]))
         try:
             intent = gateway.create_payment_intent(
                 key=intent_key(topup_id),
                 customer_id=customer_id,
                 amount_cents=quote_.charged_cents,
                 metadata=_metadata(topup_id, account_id, quote_, TopupKind.AUTO),
-                payment_method=claim["payment_method"],
+                payment_method=sending[0]["payment_method"],
                 off_session=True,
             )
+        except Transient as exc:
+            # The top-up stays pending without an intent: the next run sends the same key.
+            log.warning("auto top-up %s of %s not sent this run: %s", topup_id, account_id, exc)
+            return AutoTopupResult(account_id, topup_id, f"retry: {exc}")
         except (PaymentError, IdempotencyConflict) as exc:
             # Permanent for this account (a decline, a payment method Stripe does not know).
-            return _refused(conn, q, account_id, topup_id, _refusal_reason(exc), attempt)
+            return _refused(conn, q, account_id, topup_id, _refusal_reason(exc))
         _set_ids(conn, q, topup_id, pi=intent["id"], charge=_id(intent.get("latest_charge")))
         conn.execute(
-            q["auto_topup_set_pending"],
-            {
-                "account_id": account_id,
-                "topup_id": topup_id,
-                "intent_id": intent["id"],
-                "attempts": attempt,
-            },
+            q["auto_topup_set_intent"],
+            {"account_id": account_id, "topup_id": topup_id, "intent_id": intent["id"]},
         )
     return AutoTopupResult(account_id, topup_id, "created")
 

@@ -20,6 +20,9 @@ SELECT * FROM topups WHERE topup_id = %(topup_id)s
 -- name: topup_lock
 SELECT * FROM topups WHERE topup_id = %(topup_id)s FOR UPDATE
 
+-- name: topup_lock_skip_locked
+SELECT * FROM topups WHERE topup_id = %(topup_id)s FOR UPDATE SKIP LOCKED
+
 -- name: topup_lock_by_stripe
 -- The top-up a Stripe object belongs to, by any id we know of it (first match wins).
 SELECT * FROM topups
@@ -183,12 +186,16 @@ RETURNING account_id
 SELECT * FROM auto_topup_settings WHERE account_id = %(account_id)s
 
 -- name: auto_topup_candidates
--- Accounts that need an auto top-up now (re-checked under the row lock by auto_topup_claim).
+-- Accounts that need an auto top-up now (re-checked under the row lock by auto_topup_claim),
+-- and those whose pending top-up was recorded but has no intent yet (a transient failure: sent
+-- again with the same key whatever the balance is now).
 -- A wallet frozen by a dispute is never topped up: its balance is low because the disputed
 -- credit is held, and the card holder who disputes must not be charged off-session again.
 SELECT a.account_id
 FROM auto_topup_settings a JOIN wallets w USING (account_id)
-WHERE a.enabled AND a.pending_topup_id IS NULL AND w.balance < a.threshold AND NOT w.frozen
+WHERE a.enabled AND NOT w.frozen
+  AND ((a.pending_topup_id IS NULL AND w.balance < a.threshold)
+       OR (a.pending_topup_id IS NOT NULL AND a.pending_intent_id IS NULL))
 ORDER BY a.account_id
 LIMIT %(limit)s
 
@@ -201,10 +208,31 @@ WHERE a.account_id = %(account_id)s
 FOR UPDATE OF a SKIP LOCKED
 
 -- name: auto_topup_set_pending
+-- Committed before Stripe is called; the intent is recorded by auto_topup_set_intent.
 UPDATE auto_topup_settings
-SET pending_topup_id = %(topup_id)s, pending_intent_id = %(intent_id)s,
+SET pending_topup_id = %(topup_id)s, pending_intent_id = NULL,
     attempts = %(attempts)s, updated_at = now()
 WHERE account_id = %(account_id)s
+
+-- name: auto_topup_unsent
+-- The account's pending auto top-up that has no intent yet, if Stripe may be asked for it now.
+SELECT a.pending_topup_id
+FROM auto_topup_settings a JOIN wallets w USING (account_id)
+WHERE a.account_id = %(account_id)s AND a.enabled AND NOT w.frozen
+  AND a.pending_topup_id IS NOT NULL AND a.pending_intent_id IS NULL
+
+-- name: auto_topup_lock_unsent
+-- Taken after the top-up's row lock (the order a webhook locks them in), re-checked.
+SELECT a.payment_method
+FROM auto_topup_settings a JOIN wallets w USING (account_id)
+WHERE a.account_id = %(account_id)s AND a.pending_topup_id = %(topup_id)s
+  AND a.pending_intent_id IS NULL AND a.enabled AND NOT w.frozen
+FOR UPDATE OF a
+
+-- name: auto_topup_set_intent
+UPDATE auto_topup_settings
+SET pending_intent_id = %(intent_id)s, updated_at = now()
+WHERE account_id = %(account_id)s AND pending_topup_id = %(topup_id)s
 
 -- name: auto_topup_declined
 -- A permanent refusal: disabled with the reason (attempts kept when not given).

@@ -823,3 +823,64 @@ def test_a_bad_saved_card_disables_only_its_account_and_an_outage_skips_only_its
     [again] = check_auto_topups(conn, q, stripe_settings, flaky)  # a disabled, c pending
     assert (again.account_id, again.outcome) == ("b-down", "created")
     assert_audit_clean(conn, q)
+
+
+class _LostAnswerStripe(StripeGateway):
+    """localstripe, except that the first intent's answer is lost: Stripe got the request (and
+    confirmed it) when ``reached``, or never did."""
+
+    lose = 1
+    reached = True
+
+    def create_payment_intent(self, **kw: Any) -> dict[str, Any]:
+        if self.lose:
+            self.lose -= 1
+            if self.reached:
+                super().create_payment_intent(**kw)
+            raise StripeUnavailable("stripe unavailable: APIConnectionError")
+        return super().create_payment_intent(**kw)
+
+
+@pytest.mark.parametrize("reached", [True, False])
+def test_an_auto_topup_whose_answer_was_lost_is_credited_or_resumed_with_the_same_key(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    stripe_settings: Settings,
+    endpoint: Endpoint,
+    localstripe_url: str,
+    reached: bool,
+) -> None:
+    """The top-up is recorded and committed before Stripe is called: the success webhook of an
+    intent whose answer we lost finds it, and an intent Stripe never got is sent again with the
+    same key on the next run even though the balance rose above the threshold meanwhile."""
+    lossy = _LostAnswerStripe(stripe_settings)
+    lossy.reached = reached
+    acme = f"acme-{uuid.uuid4().hex[:8]}"  # localstripe is shared: top-up ids must be new
+    open_account(conn, q, acme, credit="1")
+    customer = ensure_customer(conn, q, lossy, acme)
+    card = _saved_card(lossy, localstripe_url, customer, "4242424242424242")
+    set_auto_topup(
+        conn, q, stripe_settings, acme, threshold=D(5), amount=D(20), payment_method=card
+    )
+    [first] = check_auto_topups(conn, q, stripe_settings, lossy)
+    assert first.outcome.startswith("retry")
+    rows = conn.execute("SELECT topup_id, status FROM topups WHERE kind = 'auto'").fetchall()
+    assert len(rows) == 1 and rows[0][1] == "pending"  # committed before Stripe was called
+    topup_id = rows[0][0]
+    if reached:
+        # Stripe confirmed it: its success webhook credits the recorded top-up
+        wait_for(lambda: get_topup(conn, q, topup_id).status == "succeeded", what="credit")
+        assert wallet_balance(conn, acme) == D(21)
+        assert check_auto_topups(conn, q, stripe_settings, lossy) == []
+    else:
+        from billing import wallets
+
+        wallets.adjust(conn, q, acme, D(100), reason="manual", actor="tests")  # now above
+        [resumed] = check_auto_topups(conn, q, stripe_settings, lossy)
+        assert (resumed.topup_id, resumed.outcome) == (topup_id, "created")
+        wait_for(lambda: get_topup(conn, q, topup_id).status == "succeeded", what="credit")
+        assert wallet_balance(conn, acme) == D(121)
+    assert len(_intents_for(localstripe_url, topup_id)) == 1
+    row = conn.execute("SELECT pending_topup_id, enabled, attempts FROM auto_topup_settings")
+    assert row.fetchone() == (None, True, 1)
+    assert_audit_clean(conn, q)
