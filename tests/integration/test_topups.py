@@ -626,12 +626,13 @@ def test_a_wallet_frozen_by_a_dispute_is_not_auto_topped_up(
 ) -> None:
     """The dispute holds the balance below the threshold: charging the card holder who disputes
     a payment off-session again would be wrong; auto top-up resumes once the wallet is unfrozen."""
-    open_account(conn, q, "acme", credit="0")
-    topup_id = _paid_topup(conn, q, stripe_settings, gateway, "acme")
-    customer = ensure_customer(conn, q, gateway, "acme")
+    acme = f"acme-{uuid.uuid4().hex[:8]}"  # localstripe is shared: top-up ids must be new
+    open_account(conn, q, acme, credit="0")
+    topup_id = _paid_topup(conn, q, stripe_settings, gateway, acme)
+    customer = ensure_customer(conn, q, gateway, acme)
     card = _saved_card(gateway, localstripe_url, customer, "4242424242424242")
     set_auto_topup(
-        conn, q, stripe_settings, "acme", threshold=D(20), amount=D(50), payment_method=card
+        conn, q, stripe_settings, acme, threshold=D(20), amount=D(50), payment_method=card
     )
     assert check_auto_topups(conn, q, stripe_settings, gateway) == []  # 100 is above 20
     topup = get_topup(conn, q, topup_id)
@@ -642,7 +643,7 @@ def test_a_wallet_frozen_by_a_dispute_is_not_auto_topped_up(
     )
     assert endpoint.post(opened).status_code == 200
     endpoint.dispatch.drain()
-    assert wallet_balance(conn, "acme") == 0  # below the threshold, and frozen
+    assert wallet_balance(conn, acme) == 0  # below the threshold, and frozen
     assert check_auto_topups(conn, q, stripe_settings, gateway) == []
     assert conn.execute("SELECT count(*) FROM topups WHERE kind = 'auto'").fetchone() == (0,)
     won = envelope(
@@ -654,7 +655,7 @@ def test_a_wallet_frozen_by_a_dispute_is_not_auto_topped_up(
     assert check_auto_topups(conn, q, stripe_settings, gateway) == []  # 100 again: above 20
     from billing import wallets
 
-    wallets.adjust(conn, q, "acme", D("-90"), reason="spent", actor="tests")
+    wallets.adjust(conn, q, acme, D("-90"), reason="spent", actor="tests")
     [result] = check_auto_topups(conn, q, stripe_settings, gateway)  # unfrozen: it resumes
     assert result.outcome == "created"
     assert_audit_clean(conn, q)
