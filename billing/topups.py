@@ -25,7 +25,7 @@ import hashlib
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Context, Decimal, InvalidOperation, localcontext
 from enum import StrEnum
 from typing import Any, Protocol
@@ -460,10 +460,19 @@ def _set_ids(
 # --- applying Stripe state to the ledger ----------------------------------------------------
 @dataclass(frozen=True)
 class Outcome:
-    """What processing an event did. ``done`` False: not applicable yet, retry later."""
+    """What processing an event did. ``done`` False: not applicable yet, retry later
+    (``abandoned``: not any more, the event gave up waiting; an operator may replay it)."""
 
     text: str
     done: bool = True
+    abandoned: bool = False
+
+
+WAITING_GIVE_UP = timedelta(days=3)
+"""How long an event waits for a top-up we do not know before it gives up (is abandoned).
+
+A top-up is recorded before Stripe hears of it, so an event of ours finds it within seconds;
+three days is Stripe's own retry window. Abandoned events are listed and replayable."""
 
 
 def _outbox(conn: psycopg.Connection[Any], q: Queries, key: str, payload: dict[str, Any]) -> None:
@@ -846,9 +855,12 @@ def _on_charge(
     at: datetime,
 ) -> Outcome:
     pi = _id(charge.get("payment_intent"))
-    topup = _lock_topup(conn, q, topup_id=_metadata_topup(charge), pi=pi, charge=charge.get("id"))
+    topup_id = _metadata_topup(charge)
+    topup = _lock_topup(conn, q, topup_id=topup_id, pi=pi, charge=charge.get("id"))
     if topup is None:
-        return _waiting(f"charge {charge.get('id')}") if pi else NOT_OURS
+        # Stripe copies an intent's metadata to its charge: without our topup_id it is another
+        # product's charge on the same account, not one of ours arriving early.
+        return _waiting(f"charge {charge.get('id')}") if topup_id else NOT_OURS
     notes = []
     if topup["status"] != TopupStatus.SUCCEEDED:
         if not _charge_succeeded(charge):
@@ -978,7 +990,8 @@ def process_stripe_event(
     """Process one stored event: move the money and mark it processed in ONE transaction.
 
     A processed event is a no-op; a failure leaves it unprocessed (with ``last_error``) for a
-    retry; an event whose top-up is not known yet stays pending (``Outcome.done`` False).
+    retry; an event whose top-up is not known yet stays pending (``Outcome.done`` False) until
+    ``WAITING_GIVE_UP`` has passed, then it is abandoned (listed, replayable, no longer scanned).
     """
     del settings  # part of the task signature; nothing here depends on it yet
     try:
@@ -991,8 +1004,17 @@ def process_stripe_event(
             if rows[0]["processed_at"] is not None:
                 return Outcome("duplicate: already processed")
             outcome = apply_event(conn, q, rows[0]["event"], rows[0]["received_at"])
-            done = "stripe_event_done" if outcome.done else "stripe_event_waiting"
-            conn.execute(q[done], {"event_id": event_id, "outcome": outcome.text})
+            if outcome.done:
+                conn.execute(
+                    q["stripe_event_done"], {"event_id": event_id, "outcome": outcome.text}
+                )
+            else:
+                waiting = conn.execute(
+                    q["stripe_event_waiting"],
+                    {"event_id": event_id, "outcome": outcome.text, "give_up": WAITING_GIVE_UP},
+                ).fetchone()
+                if waiting is not None and waiting[0] is not None:
+                    outcome = Outcome(outcome.text, done=False, abandoned=True)
         log.info("stripe event %s: %s", event_id, outcome.text)
         return outcome
     except (BillingError, psycopg.Error) as exc:
@@ -1012,14 +1034,19 @@ class PendingResult:
     processed: int
     waiting: int
     failed: int
+    abandoned: int = 0
 
 
 def process_pending(
     conn: psycopg.Connection[Any], q: Queries, settings: Settings, limit: int = 1000
 ) -> PendingResult:
-    """Re-run every stored event not processed yet (lost hand-offs, failures, early arrivals)."""
+    """Re-run stored events not processed yet (lost hand-offs, failures, early arrivals).
+
+    The least-tried go first, so events that keep waiting or failing never crowd out fresh
+    ones; abandoned events are not scanned (``replay_stripe_events`` brings them back).
+    """
     ids = [r[0] for r in conn.execute(q["stripe_events_pending"], {"limit": limit})]
-    processed = waiting = failed = 0
+    processed = waiting = failed = abandoned = 0
     for event_id in ids:
         try:
             outcome = process_stripe_event(conn, q, settings, event_id)
@@ -1029,9 +1056,48 @@ def process_pending(
             continue
         if outcome.done:
             processed += 1
+        elif outcome.abandoned:
+            abandoned += 1
         else:
             waiting += 1
-    return PendingResult(processed, waiting, failed)
+    return PendingResult(processed, waiting, failed, abandoned)
+
+
+EVENT_STATES = ("pending", "abandoned", "ignored", "processed")
+
+
+def list_stripe_events(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    *,
+    state: str | None = None,
+    event_type: str | None = None,
+    limit: int = 100,
+) -> list[dict[str, Any]]:
+    """Stored events, newest first, in a state (``EVENT_STATES``) and of a type."""
+    if state is not None and state not in EVENT_STATES:
+        raise BillingError(f"unknown event state {state!r}; one of {', '.join(EVENT_STATES)}")
+    return fetch_dicts(
+        conn, q["stripe_events_list"], {"state": state, "type": event_type, "limit": limit}
+    )
+
+
+def replay_stripe_events(
+    conn: psycopg.Connection[Any], q: Queries, settings: Settings, event_ids: Iterable[str]
+) -> list[tuple[str, Outcome]]:
+    """Process abandoned or ignored events again now (after a fix), with a fresh window.
+
+    Processing converges from the state each event carries, so a replay books only what is
+    still missing. Events in another state are refused (use ``process_pending``).
+    """
+    results = []
+    for event_id in event_ids:
+        with conn.transaction():
+            reopened = conn.execute(q["stripe_event_replay"], {"event_id": event_id}).fetchone()
+        if reopened is None:
+            raise BillingError(f"stripe event {event_id!r} is not abandoned or ignored")
+        results.append((event_id, process_stripe_event(conn, q, settings, event_id)))
+    return results
 
 
 def store_event(

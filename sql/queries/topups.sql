@@ -154,16 +154,48 @@ UPDATE stripe_events SET processed_at = now(), outcome = %(outcome)s, last_error
 WHERE event_id = %(event_id)s
 
 -- name: stripe_event_waiting
-UPDATE stripe_events SET outcome = %(outcome)s WHERE event_id = %(event_id)s
+-- Still waiting; given up (abandoned) once the window has passed since receipt or last replay.
+UPDATE stripe_events
+SET outcome = %(outcome)s,
+    abandoned_at = CASE WHEN coalesce(replayed_at, received_at) < now() - %(give_up)s::interval
+                        THEN coalesce(abandoned_at, now()) END
+WHERE event_id = %(event_id)s
+RETURNING abandoned_at
 
 -- name: stripe_event_error
 UPDATE stripe_events SET last_error = %(error)s WHERE event_id = %(event_id)s
 
 -- name: stripe_events_pending
+-- The least-tried first: events that keep waiting or failing go behind fresh ones.
 SELECT event_id FROM stripe_events
-WHERE processed_at IS NULL
-ORDER BY received_at, event_id
+WHERE processed_at IS NULL AND abandoned_at IS NULL
+ORDER BY attempts, received_at, event_id
 LIMIT %(limit)s
+
+-- name: stripe_events_list
+-- state: pending (to process), abandoned (gave up waiting), ignored (not ours or not handled),
+-- processed (everything done, ignored included); NULL: all.
+SELECT event_id, type, received_at, deliveries, attempts, processed_at, abandoned_at,
+       replayed_at, outcome, last_error
+FROM stripe_events
+WHERE (%(state)s::text IS NULL
+       OR (%(state)s = 'pending' AND processed_at IS NULL AND abandoned_at IS NULL)
+       OR (%(state)s = 'abandoned' AND processed_at IS NULL AND abandoned_at IS NOT NULL)
+       OR (%(state)s = 'ignored' AND processed_at IS NOT NULL
+           AND starts_with(outcome, 'ignored:'))
+       OR (%(state)s = 'processed' AND processed_at IS NOT NULL))
+  AND (%(type)s::text IS NULL OR type = %(type)s)
+ORDER BY received_at DESC, event_id
+LIMIT %(limit)s
+
+-- name: stripe_event_replay
+-- An operator replays an abandoned or ignored event: processed again, with a fresh window.
+UPDATE stripe_events
+SET abandoned_at = NULL, processed_at = NULL, replayed_at = now()
+WHERE event_id = %(event_id)s
+  AND ((processed_at IS NULL AND abandoned_at IS NOT NULL)
+       OR (processed_at IS NOT NULL AND starts_with(outcome, 'ignored:')))
+RETURNING event_id
 
 -- name: stripe_event_get
 SELECT event_id, type, received_at, deliveries, attempts, processed_at, outcome, last_error
