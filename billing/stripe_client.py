@@ -191,6 +191,9 @@ class StripeGateway:
             )
         )
 
+    def retrieve_checkout_session(self, session_id: str) -> dict[str, Any]:
+        return _plain(_call(lambda: self._client.v1.checkout.sessions.retrieve(session_id)))
+
     def create_refund(
         self, *, key: str, payment_intent_id: str, amount_cents: int
     ) -> dict[str, Any]:

@@ -200,6 +200,8 @@ class Gateway(Protocol):
 
     def retrieve_payment_intent(self, intent_id: str) -> dict[str, Any]: ...
 
+    def retrieve_checkout_session(self, session_id: str) -> dict[str, Any]: ...
+
     def charges_since(self, since: datetime) -> Iterable[dict[str, Any]]: ...
 
 
@@ -387,12 +389,15 @@ def create_topup(
             row = fetch_dicts(conn, q["topup_lock"], {"topup_id": topup_id})[0]
             if row["stripe_checkout_session_id"] or row["stripe_payment_intent_id"]:
                 view = TopupView.from_row(row)
-                secret = None
-                if view.payment_intent_id and view.status is TopupStatus.PENDING and not checkout:
+                secret = url = None
+                if view.status is TopupStatus.PENDING and view.checkout_session_id and checkout:
+                    # the hosted page of the session already created (None once it is closed)
+                    url = gateway.retrieve_checkout_session(view.checkout_session_id).get("url")
+                elif view.payment_intent_id and view.status is TopupStatus.PENDING and not checkout:
                     secret = gateway.retrieve_payment_intent(view.payment_intent_id).get(
                         "client_secret"
                     )
-                return TopupCreated(view, client_secret=secret)
+                return TopupCreated(view, client_secret=secret, checkout_url=url)
             if checkout:
                 assert success_url is not None and cancel_url is not None
                 session = gateway.create_checkout_session(

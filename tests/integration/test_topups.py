@@ -885,3 +885,56 @@ def test_an_auto_topup_whose_answer_was_lost_is_credited_or_resumed_with_the_sam
     row = conn.execute("SELECT pending_topup_id, enabled, attempts FROM auto_topup_settings")
     assert row.fetchone() == (None, True, 1)
     assert_audit_clean(conn, q)
+
+
+class _CheckoutStripe(StripeGateway):
+    """localstripe has no Checkout: Stripe's published session object stands in for its
+    answers, one per idempotency key, as Stripe keeps them."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.sessions: dict[str, dict[str, Any]] = {}
+        self.created = 0
+
+    def create_checkout_session(self, **kw: Any) -> dict[str, Any]:
+        self.created += 1
+        session = fixture("checkout_session.json")
+        session.update(
+            id=f"cs_test_{kw['topup_id']}",
+            url=f"https://checkout.stripe.com/c/pay/cs_test_{kw['topup_id']}",
+            payment_intent=None,
+            client_reference_id=kw["topup_id"],
+            metadata=dict(kw["metadata"]),
+            customer=kw["customer_id"],
+        )
+        self.sessions[session["id"]] = session
+        return session
+
+    def retrieve_checkout_session(self, session_id: str) -> dict[str, Any]:
+        return self.sessions[session_id]
+
+
+def test_a_retried_checkout_topup_returns_the_same_checkout_url(
+    conn: psycopg.Connection[Any], q: Queries, stripe_settings: Settings
+) -> None:
+    stripe = _CheckoutStripe(stripe_settings)
+    open_account(conn, q, "acme", credit="0")
+    created = [
+        create_topup(
+            conn,
+            q,
+            stripe_settings,
+            stripe,
+            "acme",
+            D(100),
+            request_key="co-retry",
+            checkout=True,
+            success_url="https://example.com/ok",
+            cancel_url="https://example.com/cancel",
+        )
+        for _ in range(2)
+    ]
+    assert stripe.created == 1
+    assert created[0].checkout_url is not None
+    assert created[1].checkout_url == created[0].checkout_url
+    assert created[1].topup.topup_id == created[0].topup.topup_id
