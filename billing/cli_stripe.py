@@ -157,10 +157,57 @@ def stripe_process_pending(ctx: click.Context, limit: int) -> None:
     with db.connect(settings) as conn:
         result = topups.process_pending(conn, db.queries(settings), settings, limit)
     click.echo(
-        f"processed {result.processed}, still waiting {result.waiting}, failed {result.failed}"
+        f"processed {result.processed}, still waiting {result.waiting}, "
+        f"gave up {result.abandoned} (billing stripe events --state abandoned), "
+        f"failed {result.failed}"
     )
     if result.failed:
         sys.exit(1)
+
+
+@stripe_group.command("events")
+@click.option(
+    "--state",
+    type=click.Choice(topups.EVENT_STATES),
+    default=None,
+    help="pending, abandoned (gave up waiting), ignored (not ours), processed; default all.",
+)
+@click.option("--type", "event_type", default=None, help="Only this Stripe event type.")
+@click.option("--limit", default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@handles_errors
+def stripe_events(
+    ctx: click.Context, state: str | None, event_type: str | None, limit: int, as_json: bool
+) -> None:
+    """Stored webhook events, newest first, with their outcome."""
+    settings = settings_of(ctx)
+    with db.connect(settings) as conn:
+        rows = topups.list_stripe_events(
+            conn, db.queries(settings), state=state, event_type=event_type, limit=limit
+        )
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, default=str))
+        return
+    for r in rows:
+        click.echo(
+            f"{r['event_id']} {r['type']} received {r['received_at'].isoformat()} "
+            f"attempts {r['attempts']}: {r['outcome'] or r['last_error'] or '-'}"
+        )
+    click.echo(f"{len(rows)} event(s)")
+
+
+@stripe_group.command("replay")
+@click.argument("event_ids", nargs=-1, required=True)
+@click.pass_context
+@handles_errors
+def stripe_replay(ctx: click.Context, event_ids: tuple[str, ...]) -> None:
+    """Process abandoned or ignored events again now (after a fix); they wait afresh if needed."""
+    settings = settings_of(ctx)
+    with db.connect(settings) as conn:
+        results = topups.replay_stripe_events(conn, db.queries(settings), settings, event_ids)
+    for event_id, outcome in results:
+        click.echo(f"{event_id}: {outcome.text}")
 
 
 @stripe_group.command("reconcile")
@@ -243,7 +290,7 @@ def autotopup_run(ctx: click.Context) -> None:
             conn, db.queries(settings), settings, StripeGateway(settings)
         )
     for r in results:
-        click.echo(f"{r.account_id}: {r.topup_id} {r.outcome}")
+        click.echo(f"{r.account_id}: {r.topup_id or '-'} {r.outcome}")
     click.echo(f"{len(results)} auto top-up(s)")
 
 

@@ -56,6 +56,11 @@ def _call(fn: Callable[[], T]) -> T:
         raise IdempotencyConflict(f"stripe idempotency conflict: {exc.user_message}") from None
     except (stripe.APIConnectionError, stripe.RateLimitError) as exc:
         raise StripeUnavailable(f"stripe unavailable: {type(exc).__name__}") from None
+    except (stripe.AuthenticationError, stripe.PermissionError) as exc:
+        # Our key is wrong for every request, not this one: a setting to fix, not a refusal.
+        raise ConfigError(
+            f"stripe refused our API key ({type(exc).__name__}, HTTP {exc.http_status})"
+        ) from None
     except stripe.APIError as exc:
         raise StripeUnavailable(
             f"stripe error (HTTP {exc.http_status}): {exc.user_message}"
@@ -185,6 +190,9 @@ class StripeGateway:
                 )
             )
         )
+
+    def retrieve_checkout_session(self, session_id: str) -> dict[str, Any]:
+        return _plain(_call(lambda: self._client.v1.checkout.sessions.retrieve(session_id)))
 
     def create_refund(
         self, *, key: str, payment_intent_id: str, amount_cents: int

@@ -12,6 +12,7 @@ Postings (each balanced, entries written in one statement):
 
 * ``topup``:           wallet +credit, revenue:fees +fee, clearing:stripe -charged
 * ``topup_refund``:    wallet -credit part, revenue:fees -fee part, clearing:stripe +refunded
+                       (the opposite signs when a refund fails and its clawback is given back)
 * ``dispute_hold``:    wallet -held credit, liability:dispute_holds +held credit (wallet frozen)
 * ``dispute_release``: liability:dispute_holds -held credit, wallet +held credit (won)
 * ``dispute_loss``:    liability:dispute_holds -held credit, revenue:fees -fee part,
@@ -24,7 +25,7 @@ import hashlib
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Context, Decimal, InvalidOperation, localcontext
 from enum import StrEnum
 from typing import Any, Protocol
@@ -35,8 +36,11 @@ from psycopg.types.json import Jsonb
 from billing.db import Queries, fetch_dicts, map_error
 from billing.errors import (
     BillingError,
+    ConfigError,
     IdempotencyConflict,
     PaymentDeclined,
+    PaymentError,
+    Transient,
 )
 from billing.ledger import next_posting_id, post_movement, require_account
 from billing.money import CENT, EXACT, ZERO, exact, format_cents, format_usd, to_cents
@@ -195,6 +199,8 @@ class Gateway(Protocol):
     ) -> dict[str, Any]: ...
 
     def retrieve_payment_intent(self, intent_id: str) -> dict[str, Any]: ...
+
+    def retrieve_checkout_session(self, session_id: str) -> dict[str, Any]: ...
 
     def charges_since(self, since: datetime) -> Iterable[dict[str, Any]]: ...
 
@@ -383,12 +389,15 @@ def create_topup(
             row = fetch_dicts(conn, q["topup_lock"], {"topup_id": topup_id})[0]
             if row["stripe_checkout_session_id"] or row["stripe_payment_intent_id"]:
                 view = TopupView.from_row(row)
-                secret = None
-                if view.payment_intent_id and view.status is TopupStatus.PENDING and not checkout:
+                secret = url = None
+                if view.status is TopupStatus.PENDING and view.checkout_session_id and checkout:
+                    # the hosted page of the session already created (None once it is closed)
+                    url = gateway.retrieve_checkout_session(view.checkout_session_id).get("url")
+                elif view.payment_intent_id and view.status is TopupStatus.PENDING and not checkout:
                     secret = gateway.retrieve_payment_intent(view.payment_intent_id).get(
                         "client_secret"
                     )
-                return TopupCreated(view, client_secret=secret)
+                return TopupCreated(view, client_secret=secret, checkout_url=url)
             if checkout:
                 assert success_url is not None and cancel_url is not None
                 session = gateway.create_checkout_session(
@@ -456,10 +465,19 @@ def _set_ids(
 # --- applying Stripe state to the ledger ----------------------------------------------------
 @dataclass(frozen=True)
 class Outcome:
-    """What processing an event did. ``done`` False: not applicable yet, retry later."""
+    """What processing an event did. ``done`` False: not applicable yet, retry later
+    (``abandoned``: not any more, the event gave up waiting; an operator may replay it)."""
 
     text: str
     done: bool = True
+    abandoned: bool = False
+
+
+WAITING_GIVE_UP = timedelta(days=3)
+"""How long an event waits for a top-up we do not know before it gives up (is abandoned).
+
+A top-up is recorded before Stripe hears of it, so an event of ours finds it within seconds;
+three days is Stripe's own retry window. Abandoned events are listed and replayable."""
 
 
 def _outbox(conn: psycopg.Connection[Any], q: Queries, key: str, payload: dict[str, Any]) -> None:
@@ -571,35 +589,72 @@ def _mark_unpaid(
 
 
 def _converge_refunds(
-    conn: psycopg.Connection[Any], q: Queries, topup: dict[str, Any], amount_refunded: int
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    topup: dict[str, Any],
+    snapshot: tuple[datetime, int] | None = None,
 ) -> str:
-    """Book the difference between Stripe's cumulative ``amount_refunded`` and ours."""
+    """Book the difference between the refunded total Stripe's state implies and ours.
+
+    The target is the cumulative ``amount_refunded`` of the newest charge snapshot (by event
+    time; the largest at that time) minus the refunds known to have failed at or after it
+    (``stripe_refund_failures``): a failed or canceled refund returns the money to us and
+    lowers Stripe's total. That is a function of the events received, not of their order, so
+    duplicates and late events converge; an older snapshot never moves the total. The split
+    is applied to the cumulative target, so a reversal gives back exactly the credit and fee
+    parts its refund took.
+    """
+    topup_id = topup["topup_id"]
+    at, snapshot_cents = topup["refund_snapshot_at"], int(topup["refund_snapshot_cents"])
+    if snapshot is not None:
+        row = conn.execute(
+            q["topup_refund_snapshot"],
+            {"topup_id": topup_id, "at": snapshot[0], "cents": snapshot[1]},
+        ).fetchone()
+        assert row is not None
+        at, snapshot_cents = row[0], int(row[1])
+        topup["refund_snapshot_at"], topup["refund_snapshot_cents"] = at, snapshot_cents
+    failed = conn.execute(
+        q["refund_failures_not_in_snapshot"], {"topup_id": topup_id, "at": at}
+    ).fetchone()
+    assert failed is not None
     credit_c, charged_c = _cents(topup["credit"]), _cents(topup["charged"])
+    target = max(0, min(snapshot_cents, charged_c) - _cents(failed[0]))
     booked_credit, booked_fee = _cents(topup["refunded_credit"]), _cents(topup["refunded_fee"])
-    target = min(amount_refunded, charged_c)
-    if target <= booked_credit + booked_fee:
-        return f"refunds up to date ({format_cents(booked_credit + booked_fee)} USD booked)"
+    booked = booked_credit + booked_fee
+    if target == booked:
+        return f"refunds up to date ({format_cents(booked)} USD booked)"
     credit_part, fee_part = split_refund(target, credit_c, charged_c)
     d_credit, d_fee = credit_part - booked_credit, fee_part - booked_fee
     credit_dec, fee_dec = exact(Decimal(d_credit) * CENT), exact(Decimal(d_fee) * CENT)
+    number = int(topup["refund_postings"]) + 1
+    if target > booked:
+        what = f"refund of {format_cents(d_credit + d_fee)} USD"
+    else:
+        what = f"failed refunds give back {format_cents(-(d_credit + d_fee))} USD"
     _post(
         conn,
         q,
         topup,
         TopupPosting.REFUND,
-        reference=f"{topup['topup_id']}:refunded:{target}",
+        reference=f"{topup_id}:refund:{number}:{target}",
         memo=(
-            f"refund of {format_cents(d_credit + d_fee)} USD: credit {format_cents(d_credit)}, "
-            f"fee {format_cents(d_fee)} (refunded in total {format_cents(target)})"
+            f"{what}: credit {format_cents(abs(d_credit))}, fee {format_cents(abs(d_fee))} "
+            f"(refunded in total {format_cents(target)})"
         ),
         wallet=-credit_dec,
         system={Ledger.FEES: -fee_dec, Ledger.CLEARING: credit_dec + fee_dec},
     )
     conn.execute(
         q["topup_add_refund"],
-        {"topup_id": topup["topup_id"], "credit": credit_dec, "fee": fee_dec},
+        {"topup_id": topup_id, "credit": credit_dec, "fee": fee_dec, "refund_postings": number},
     )
-    return f"refunded {format_cents(d_credit + d_fee)} USD (total {format_cents(target)})"
+    topup["refunded_credit"] += credit_dec
+    topup["refunded_fee"] += fee_dec
+    topup["refund_postings"] = number
+    if target > booked:
+        return f"refunded {format_cents(d_credit + d_fee)} USD (total {format_cents(target)})"
+    return f"{what} (total refunded {format_cents(target)})"
 
 
 def _converge_dispute(
@@ -798,12 +853,19 @@ def _charge_succeeded(charge: Mapping[str, Any]) -> bool:
 
 
 def _on_charge(
-    conn: psycopg.Connection[Any], q: Queries, event_type: str, charge: Mapping[str, Any]
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    event_type: str,
+    charge: Mapping[str, Any],
+    at: datetime,
 ) -> Outcome:
     pi = _id(charge.get("payment_intent"))
-    topup = _lock_topup(conn, q, topup_id=_metadata_topup(charge), pi=pi, charge=charge.get("id"))
+    topup_id = _metadata_topup(charge)
+    topup = _lock_topup(conn, q, topup_id=topup_id, pi=pi, charge=charge.get("id"))
     if topup is None:
-        return _waiting(f"charge {charge.get('id')}") if pi else NOT_OURS
+        # Stripe copies an intent's metadata to its charge: without our topup_id it is another
+        # product's charge on the same account, not one of ours arriving early.
+        return _waiting(f"charge {charge.get('id')}") if topup_id else NOT_OURS
     notes = []
     if topup["status"] != TopupStatus.SUCCEEDED:
         if not _charge_succeeded(charge):
@@ -819,9 +881,55 @@ def _on_charge(
         if refused:
             return Outcome(f"refused: {refused}")
         notes.append("credited")
-    if event_type == "charge.refunded" or int(charge.get("amount_refunded") or 0):
-        notes.append(_converge_refunds(conn, q, topup, int(charge.get("amount_refunded") or 0)))
+    if charge.get("amount_refunded") is not None and _charge_succeeded(charge):
+        snapshot = (at, int(charge["amount_refunded"]))
+        notes.append(_converge_refunds(conn, q, topup, snapshot))
     return Outcome("; ".join(notes) or "nothing to do")
+
+
+REFUND_REVERSED = frozenset({"failed", "canceled"})
+
+
+def _on_refund(
+    conn: psycopg.Connection[Any], q: Queries, refund: Mapping[str, Any], at: datetime
+) -> Outcome:
+    """A refund that failed or was canceled: the money is back with us, so is the clawback.
+
+    Refunds themselves are booked from the charge's cumulative total (``charge.refunded``);
+    a refund object only matters when its status says it will never reach the card holder.
+    """
+    status = str(refund.get("status") or "")
+    if status not in REFUND_REVERSED:
+        return Outcome(f"ignored: refund {status} (refunds are booked from charge.refunded)")
+    pi, charge = _id(refund.get("payment_intent")), _id(refund.get("charge"))
+    topup = _lock_topup(conn, q, topup_id=_metadata_topup(refund), pi=pi, charge=charge)
+    if topup is None:
+        return NOT_OURS
+    notes = []
+    if topup["status"] != TopupStatus.SUCCEEDED:
+        # A refund exists only on a successful charge: book the payment first.
+        _ensure_succeeded(
+            conn, q, topup, amount_cents=None, currency=None, source=f"refund {refund.get('id')}"
+        )
+        notes.append("credited")
+    amount = int(refund.get("amount") or 0)
+    if amount <= 0:
+        return Outcome("ignored: refund without an amount")
+    inserted = conn.execute(
+        q["refund_failure_insert"],
+        {
+            "refund_id": str(refund["id"]),
+            "topup_id": topup["topup_id"],
+            "amount": exact(Decimal(amount) * CENT),
+            "stripe_status": status,
+            "failure_reason": refund.get("failure_reason"),
+            "at": at,
+        },
+    ).fetchone()
+    if inserted is not None:
+        notes.append(f"refund {refund['id']} {status}: {format_cents(amount)} USD")
+    notes.append(_converge_refunds(conn, q, topup))
+    return Outcome("; ".join(notes))
 
 
 def _on_dispute(conn: psycopg.Connection[Any], q: Queries, dispute: Mapping[str, Any]) -> Outcome:
@@ -840,15 +948,29 @@ def _on_dispute(conn: psycopg.Connection[Any], q: Queries, dispute: Mapping[str,
     return Outcome("; ".join(notes))
 
 
-IGNORED_REFUND_EVENTS = frozenset(
+REFUND_EVENTS = frozenset(
     {"refund.created", "refund.updated", "refund.failed", "charge.refund.updated"}
 )
 
 
-def apply_event(conn: psycopg.Connection[Any], q: Queries, event: Mapping[str, Any]) -> Outcome:
+def event_time(event: Mapping[str, Any], received_at: datetime | None = None) -> datetime:
+    """When Stripe says the event happened (``created``), else when we received it."""
+    created = event.get("created")
+    if isinstance(created, int) and not isinstance(created, bool):
+        return datetime.fromtimestamp(created, UTC)
+    return received_at if received_at is not None else datetime.now(UTC)
+
+
+def apply_event(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    event: Mapping[str, Any],
+    received_at: datetime | None = None,
+) -> Outcome:
     """Apply one verified event's object state to our records. Call inside a transaction."""
     event_type = str(event.get("type"))
     obj = event["data"]["object"]
+    at = event_time(event, received_at)
     if event_type.startswith("payment_intent."):
         if event_type in (
             "payment_intent.succeeded",
@@ -861,9 +983,9 @@ def apply_event(conn: psycopg.Connection[Any], q: Queries, event: Mapping[str, A
     elif event_type.startswith("charge.dispute."):
         return _on_dispute(conn, q, obj)
     elif event_type in ("charge.succeeded", "charge.refunded", "charge.captured"):
-        return _on_charge(conn, q, event_type, obj)
-    elif event_type in IGNORED_REFUND_EVENTS:
-        return Outcome("ignored: refunds are booked from charge.refunded (cumulative)")
+        return _on_charge(conn, q, event_type, obj, at)
+    elif event_type in REFUND_EVENTS:
+        return _on_refund(conn, q, obj, at)
     return Outcome(f"ignored: {event_type} is not handled")
 
 
@@ -873,7 +995,8 @@ def process_stripe_event(
     """Process one stored event: move the money and mark it processed in ONE transaction.
 
     A processed event is a no-op; a failure leaves it unprocessed (with ``last_error``) for a
-    retry; an event whose top-up is not known yet stays pending (``Outcome.done`` False).
+    retry; an event whose top-up is not known yet stays pending (``Outcome.done`` False) until
+    ``WAITING_GIVE_UP`` has passed, then it is abandoned (listed, replayable, no longer scanned).
     """
     del settings  # part of the task signature; nothing here depends on it yet
     try:
@@ -885,9 +1008,18 @@ def process_stripe_event(
                 raise BillingError(f"no stored stripe event {event_id!r}")
             if rows[0]["processed_at"] is not None:
                 return Outcome("duplicate: already processed")
-            outcome = apply_event(conn, q, rows[0]["event"])
-            done = "stripe_event_done" if outcome.done else "stripe_event_waiting"
-            conn.execute(q[done], {"event_id": event_id, "outcome": outcome.text})
+            outcome = apply_event(conn, q, rows[0]["event"], rows[0]["received_at"])
+            if outcome.done:
+                conn.execute(
+                    q["stripe_event_done"], {"event_id": event_id, "outcome": outcome.text}
+                )
+            else:
+                waiting = conn.execute(
+                    q["stripe_event_waiting"],
+                    {"event_id": event_id, "outcome": outcome.text, "give_up": WAITING_GIVE_UP},
+                ).fetchone()
+                if waiting is not None and waiting[0] is not None:
+                    outcome = Outcome(outcome.text, done=False, abandoned=True)
         log.info("stripe event %s: %s", event_id, outcome.text)
         return outcome
     except (BillingError, psycopg.Error) as exc:
@@ -907,14 +1039,19 @@ class PendingResult:
     processed: int
     waiting: int
     failed: int
+    abandoned: int = 0
 
 
 def process_pending(
     conn: psycopg.Connection[Any], q: Queries, settings: Settings, limit: int = 1000
 ) -> PendingResult:
-    """Re-run every stored event not processed yet (lost hand-offs, failures, early arrivals)."""
+    """Re-run stored events not processed yet (lost hand-offs, failures, early arrivals).
+
+    The least-tried go first, so events that keep waiting or failing never crowd out fresh
+    ones; abandoned events are not scanned (``replay_stripe_events`` brings them back).
+    """
     ids = [r[0] for r in conn.execute(q["stripe_events_pending"], {"limit": limit})]
-    processed = waiting = failed = 0
+    processed = waiting = failed = abandoned = 0
     for event_id in ids:
         try:
             outcome = process_stripe_event(conn, q, settings, event_id)
@@ -924,9 +1061,48 @@ def process_pending(
             continue
         if outcome.done:
             processed += 1
+        elif outcome.abandoned:
+            abandoned += 1
         else:
             waiting += 1
-    return PendingResult(processed, waiting, failed)
+    return PendingResult(processed, waiting, failed, abandoned)
+
+
+EVENT_STATES = ("pending", "abandoned", "ignored", "processed")
+
+
+def list_stripe_events(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    *,
+    state: str | None = None,
+    event_type: str | None = None,
+    limit: int = 100,
+) -> list[dict[str, Any]]:
+    """Stored events, newest first, in a state (``EVENT_STATES``) and of a type."""
+    if state is not None and state not in EVENT_STATES:
+        raise BillingError(f"unknown event state {state!r}; one of {', '.join(EVENT_STATES)}")
+    return fetch_dicts(
+        conn, q["stripe_events_list"], {"state": state, "type": event_type, "limit": limit}
+    )
+
+
+def replay_stripe_events(
+    conn: psycopg.Connection[Any], q: Queries, settings: Settings, event_ids: Iterable[str]
+) -> list[tuple[str, Outcome]]:
+    """Process abandoned or ignored events again now (after a fix), with a fresh window.
+
+    Processing converges from the state each event carries, so a replay books only what is
+    still missing. Events in another state are refused (use ``process_pending``).
+    """
+    results = []
+    for event_id in event_ids:
+        with conn.transaction():
+            reopened = conn.execute(q["stripe_event_replay"], {"event_id": event_id}).fetchone()
+        if reopened is None:
+            raise BillingError(f"stripe event {event_id!r} is not abandoned or ignored")
+        results.append((event_id, process_stripe_event(conn, q, settings, event_id)))
+    return results
 
 
 def store_event(
@@ -995,8 +1171,8 @@ def disable_auto_topup(
 @dataclass(frozen=True)
 class AutoTopupResult:
     account_id: str
-    topup_id: str
-    outcome: str  # "created" or "declined: <reason>"
+    topup_id: str | None
+    outcome: str  # "created", "declined: ..." / "refused: ..." (disabled), "retry: ..." (skipped)
 
 
 def check_auto_topups(
@@ -1009,18 +1185,72 @@ def check_auto_topups(
     """Create one off-session PaymentIntent per account below its threshold.
 
     Safe under concurrent callers: each account is claimed with ``FOR UPDATE SKIP LOCKED`` on its
-    settings row, and the pending top-up is recorded in the same transaction that creates the
-    intent, so a second caller either skips the locked row or sees the pending top-up. The
-    intent's idempotency key comes from (account, attempt number), so a crash after Stripe
-    answered but before our commit reuses the same intent on retry.
+    settings row and its top-up recorded as pending and committed BEFORE Stripe is called, so a
+    second caller sees the pending top-up and a webhook arriving first finds it. The intent is
+    then created while the top-up row is locked (``SKIP LOCKED``: one sender), with the
+    idempotency key of the top-up id (from account and attempt number), and recorded. If the
+    call fails transiently, or the process dies before the intent is recorded, the top-up stays
+    pending without an intent and the next run sends it again with the same key, whatever the
+    balance did meanwhile (Stripe answers with the intent it may already have created).
+
+    One account never stops the others: a permanent refusal (a decline, a payment method
+    Stripe no longer knows, an idempotency conflict) disables that account's auto top-up with
+    the reason and writes ``wallet.auto_topup_failed``; a transient failure (Stripe or the
+    database unreachable) skips it until the next run. Each outcome is in the result. Only a
+    configuration error stops the run: it is the same for every account.
     """
     accounts = [r[0] for r in conn.execute(q["auto_topup_candidates"], {"limit": limit})]
     results = []
     for account_id in accounts:
-        result = _auto_topup(conn, q, settings, gateway, account_id)
+        try:
+            result = _auto_topup(conn, q, settings, gateway, account_id)
+        except ConfigError:
+            raise
+        except (BillingError, psycopg.Error) as exc:
+            error = map_error(exc) if isinstance(exc, psycopg.Error) else exc
+            if isinstance(error, Transient):
+                log.warning("auto top-up of %s skipped this run: %s", account_id, error)
+                result = AutoTopupResult(account_id, None, f"retry: {error}")
+            else:
+                log.warning("auto top-up of %s refused: %s", account_id, error)
+                result = _refused(conn, q, account_id, None, _refusal_reason(error))
         if result is not None:
             results.append(result)
     return results
+
+
+def _refusal_reason(exc: BillingError) -> str:
+    if isinstance(exc, PaymentDeclined):
+        return f"declined: {exc.code or exc}"
+    return f"refused: {exc}"
+
+
+def _refused(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    account_id: str,
+    topup_id: str | None,
+    reason: str,
+    attempt: int | None = None,
+) -> AutoTopupResult:
+    """Disable the account's auto top-up for good: the top-up failed, the gateway is told."""
+    with conn.transaction():
+        if topup_id is not None:
+            conn.execute(
+                q["topup_mark_unpaid"],
+                {"topup_id": topup_id, "status": TopupStatus.FAILED.value, "reason": reason},
+            )
+        conn.execute(
+            q["auto_topup_declined"],
+            {"account_id": account_id, "reason": reason, "attempts": attempt},
+        )
+        _outbox(
+            conn,
+            q,
+            AUTO_TOPUP_FAILED,
+            {"account_id": account_id, "topup_id": topup_id, "reason": reason},
+        )
+    return AutoTopupResult(account_id, topup_id, reason)
 
 
 def _auto_topup(
@@ -1031,50 +1261,57 @@ def _auto_topup(
     account_id: str,
 ) -> AutoTopupResult | None:
     customer_id = ensure_customer(conn, q, gateway, account_id)
+    # 1. Claim and record the top-up as pending, and COMMIT, before Stripe hears of it: a
+    #    webhook arriving before our answer (or after an answer we lost) finds the top-up.
     with conn.transaction():
         rows = fetch_dicts(conn, q["auto_topup_claim"], {"account_id": account_id})
-        if not rows:
-            return None  # another checker holds it, an intent is pending, or no longer below
-        claim = rows[0]
-        attempt = int(claim["attempts"]) + 1
-        quote_ = quote(claim["amount"], settings.topup_fee_rate)
-        topup_id = topup_id_for(account_id, f"auto:{attempt}")
-        _record_topup(conn, q, topup_id, account_id, quote_, TopupKind.AUTO)
+        if rows:
+            claim = rows[0]
+            attempt = int(claim["attempts"]) + 1
+            quote_ = quote(claim["amount"], settings.topup_fee_rate)
+            topup_id = topup_id_for(account_id, f"auto:{attempt}")
+            _record_topup(conn, q, topup_id, account_id, quote_, TopupKind.AUTO)
+            conn.execute(
+                q["auto_topup_set_pending"],
+                {"account_id": account_id, "topup_id": topup_id, "attempts": attempt},
+            )
+    # 2. Send the pending top-up that has no intent yet: the one just claimed, or one a
+    #    transient failure left (whatever the balance did since), always with the same key.
+    with conn.transaction():
+        unsent = conn.execute(q["auto_topup_unsent"], {"account_id": account_id}).fetchone()
+        if unsent is None:
+            return None  # nothing to send (or another checker claimed it)
+        topup_id = str(unsent[0])
+        topups_ = fetch_dicts(conn, q["topup_lock_skip_locked"], {"topup_id": topup_id})
+        if not topups_:
+            return None  # another checker is sending it, or a webhook is settling it
+        sending = fetch_dicts(
+            conn, q["auto_topup_lock_unsent"], {"account_id": account_id, "topup_id": topup_id}
+        )
+        if not sending or topups_[0]["status"] != TopupStatus.PENDING:
+            return None  # sent or settled meanwhile
+        topup = topups_[0]
+        quote_ = Quote(_cents(topup["credit"]), _cents(topup["fee"]))
         try:
             intent = gateway.create_payment_intent(
                 key=intent_key(topup_id),
                 customer_id=customer_id,
                 amount_cents=quote_.charged_cents,
                 metadata=_metadata(topup_id, account_id, quote_, TopupKind.AUTO),
-                payment_method=claim["payment_method"],
+                payment_method=sending[0]["payment_method"],
                 off_session=True,
             )
-        except PaymentDeclined as exc:
-            reason = f"declined: {exc.code or exc}"
-            conn.execute(
-                q["topup_mark_unpaid"],
-                {"topup_id": topup_id, "status": TopupStatus.FAILED.value, "reason": reason},
-            )
-            conn.execute(
-                q["auto_topup_declined"],
-                {"account_id": account_id, "reason": reason, "attempts": attempt},
-            )
-            _outbox(
-                conn,
-                q,
-                AUTO_TOPUP_FAILED,
-                {"account_id": account_id, "topup_id": topup_id, "reason": reason},
-            )
-            return AutoTopupResult(account_id, topup_id, reason)
+        except Transient as exc:
+            # The top-up stays pending without an intent: the next run sends the same key.
+            log.warning("auto top-up %s of %s not sent this run: %s", topup_id, account_id, exc)
+            return AutoTopupResult(account_id, topup_id, f"retry: {exc}")
+        except (PaymentError, IdempotencyConflict) as exc:
+            # Permanent for this account (a decline, a payment method Stripe does not know).
+            return _refused(conn, q, account_id, topup_id, _refusal_reason(exc))
         _set_ids(conn, q, topup_id, pi=intent["id"], charge=_id(intent.get("latest_charge")))
         conn.execute(
-            q["auto_topup_set_pending"],
-            {
-                "account_id": account_id,
-                "topup_id": topup_id,
-                "intent_id": intent["id"],
-                "attempts": attempt,
-            },
+            q["auto_topup_set_intent"],
+            {"account_id": account_id, "topup_id": topup_id, "intent_id": intent["id"]},
         )
     return AutoTopupResult(account_id, topup_id, "created")
 

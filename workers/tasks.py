@@ -55,7 +55,12 @@ def process_pending_stripe_events_task() -> dict[str, int]:
     """Re-run stored events not processed yet (a lost hand-off, a failure, an early arrival)."""
     with connect(settings) as conn:
         result = process_pending(conn, queries(settings), settings)
-    return {"processed": result.processed, "waiting": result.waiting, "failed": result.failed}
+    return {
+        "processed": result.processed,
+        "waiting": result.waiting,
+        "abandoned": result.abandoned,
+        "failed": result.failed,
+    }
 
 
 @app.task(name="billing.check_auto_topups", autoretry_for=(Transient,), retry_backoff=True)

@@ -20,6 +20,9 @@ SELECT * FROM topups WHERE topup_id = %(topup_id)s
 -- name: topup_lock
 SELECT * FROM topups WHERE topup_id = %(topup_id)s FOR UPDATE
 
+-- name: topup_lock_skip_locked
+SELECT * FROM topups WHERE topup_id = %(topup_id)s FOR UPDATE SKIP LOCKED
+
 -- name: topup_lock_by_stripe
 -- The top-up a Stripe object belongs to, by any id we know of it (first match wins).
 SELECT * FROM topups
@@ -53,10 +56,35 @@ WHERE topup_id = %(topup_id)s AND status = 'pending'
 RETURNING topup_id
 
 -- name: topup_add_refund
+-- credit and fee are signed: a failed refund gives back what its refund took.
 UPDATE topups
 SET refunded_credit = refunded_credit + %(credit)s, refunded_fee = refunded_fee + %(fee)s,
-    updated_at = now()
+    refund_postings = %(refund_postings)s, updated_at = now()
 WHERE topup_id = %(topup_id)s
+
+-- name: topup_refund_snapshot
+-- Keep the newest charge snapshot (event time); at the same time the largest total wins
+-- (amount_refunded grows within a second; a failure is accounted apart, by its own time).
+UPDATE topups
+SET refund_snapshot_cents = CASE
+        WHEN refund_snapshot_at IS NULL OR %(at)s > refund_snapshot_at THEN %(cents)s
+        WHEN %(at)s = refund_snapshot_at THEN greatest(refund_snapshot_cents, %(cents)s)
+        ELSE refund_snapshot_cents END,
+    refund_snapshot_at = greatest(coalesce(refund_snapshot_at, %(at)s), %(at)s)
+WHERE topup_id = %(topup_id)s
+RETURNING refund_snapshot_at, refund_snapshot_cents
+
+-- name: refund_failure_insert
+INSERT INTO stripe_refund_failures (refund_id, topup_id, amount, stripe_status, failure_reason,
+                                    failed_at)
+VALUES (%(refund_id)s, %(topup_id)s, %(amount)s, %(stripe_status)s, %(failure_reason)s, %(at)s)
+ON CONFLICT (refund_id) DO NOTHING
+RETURNING refund_id
+
+-- name: refund_failures_not_in_snapshot
+-- Failed refunds the snapshot taken at %(at)s still counts (they failed at or after it).
+SELECT coalesce(sum(amount), 0) FROM stripe_refund_failures
+WHERE topup_id = %(topup_id)s AND (%(at)s::timestamptz IS NULL OR failed_at >= %(at)s)
 
 -- name: topup_posting_insert
 INSERT INTO topup_postings (posting_id, topup_id, kind)
@@ -117,7 +145,7 @@ UPDATE stripe_events SET attempts = attempts + 1 WHERE event_id = %(event_id)s
 RETURNING attempts
 
 -- name: stripe_event_lock
-SELECT event_id, type, event, processed_at FROM stripe_events
+SELECT event_id, type, event, processed_at, received_at FROM stripe_events
 WHERE event_id = %(event_id)s
 FOR UPDATE
 
@@ -126,16 +154,48 @@ UPDATE stripe_events SET processed_at = now(), outcome = %(outcome)s, last_error
 WHERE event_id = %(event_id)s
 
 -- name: stripe_event_waiting
-UPDATE stripe_events SET outcome = %(outcome)s WHERE event_id = %(event_id)s
+-- Still waiting; given up (abandoned) once the window has passed since receipt or last replay.
+UPDATE stripe_events
+SET outcome = %(outcome)s,
+    abandoned_at = CASE WHEN coalesce(replayed_at, received_at) < now() - %(give_up)s::interval
+                        THEN coalesce(abandoned_at, now()) END
+WHERE event_id = %(event_id)s
+RETURNING abandoned_at
 
 -- name: stripe_event_error
 UPDATE stripe_events SET last_error = %(error)s WHERE event_id = %(event_id)s
 
 -- name: stripe_events_pending
+-- The least-tried first: events that keep waiting or failing go behind fresh ones.
 SELECT event_id FROM stripe_events
-WHERE processed_at IS NULL
-ORDER BY received_at, event_id
+WHERE processed_at IS NULL AND abandoned_at IS NULL
+ORDER BY attempts, received_at, event_id
 LIMIT %(limit)s
+
+-- name: stripe_events_list
+-- state: pending (to process), abandoned (gave up waiting), ignored (not ours or not handled),
+-- processed (everything done, ignored included); NULL: all.
+SELECT event_id, type, received_at, deliveries, attempts, processed_at, abandoned_at,
+       replayed_at, outcome, last_error
+FROM stripe_events
+WHERE (%(state)s::text IS NULL
+       OR (%(state)s = 'pending' AND processed_at IS NULL AND abandoned_at IS NULL)
+       OR (%(state)s = 'abandoned' AND processed_at IS NULL AND abandoned_at IS NOT NULL)
+       OR (%(state)s = 'ignored' AND processed_at IS NOT NULL
+           AND starts_with(outcome, 'ignored:'))
+       OR (%(state)s = 'processed' AND processed_at IS NOT NULL))
+  AND (%(type)s::text IS NULL OR type = %(type)s)
+ORDER BY received_at DESC, event_id
+LIMIT %(limit)s
+
+-- name: stripe_event_replay
+-- An operator replays an abandoned or ignored event: processed again, with a fresh window.
+UPDATE stripe_events
+SET abandoned_at = NULL, processed_at = NULL, replayed_at = now()
+WHERE event_id = %(event_id)s
+  AND ((processed_at IS NULL AND abandoned_at IS NOT NULL)
+       OR (processed_at IS NOT NULL AND starts_with(outcome, 'ignored:')))
+RETURNING event_id
 
 -- name: stripe_event_get
 SELECT event_id, type, received_at, deliveries, attempts, processed_at, outcome, last_error
@@ -158,10 +218,16 @@ RETURNING account_id
 SELECT * FROM auto_topup_settings WHERE account_id = %(account_id)s
 
 -- name: auto_topup_candidates
--- Accounts that need an auto top-up now (re-checked under the row lock by auto_topup_claim).
+-- Accounts that need an auto top-up now (re-checked under the row lock by auto_topup_claim),
+-- and those whose pending top-up was recorded but has no intent yet (a transient failure: sent
+-- again with the same key whatever the balance is now).
+-- A wallet frozen by a dispute is never topped up: its balance is low because the disputed
+-- credit is held, and the card holder who disputes must not be charged off-session again.
 SELECT a.account_id
 FROM auto_topup_settings a JOIN wallets w USING (account_id)
-WHERE a.enabled AND a.pending_topup_id IS NULL AND w.balance < a.threshold
+WHERE a.enabled AND NOT w.frozen
+  AND ((a.pending_topup_id IS NULL AND w.balance < a.threshold)
+       OR (a.pending_topup_id IS NOT NULL AND a.pending_intent_id IS NULL))
 ORDER BY a.account_id
 LIMIT %(limit)s
 
@@ -170,19 +236,42 @@ LIMIT %(limit)s
 SELECT a.account_id, a.threshold, a.amount, a.payment_method, a.attempts, w.balance
 FROM auto_topup_settings a JOIN wallets w USING (account_id)
 WHERE a.account_id = %(account_id)s
-  AND a.enabled AND a.pending_topup_id IS NULL AND w.balance < a.threshold
+  AND a.enabled AND a.pending_topup_id IS NULL AND w.balance < a.threshold AND NOT w.frozen
 FOR UPDATE OF a SKIP LOCKED
 
 -- name: auto_topup_set_pending
+-- Committed before Stripe is called; the intent is recorded by auto_topup_set_intent.
 UPDATE auto_topup_settings
-SET pending_topup_id = %(topup_id)s, pending_intent_id = %(intent_id)s,
+SET pending_topup_id = %(topup_id)s, pending_intent_id = NULL,
     attempts = %(attempts)s, updated_at = now()
 WHERE account_id = %(account_id)s
 
+-- name: auto_topup_unsent
+-- The account's pending auto top-up that has no intent yet, if Stripe may be asked for it now.
+SELECT a.pending_topup_id
+FROM auto_topup_settings a JOIN wallets w USING (account_id)
+WHERE a.account_id = %(account_id)s AND a.enabled AND NOT w.frozen
+  AND a.pending_topup_id IS NOT NULL AND a.pending_intent_id IS NULL
+
+-- name: auto_topup_lock_unsent
+-- Taken after the top-up's row lock (the order a webhook locks them in), re-checked.
+SELECT a.payment_method
+FROM auto_topup_settings a JOIN wallets w USING (account_id)
+WHERE a.account_id = %(account_id)s AND a.pending_topup_id = %(topup_id)s
+  AND a.pending_intent_id IS NULL AND a.enabled AND NOT w.frozen
+FOR UPDATE OF a
+
+-- name: auto_topup_set_intent
+UPDATE auto_topup_settings
+SET pending_intent_id = %(intent_id)s, updated_at = now()
+WHERE account_id = %(account_id)s AND pending_topup_id = %(topup_id)s
+
 -- name: auto_topup_declined
+-- A permanent refusal: disabled with the reason (attempts kept when not given).
 UPDATE auto_topup_settings
 SET enabled = false, disabled_reason = %(reason)s, pending_topup_id = NULL,
-    pending_intent_id = NULL, attempts = %(attempts)s, updated_at = now()
+    pending_intent_id = NULL, attempts = coalesce(%(attempts)s::integer, attempts),
+    updated_at = now()
 WHERE account_id = %(account_id)s
 
 -- name: auto_topup_settle

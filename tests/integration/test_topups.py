@@ -18,6 +18,7 @@ import pytest
 
 from billing import catalog, db
 from billing.db import Queries
+from billing.errors import StripeUnavailable
 from billing.events import encode_event
 from billing.settings import Settings
 from billing.stripe_client import StripeGateway
@@ -613,3 +614,327 @@ def test_cli_topup_then_reconcile_reports_every_difference(
     assert "charge not in our books" in diff.output and stray["id"] in diff.output
     assert "7.77" in diff.output
     assert_audit_clean(conn, q)
+
+
+def test_a_wallet_frozen_by_a_dispute_is_not_auto_topped_up(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    stripe_settings: Settings,
+    gateway: StripeGateway,
+    endpoint: Endpoint,
+    localstripe_url: str,
+) -> None:
+    """The dispute holds the balance below the threshold: charging the card holder who disputes
+    a payment off-session again would be wrong; auto top-up resumes once the wallet is unfrozen."""
+    acme = f"acme-{uuid.uuid4().hex[:8]}"  # localstripe is shared: top-up ids must be new
+    open_account(conn, q, acme, credit="0")
+    topup_id = _paid_topup(conn, q, stripe_settings, gateway, acme)
+    customer = ensure_customer(conn, q, gateway, acme)
+    card = _saved_card(gateway, localstripe_url, customer, "4242424242424242")
+    set_auto_topup(
+        conn, q, stripe_settings, acme, threshold=D(20), amount=D(50), payment_method=card
+    )
+    assert check_auto_topups(conn, q, stripe_settings, gateway) == []  # 100 is above 20
+    topup = get_topup(conn, q, topup_id)
+    assert topup.charge_id and topup.payment_intent_id
+    opened = envelope(
+        "charge.dispute.created",
+        dispute_object(topup.charge_id, topup.payment_intent_id, 10500, "needs_response", "du_f"),
+    )
+    assert endpoint.post(opened).status_code == 200
+    endpoint.dispatch.drain()
+    assert wallet_balance(conn, acme) == 0  # below the threshold, and frozen
+    assert check_auto_topups(conn, q, stripe_settings, gateway) == []
+    assert conn.execute("SELECT count(*) FROM topups WHERE kind = 'auto'").fetchone() == (0,)
+    won = envelope(
+        "charge.dispute.closed",
+        dispute_object(topup.charge_id, topup.payment_intent_id, 10500, "won", "du_f"),
+    )
+    assert endpoint.post(won).status_code == 200
+    endpoint.dispatch.drain()
+    assert check_auto_topups(conn, q, stripe_settings, gateway) == []  # 100 again: above 20
+    from billing import wallets
+
+    wallets.adjust(conn, q, acme, D("-90"), reason="spent", actor="tests")
+    [result] = check_auto_topups(conn, q, stripe_settings, gateway)  # unfrozen: it resumes
+    assert result.outcome == "created"
+    assert_audit_clean(conn, q)
+
+
+def _refund_object(refund: dict[str, Any], status: str) -> dict[str, Any]:
+    """Stripe's published refund object carrying a real refund's ids and amount."""
+    obj = fixture("refund.json")
+    for key in ("id", "amount", "charge", "payment_intent", "currency"):
+        obj[key] = refund[key]
+    obj["status"] = status
+    if status == "failed":
+        obj.update(failure_reason="expired_or_canceled_card", failure_balance_transaction="txn_f")
+    return obj
+
+
+def _at(event: dict[str, Any], created: int) -> dict[str, Any]:
+    event["created"] = created
+    return event
+
+
+@pytest.mark.parametrize("order", ["as_sent", "failure_first", "reversed"])
+def test_a_failed_refund_gives_the_credit_and_fee_back_then_a_lost_dispute_takes_them_once(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    stripe_settings: Settings,
+    gateway: StripeGateway,
+    endpoint: Endpoint,
+    order: str,
+) -> None:
+    """A full refund is booked, then fails (the money came back to us): the clawback is
+    reversed with the split the refund used. A lost dispute then takes the payment once."""
+    open_account(conn, q, "acme", credit="0")
+    topup_id = _paid_topup(conn, q, stripe_settings, gateway, "acme")
+    topup = get_topup(conn, q, topup_id)
+    assert topup.charge_id and topup.payment_intent_id
+    refund = gateway.create_refund(
+        key=f"refund-{topup_id}-1", payment_intent_id=topup.payment_intent_id, amount_cents=10500
+    )
+    charge = _charge(gateway, topup_id, conn, q)
+    assert charge["amount_refunded"] == 10500
+    t0 = int(datetime.now(UTC).timestamp())
+    refunded = _at(envelope("charge.refunded", charge_object(charge)), t0)
+    failed = _at(envelope("refund.failed", _refund_object(refund, "failed")), t0 + 60)
+    updated = _at(
+        envelope("charge.refund.updated", _refund_object(refund, "failed"), status="succeeded"),
+        t0 + 60,
+    )
+    later = _at(
+        envelope("charge.succeeded", charge_object({**charge, "amount_refunded": 0})), t0 + 90
+    )
+    events = [refunded, failed, updated, later]
+    if order == "failure_first":
+        events = [failed, refunded, updated, later]
+    elif order == "reversed":
+        events = events[::-1]
+    for event in events + events:  # each delivered twice
+        assert endpoint.post(event).status_code == 200
+        endpoint.dispatch.drain()
+    assert wallet_balance(conn, "acme") == D(100)
+    assert ledger_balance(conn, "revenue:fees") == D(5)
+    assert ledger_balance(conn, "clearing:stripe") == D(-105)
+    view = get_topup(conn, q, topup_id)
+    assert (view.refunded_credit, view.refunded_fee) == (0, 0)
+    assert_audit_clean(conn, q)
+    for status in ("needs_response", "lost"):
+        dispute = dispute_object(topup.charge_id, topup.payment_intent_id, 10500, status, "du_rf")
+        assert endpoint.post(envelope("charge.dispute.created", dispute)).status_code == 200
+        endpoint.dispatch.drain()
+    assert wallet_balance(conn, "acme") == 0
+    assert ledger_balance(conn, "revenue:fees") == 0
+    assert ledger_balance(conn, "clearing:stripe") == 0
+    assert_audit_clean(conn, q)
+
+
+def test_a_partial_refund_that_fails_is_reversed_and_a_later_refund_still_books(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    stripe_settings: Settings,
+    gateway: StripeGateway,
+    endpoint: Endpoint,
+) -> None:
+    open_account(conn, q, "acme", credit="0")
+    topup_id = _paid_topup(conn, q, stripe_settings, gateway, "acme")
+    intent = get_topup(conn, q, topup_id).payment_intent_id
+    assert intent is not None
+    t0 = int(datetime.now(UTC).timestamp())
+    first = gateway.create_refund(
+        key=f"refund-{topup_id}-1", payment_intent_id=intent, amount_cents=1000
+    )
+    gateway.create_refund(key=f"refund-{topup_id}-2", payment_intent_id=intent, amount_cents=2000)
+    charge = _charge(gateway, topup_id, conn, q)
+    assert charge["amount_refunded"] == 3000
+    for event in (
+        _at(envelope("charge.refunded", charge_object(charge)), t0),
+        _at(envelope("refund.failed", _refund_object(first, "failed")), t0 + 60),
+    ):
+        assert endpoint.post(event).status_code == 200
+        endpoint.dispatch.drain()
+    # 2000 of 10500 still refunded: credit to_cents(20 * 100/105 = 19.047..) = 19.05, fee 0.95
+    view = get_topup(conn, q, topup_id)
+    assert (view.refunded_credit, view.refunded_fee) == (D("19.05"), D("0.95"))
+    assert wallet_balance(conn, "acme") == D("80.95")
+    assert ledger_balance(conn, "revenue:fees") == D("4.05")
+    # a new refund of 1000 after the failure: Stripe's total is 3000 again, and it is booked
+    again = {**charge, "amount_refunded": 3000}
+    event = _at(envelope("charge.refunded", charge_object(again)), t0 + 120)
+    assert endpoint.post(event).status_code == 200
+    endpoint.dispatch.drain()
+    view = get_topup(conn, q, topup_id)
+    assert (view.refunded_credit, view.refunded_fee) == (D("28.57"), D("1.43"))
+    assert wallet_balance(conn, "acme") == D("71.43")
+    assert_audit_clean(conn, q)
+
+
+class _FlakyStripe(StripeGateway):
+    """localstripe, except that Stripe is unreachable for the accounts in ``down``."""
+
+    down: set[str]
+
+    def create_payment_intent(self, **kw: Any) -> dict[str, Any]:
+        if kw["metadata"].get("account_id") in self.down:
+            raise StripeUnavailable("stripe unavailable: APIConnectionError")
+        return super().create_payment_intent(**kw)
+
+
+def test_a_bad_saved_card_disables_only_its_account_and_an_outage_skips_only_its_own(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    stripe_settings: Settings,
+    endpoint: Endpoint,
+    localstripe_url: str,
+) -> None:
+    """The accounts are checked in order: the first's card is gone (Stripe answers 404), the
+    second cannot be reached this run; the third still gets its top-up, the first is disabled
+    with the reason and notified, the second is left enabled and created on the next run."""
+    flaky = _FlakyStripe(stripe_settings)
+    flaky.down = {"b-down"}
+    for account in ("a-gone", "b-down", "c-good"):
+        open_account(conn, q, account, credit="1")
+        customer = ensure_customer(conn, q, flaky, account)
+        card = (
+            "pm_detached_card"
+            if account == "a-gone"
+            else _saved_card(flaky, localstripe_url, customer, "4242424242424242")
+        )
+        set_auto_topup(
+            conn, q, stripe_settings, account, threshold=D(5), amount=D(20), payment_method=card
+        )
+    results = {r.account_id: r for r in check_auto_topups(conn, q, stripe_settings, flaky)}
+    assert results["a-gone"].outcome.startswith("refused") and "404" in results["a-gone"].outcome
+    assert results["b-down"].outcome.startswith("retry")
+    assert results["c-good"].outcome == "created"
+    rows = dict(
+        (r[0], r[1:])
+        for r in conn.execute(
+            "SELECT account_id, enabled, disabled_reason FROM auto_topup_settings"
+        ).fetchall()
+    )
+    assert rows["a-gone"][0] is False and "refused" in rows["a-gone"][1]
+    assert rows["b-down"] == (True, None) and rows["c-good"] == (True, None)
+    assert _outbox(conn, AUTO_TOPUP_FAILED, "a-gone") == 1
+    assert _outbox(conn, AUTO_TOPUP_FAILED, "b-down") == 0
+    assert get_topup(conn, q, results["a-gone"].topup_id).status == "failed"
+    flaky.down = set()
+    [again] = check_auto_topups(conn, q, stripe_settings, flaky)  # a disabled, c pending
+    assert (again.account_id, again.outcome) == ("b-down", "created")
+    assert_audit_clean(conn, q)
+
+
+class _LostAnswerStripe(StripeGateway):
+    """localstripe, except that the first intent's answer is lost: Stripe got the request (and
+    confirmed it) when ``reached``, or never did."""
+
+    lose = 1
+    reached = True
+
+    def create_payment_intent(self, **kw: Any) -> dict[str, Any]:
+        if self.lose:
+            self.lose -= 1
+            if self.reached:
+                super().create_payment_intent(**kw)
+            raise StripeUnavailable("stripe unavailable: APIConnectionError")
+        return super().create_payment_intent(**kw)
+
+
+@pytest.mark.parametrize("reached", [True, False])
+def test_an_auto_topup_whose_answer_was_lost_is_credited_or_resumed_with_the_same_key(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    stripe_settings: Settings,
+    endpoint: Endpoint,
+    localstripe_url: str,
+    reached: bool,
+) -> None:
+    """The top-up is recorded and committed before Stripe is called: the success webhook of an
+    intent whose answer we lost finds it, and an intent Stripe never got is sent again with the
+    same key on the next run even though the balance rose above the threshold meanwhile."""
+    lossy = _LostAnswerStripe(stripe_settings)
+    lossy.reached = reached
+    acme = f"acme-{uuid.uuid4().hex[:8]}"  # localstripe is shared: top-up ids must be new
+    open_account(conn, q, acme, credit="1")
+    customer = ensure_customer(conn, q, lossy, acme)
+    card = _saved_card(lossy, localstripe_url, customer, "4242424242424242")
+    set_auto_topup(
+        conn, q, stripe_settings, acme, threshold=D(5), amount=D(20), payment_method=card
+    )
+    [first] = check_auto_topups(conn, q, stripe_settings, lossy)
+    assert first.outcome.startswith("retry")
+    rows = conn.execute("SELECT topup_id, status FROM topups WHERE kind = 'auto'").fetchall()
+    assert len(rows) == 1 and rows[0][1] == "pending"  # committed before Stripe was called
+    topup_id = rows[0][0]
+    if reached:
+        # Stripe confirmed it: its success webhook credits the recorded top-up
+        wait_for(lambda: get_topup(conn, q, topup_id).status == "succeeded", what="credit")
+        assert wallet_balance(conn, acme) == D(21)
+        assert check_auto_topups(conn, q, stripe_settings, lossy) == []
+    else:
+        from billing import wallets
+
+        wallets.adjust(conn, q, acme, D(100), reason="manual", actor="tests")  # now above
+        [resumed] = check_auto_topups(conn, q, stripe_settings, lossy)
+        assert (resumed.topup_id, resumed.outcome) == (topup_id, "created")
+        wait_for(lambda: get_topup(conn, q, topup_id).status == "succeeded", what="credit")
+        assert wallet_balance(conn, acme) == D(121)
+    assert len(_intents_for(localstripe_url, topup_id)) == 1
+    row = conn.execute("SELECT pending_topup_id, enabled, attempts FROM auto_topup_settings")
+    assert row.fetchone() == (None, True, 1)
+    assert_audit_clean(conn, q)
+
+
+class _CheckoutStripe(StripeGateway):
+    """localstripe has no Checkout: Stripe's published session object stands in for its
+    answers, one per idempotency key, as Stripe keeps them."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.sessions: dict[str, dict[str, Any]] = {}
+        self.created = 0
+
+    def create_checkout_session(self, **kw: Any) -> dict[str, Any]:
+        self.created += 1
+        session = fixture("checkout_session.json")
+        session.update(
+            id=f"cs_test_{kw['topup_id']}",
+            url=f"https://checkout.stripe.com/c/pay/cs_test_{kw['topup_id']}",
+            payment_intent=None,
+            client_reference_id=kw["topup_id"],
+            metadata=dict(kw["metadata"]),
+            customer=kw["customer_id"],
+        )
+        self.sessions[session["id"]] = session
+        return session
+
+    def retrieve_checkout_session(self, session_id: str) -> dict[str, Any]:
+        return self.sessions[session_id]
+
+
+def test_a_retried_checkout_topup_returns_the_same_checkout_url(
+    conn: psycopg.Connection[Any], q: Queries, stripe_settings: Settings
+) -> None:
+    stripe = _CheckoutStripe(stripe_settings)
+    open_account(conn, q, "acme", credit="0")
+    created = [
+        create_topup(
+            conn,
+            q,
+            stripe_settings,
+            stripe,
+            "acme",
+            D(100),
+            request_key="co-retry",
+            checkout=True,
+            success_url="https://example.com/ok",
+            cancel_url="https://example.com/cancel",
+        )
+        for _ in range(2)
+    ]
+    assert stripe.created == 1
+    assert created[0].checkout_url is not None
+    assert created[1].checkout_url == created[0].checkout_url
+    assert created[1].topup.topup_id == created[0].topup.topup_id

@@ -224,8 +224,8 @@ def test_stripe_published_deliveries_are_accepted_and_recorded(
     ).fetchone()
     assert row is not None and row[0] == published["type"]
     outcome, processed = row[1], row[2]
-    if published["type"] in ("charge.succeeded", "charge.dispute.created", "charge.dispute.closed"):
-        assert outcome.startswith("waiting") and not processed  # unknown charge: kept to retry
+    if published["type"] in ("charge.dispute.created", "charge.dispute.closed"):
+        assert outcome.startswith("waiting") and not processed  # unknown dispute: kept to retry
     else:
         assert outcome.startswith("ignored") and processed
     assert ledger_balance(conn, "clearing:stripe") == 0
@@ -363,3 +363,75 @@ def _healthy(url: str) -> bool:
         return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_foreign_events_cannot_starve_ours_and_waiting_ones_give_up_listed_and_replayable(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    stripe_settings: Settings,
+    gateway: StripeGateway,
+    endpoint: Endpoint,
+) -> None:
+    """Charges and disputes of other products on the same Stripe account, stored before our own
+    event whose hand-off was lost: a pending scan of 4 still reaches ours. Charges without our
+    metadata are ignored at once (listed as such); unknown disputes wait, then give up into a
+    listed state an operator can replay."""
+    from click.testing import CliRunner
+
+    from billing.cli import main
+
+    open_account(conn, q, "acme", credit="0")
+    endpoint.dispatch.hold = True  # every hand-off lost: only process_pending runs them
+    charges, disputes = [], []
+    for _ in range(3):
+        event = fixture("zulip_charge_succeeded_with_pi.json")
+        event["id"] = f"evt_{uuid.uuid4().hex[:24]}"
+        event["data"]["object"].update(
+            id=f"ch_{uuid.uuid4().hex[:20]}", payment_intent=f"pi_{uuid.uuid4().hex[:20]}"
+        )
+        charges.append(event["id"])
+        assert endpoint.post(event).status_code == 200
+    for _ in range(2):
+        event = fixture("zulip_charge_dispute_created_with_pi.json")
+        event["id"] = f"evt_{uuid.uuid4().hex[:24]}"
+        event["data"]["object"].update(
+            id=f"du_{uuid.uuid4().hex[:20]}",
+            charge=f"ch_{uuid.uuid4().hex[:20]}",
+            payment_intent=f"pi_{uuid.uuid4().hex[:20]}",
+        )
+        disputes.append(event["id"])
+        assert endpoint.post(event).status_code == 200
+    _, success = _pending_topup(conn, q, stripe_settings, gateway)
+    assert endpoint.post(success).status_code == 200
+    for _ in range(3):
+        process_pending(conn, q, stripe_settings, limit=4)
+    assert wallet_balance(conn, "acme") == D(100)
+    runner = CliRunner()
+
+    def listed(*args: str) -> set[str]:
+        result = runner.invoke(
+            main, ["stripe", "events", *args, "--json"], obj={"settings": stripe_settings}
+        )
+        assert result.exit_code == 0, result.output
+        return {row["event_id"] for row in json.loads(result.output)}
+
+    assert listed("--state", "ignored") == set(charges)
+    assert listed("--state", "pending") == set(disputes)
+    # Stripe stopped retrying long ago: the unknown disputes give up, listed, no longer scanned
+    conn.execute(
+        "UPDATE stripe_events SET received_at = now() - interval '4 days' WHERE event_id = ANY(%s)",
+        (disputes,),
+    )
+    result = process_pending(conn, q, stripe_settings, limit=4)
+    assert (result.processed, result.waiting, result.abandoned) == (0, 0, 2)
+    assert listed("--state", "abandoned") == set(disputes)
+    assert listed("--state", "pending") == set()
+    assert process_pending(conn, q, stripe_settings).abandoned == 0  # not scanned again
+    # the operator replays one: processed again now, with a fresh waiting window
+    replay = runner.invoke(
+        main, ["stripe", "replay", disputes[0]], obj={"settings": stripe_settings}
+    )
+    assert replay.exit_code == 0 and "waiting" in replay.output, replay.output
+    assert listed("--state", "pending") == {disputes[0]}
+    assert listed("--state", "abandoned") == {disputes[1]}
+    assert_audit_clean(conn, q)
