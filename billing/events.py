@@ -182,9 +182,9 @@ def redact(payload: bytes) -> bytes:
     # A payload parked before and now replayed names what was dropped then: keep that list, so
     # that redacting twice gives the same bytes (replay finds the row it was parked under).
     earlier = obj.pop(_REDACTED, None)
-    dropped = [
-        f for f in earlier or () if isinstance(f, str) and len(f) <= 200 and f.isprintable()
-    ] if isinstance(earlier, list) else []  # fmt: skip
+    dropped: list[str] = []
+    if isinstance(earlier, list):
+        dropped = [f for f in earlier if isinstance(f, str) and len(f) <= 200 and f.isprintable()]
     dropped += sorted(k for k in obj if k not in _KNOWN_EVENT_FIELDS)
     kept: dict[str, Any] = {
         k: None if k in ("usage", "provider_usage") else _shallow(v, k, dropped)  # below
