@@ -597,12 +597,14 @@ def _converge_refunds(
     """Book the difference between the refunded total Stripe's state implies and ours.
 
     The target is the cumulative ``amount_refunded`` of the newest charge snapshot (by event
-    time; the largest at that time) minus the refunds known to have failed at or after it
-    (``stripe_refund_failures``): a failed or canceled refund returns the money to us and
-    lowers Stripe's total. That is a function of the events received, not of their order, so
-    duplicates and late events converge; an older snapshot never moves the total. The split
-    is applied to the cumulative target, so a reversal gives back exactly the credit and fee
-    parts its refund took.
+    time; the largest at that time) minus the failed refunds it still counted: created at or
+    before it and failed at or after it (``stripe_refund_failures``). A failed or canceled
+    refund returns the money to us and lowers Stripe's total; a refund created after the
+    snapshot is not in it, so its failure must not give back an earlier refund's clawback.
+    That is a function of the events received, not of their order, so duplicates and late
+    events converge; an older snapshot never moves the total. The split is applied to the
+    cumulative target, so a reversal gives back exactly the credit and fee parts its refund
+    took.
     """
     topup_id = topup["topup_id"]
     at, snapshot_cents = topup["refund_snapshot_at"], int(topup["refund_snapshot_cents"])
@@ -923,6 +925,7 @@ def _on_refund(
             "amount": exact(Decimal(amount) * CENT),
             "stripe_status": status,
             "failure_reason": refund.get("failure_reason"),
+            "refund_created": _stripe_time(refund.get("created")),
             "at": at,
         },
     ).fetchone()
@@ -953,11 +956,18 @@ REFUND_EVENTS = frozenset(
 )
 
 
+def _stripe_time(value: object) -> datetime | None:
+    """A Stripe unix timestamp, or None when absent or not an integer."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return datetime.fromtimestamp(value, UTC)
+    return None
+
+
 def event_time(event: Mapping[str, Any], received_at: datetime | None = None) -> datetime:
     """When Stripe says the event happened (``created``), else when we received it."""
-    created = event.get("created")
-    if isinstance(created, int) and not isinstance(created, bool):
-        return datetime.fromtimestamp(created, UTC)
+    created = _stripe_time(event.get("created"))
+    if created is not None:
+        return created
     return received_at if received_at is not None else datetime.now(UTC)
 
 

@@ -8,7 +8,8 @@
 -- The refunded amount a top-up should carry is now a function of what Stripe told us, whatever
 -- the order it arrived in (billing.topups._converge_refunds):
 --   target = amount_refunded of the newest charge snapshot (the largest one at that event time)
---            minus the refunds known to have failed at or after that time.
+--            minus the refunds that snapshot still counted though they failed: created at or
+--            before its time and failed at or after it (a refund created later is not in it).
 -- refund_snapshot_at/_cents hold that newest snapshot; stripe_refund_failures the failed refunds,
 -- one row per Stripe refund id. refund_postings numbers the top-up's refund postings, so their
 -- references stay unique when a total is booked, reversed and booked again.
@@ -29,6 +30,7 @@ CREATE TABLE stripe_refund_failures (
     amount          numeric(38, 12) NOT NULL CHECK (amount > 0),
     stripe_status   text NOT NULL,           -- failed or canceled
     failure_reason  text,
+    refund_created  timestamptz,             -- the refund object's created (NULL: not given)
     failed_at       timestamptz NOT NULL,    -- the Stripe event's time
     recorded_at     timestamptz NOT NULL DEFAULT now()
 );

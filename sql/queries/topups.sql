@@ -76,15 +76,21 @@ RETURNING refund_snapshot_at, refund_snapshot_cents
 
 -- name: refund_failure_insert
 INSERT INTO stripe_refund_failures (refund_id, topup_id, amount, stripe_status, failure_reason,
-                                    failed_at)
-VALUES (%(refund_id)s, %(topup_id)s, %(amount)s, %(stripe_status)s, %(failure_reason)s, %(at)s)
+                                    refund_created, failed_at)
+VALUES (%(refund_id)s, %(topup_id)s, %(amount)s, %(stripe_status)s, %(failure_reason)s,
+        %(refund_created)s, %(at)s)
 ON CONFLICT (refund_id) DO NOTHING
 RETURNING refund_id
 
 -- name: refund_failures_not_in_snapshot
--- Failed refunds the snapshot taken at %(at)s still counts (they failed at or after it).
+-- Failed refunds the snapshot taken at %(at)s still counts: created at or before it (a refund
+-- created later is not in its amount_refunded) and failed at or after it. In the same second
+-- both are taken as counted: a refund's own charge.refunded carries its creation second, and
+-- the largest snapshot of a second is kept, the one before a failure in that second.
 SELECT coalesce(sum(amount), 0) FROM stripe_refund_failures
-WHERE topup_id = %(topup_id)s AND (%(at)s::timestamptz IS NULL OR failed_at >= %(at)s)
+WHERE topup_id = %(topup_id)s
+  AND (%(at)s::timestamptz IS NULL
+       OR (failed_at >= %(at)s AND (refund_created IS NULL OR refund_created <= %(at)s)))
 
 -- name: topup_posting_insert
 INSERT INTO topup_postings (posting_id, topup_id, kind)

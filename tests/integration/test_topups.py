@@ -6,6 +6,7 @@ Every scenario ends with ``billing audit`` clean.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -661,11 +662,14 @@ def test_a_wallet_frozen_by_a_dispute_is_not_auto_topped_up(
     assert_audit_clean(conn, q)
 
 
-def _refund_object(refund: dict[str, Any], status: str) -> dict[str, Any]:
-    """Stripe's published refund object carrying a real refund's ids and amount."""
+def _refund_object(
+    refund: dict[str, Any], status: str, created: int | None = None
+) -> dict[str, Any]:
+    """Stripe's published refund object carrying a real refund's ids, amount and time."""
     obj = fixture("refund.json")
     for key in ("id", "amount", "charge", "payment_intent", "currency"):
         obj[key] = refund[key]
+    obj["created"] = created if created is not None else refund.get("created", obj["created"])
     obj["status"] = status
     if status == "failed":
         obj.update(failure_reason="expired_or_canceled_card", failure_balance_transaction="txn_f")
@@ -768,6 +772,54 @@ def test_a_partial_refund_that_fails_is_reversed_and_a_later_refund_still_books(
     view = get_topup(conn, q, topup_id)
     assert (view.refunded_credit, view.refunded_fee) == (D("28.57"), D("1.43"))
     assert wallet_balance(conn, "acme") == D("71.43")
+    assert_audit_clean(conn, q)
+
+
+@pytest.mark.parametrize("timing", ["apart", "failed_in_its_second", "refunds_in_one_second"])
+@pytest.mark.parametrize("order", list(itertools.permutations(range(3))))
+def test_a_later_refund_that_fails_never_gives_back_an_earlier_refunds_clawback(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    stripe_settings: Settings,
+    gateway: StripeGateway,
+    endpoint: Endpoint,
+    timing: str,
+    order: tuple[int, ...],
+) -> None:
+    """R1 (30.00) is paid to the card; R2 (20.00), created later, fails. Whatever the order of
+    R1's charge.refunded, R2's charge.refunded and R2's refund.failed, R1's clawback stays:
+    R2's failure is subtracted only from snapshots that counted R2."""
+    open_account(conn, q, "acme", credit="0")
+    topup_id = _paid_topup(conn, q, stripe_settings, gateway, "acme")
+    intent = get_topup(conn, q, topup_id).payment_intent_id
+    assert intent is not None
+    gateway.create_refund(key=f"refund-{topup_id}-1", payment_intent_id=intent, amount_cents=3000)
+    first = _charge(gateway, topup_id, conn, q)
+    second = gateway.create_refund(
+        key=f"refund-{topup_id}-2", payment_intent_id=intent, amount_cents=2000
+    )
+    both = _charge(gateway, topup_id, conn, q)
+    assert (first["amount_refunded"], both["amount_refunded"]) == (3000, 5000)
+    t1 = int(datetime.now(UTC).timestamp())
+    t2 = t1 if timing == "refunds_in_one_second" else t1 + 60
+    t3 = t2 if timing == "failed_in_its_second" else t2 + 60
+    events = [
+        _at(envelope("charge.refunded", charge_object(first)), t1),
+        _at(envelope("charge.refunded", charge_object(both)), t2),
+        _at(envelope("refund.failed", _refund_object(second, "failed", created=t2)), t3),
+    ]
+    for i in order:
+        assert endpoint.post(events[i]).status_code == 200
+        endpoint.dispatch.drain()
+        view = get_topup(conn, q, topup_id)
+        booked = view.refunded_credit + view.refunded_fee
+        if timing != "refunds_in_one_second" and 0 in order[: order.index(i) + 1]:
+            # R1 was paid to the card and we have heard of it: its 30.00 stays taken back
+            assert booked >= D(30), (order, i, booked)
+    view = get_topup(conn, q, topup_id)
+    assert (view.refunded_credit, view.refunded_fee) == (D("28.57"), D("1.43"))
+    assert wallet_balance(conn, "acme") == D("71.43")
+    assert ledger_balance(conn, "revenue:fees") == D("3.57")
     assert_audit_clean(conn, q)
 
 
