@@ -75,11 +75,18 @@ WHERE topup_id = %(topup_id)s
 RETURNING refund_snapshot_at, refund_snapshot_cents
 
 -- name: refund_failure_insert
+-- Several events report one failure (refund.failed, refund.updated, charge.refund.updated), in
+-- any order: the earliest failure time is kept, so the result does not depend on which is first.
+-- Returns the row when it is new or moved earlier.
 INSERT INTO stripe_refund_failures (refund_id, topup_id, amount, stripe_status, failure_reason,
                                     refund_created, failed_at)
 VALUES (%(refund_id)s, %(topup_id)s, %(amount)s, %(stripe_status)s, %(failure_reason)s,
         %(refund_created)s, %(at)s)
-ON CONFLICT (refund_id) DO NOTHING
+ON CONFLICT (refund_id) DO UPDATE
+SET failed_at = least(stripe_refund_failures.failed_at, excluded.failed_at),
+    refund_created = coalesce(stripe_refund_failures.refund_created, excluded.refund_created)
+WHERE excluded.failed_at < stripe_refund_failures.failed_at
+   OR (stripe_refund_failures.refund_created IS NULL AND excluded.refund_created IS NOT NULL)
 RETURNING refund_id
 
 -- name: refund_failures_not_in_snapshot

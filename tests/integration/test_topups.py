@@ -823,6 +823,47 @@ def test_a_later_refund_that_fails_never_gives_back_an_earlier_refunds_clawback(
     assert_audit_clean(conn, q)
 
 
+@pytest.mark.parametrize("later_report_first", [True, False])
+def test_a_refund_failure_reported_twice_counts_from_its_earliest_time(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    stripe_settings: Settings,
+    gateway: StripeGateway,
+    endpoint: Endpoint,
+    later_report_first: bool,
+) -> None:
+    """R1 (10.00) fails at t+60 (refund.failed) and is reported again at t+180
+    (charge.refund.updated); R2 (20.00) is created at t+100. The charge at t+120 shows only R2
+    refunded: R1's failure is not in it, whichever report of the failure came first."""
+    open_account(conn, q, "acme", credit="0")
+    topup_id = _paid_topup(conn, q, stripe_settings, gateway, "acme")
+    intent = get_topup(conn, q, topup_id).payment_intent_id
+    assert intent is not None
+    t0 = int(datetime.now(UTC).timestamp())
+    first = gateway.create_refund(
+        key=f"refund-{topup_id}-1", payment_intent_id=intent, amount_cents=1000
+    )
+    gateway.create_refund(key=f"refund-{topup_id}-2", payment_intent_id=intent, amount_cents=2000)
+    charge = _charge(gateway, topup_id, conn, q)
+    failed = _refund_object(first, "failed", created=t0)
+    reports = [
+        _at(envelope("refund.failed", failed), t0 + 60),
+        _at(envelope("charge.refund.updated", failed, status="succeeded"), t0 + 180),
+    ]
+    if later_report_first:
+        reports.reverse()
+    snapshot = _at(
+        envelope("charge.refunded", charge_object({**charge, "amount_refunded": 2000})), t0 + 120
+    )
+    for event in [*reports, snapshot]:
+        assert endpoint.post(event).status_code == 200
+        endpoint.dispatch.drain()
+    view = get_topup(conn, q, topup_id)
+    assert (view.refunded_credit, view.refunded_fee) == (D("19.05"), D("0.95"))
+    assert wallet_balance(conn, "acme") == D("80.95")
+    assert_audit_clean(conn, q)
+
+
 class _FlakyStripe(StripeGateway):
     """localstripe, except that Stripe is unreachable for the accounts in ``down``."""
 
