@@ -1243,8 +1243,17 @@ def _refused(
     reason: str,
     attempt: int | None = None,
 ) -> AutoTopupResult:
-    """Disable the account's auto top-up for good: the top-up failed, the gateway is told."""
+    """Disable the account's auto top-up for good: the top-up failed, the gateway is told.
+
+    Without ``topup_id`` (an unexpected error, perhaps after the claim committed) the pending
+    top-up not sent yet is the one that failed: it is marked so, not left pending for ever.
+    """
     with conn.transaction():
+        if topup_id is None:
+            unsent = conn.execute(
+                q["auto_topup_lock_pending_unsent"], {"account_id": account_id}
+            ).fetchone()
+            topup_id = str(unsent[0]) if unsent is not None else None
         if topup_id is not None:
             conn.execute(
                 q["topup_mark_unpaid"],

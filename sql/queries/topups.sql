@@ -279,6 +279,13 @@ UPDATE auto_topup_settings
 SET pending_intent_id = %(intent_id)s, updated_at = now()
 WHERE account_id = %(account_id)s AND pending_topup_id = %(topup_id)s
 
+-- name: auto_topup_lock_pending_unsent
+-- The account's pending top-up Stripe was not asked for yet (none if an intent is recorded:
+-- that one is settled by its webhook).
+SELECT pending_topup_id FROM auto_topup_settings
+WHERE account_id = %(account_id)s AND pending_topup_id IS NOT NULL AND pending_intent_id IS NULL
+FOR UPDATE
+
 -- name: auto_topup_declined
 -- A permanent refusal: disabled with the reason (attempts kept when not given).
 UPDATE auto_topup_settings

@@ -19,7 +19,7 @@ import pytest
 
 from billing import catalog, db
 from billing.db import Queries
-from billing.errors import StripeUnavailable
+from billing.errors import BillingError, StripeUnavailable
 from billing.events import encode_event
 from billing.settings import Settings
 from billing.stripe_client import StripeGateway
@@ -933,6 +933,38 @@ class _LostAnswerStripe(StripeGateway):
                 super().create_payment_intent(**kw)
             raise StripeUnavailable("stripe unavailable: APIConnectionError")
         return super().create_payment_intent(**kw)
+
+
+class _BrokenStripe(StripeGateway):
+    """localstripe, except that creating an intent fails in a way nobody expected."""
+
+    def create_payment_intent(self, **kw: Any) -> dict[str, Any]:
+        raise BillingError("unexpected answer from stripe")
+
+
+def test_an_unexpected_error_after_the_claim_fails_the_auto_topup_instead_of_leaving_it_pending(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    stripe_settings: Settings,
+    gateway: StripeGateway,
+    localstripe_url: str,
+) -> None:
+    open_account(conn, q, "acme", credit="1")
+    customer = ensure_customer(conn, q, gateway, "acme")
+    card = _saved_card(gateway, localstripe_url, customer, "4242424242424242")
+    set_auto_topup(
+        conn, q, stripe_settings, "acme", threshold=D(5), amount=D(20), payment_method=card
+    )
+    broken = _BrokenStripe(stripe_settings)
+    [result] = check_auto_topups(conn, q, stripe_settings, broken)
+    assert result.outcome.startswith("refused: unexpected answer")
+    assert result.topup_id is not None
+    topup = get_topup(conn, q, result.topup_id)
+    assert (topup.status, topup.failure_reason) == ("failed", result.outcome)
+    row = conn.execute("SELECT enabled, pending_topup_id FROM auto_topup_settings").fetchone()
+    assert row == (False, None)
+    assert _outbox(conn, AUTO_TOPUP_FAILED, "acme") == 1
+    assert_audit_clean(conn, q)
 
 
 @pytest.mark.parametrize("reached", [True, False])
