@@ -328,6 +328,7 @@ def _record_topup(
     account_id: str,
     quote_: Quote,
     kind: TopupKind,
+    payment_method: str | None = None,
 ) -> None:
     """Insert the top-up row (a repeat with the same id and amount is fine)."""
     require_account(conn, q, account_id)
@@ -340,6 +341,7 @@ def _record_topup(
             "credit": quote_.credit,
             "fee": quote_.fee,
             "charged": quote_.charged,
+            "payment_method": payment_method,
         },
     )
     existing = fetch_dicts(conn, q["topup_get"], {"topup_id": topup_id})[0]
@@ -1168,14 +1170,34 @@ def set_auto_topup(
 def disable_auto_topup(
     conn: psycopg.Connection[Any], q: Queries, account_id: str, reason: str = "disabled"
 ) -> None:
+    """Disable; a pending top-up Stripe was not asked for yet is canceled with it.
+
+    Sending it later (after re-enabling) would charge the amount and card of the old settings.
+    One already sent is left to its webhook. The top-up row is locked before the settings row,
+    the order the sender and the webhooks lock them in.
+    """
     with conn.transaction():
-        if (
-            conn.execute(
-                q["auto_topup_disable"], {"account_id": account_id, "reason": reason}
-            ).fetchone()
-            is None
-        ):
+        pending = conn.execute(q["auto_topup_pending_get"], {"account_id": account_id}).fetchone()
+        unsent = None
+        if pending is not None and pending[0] is not None:
+            rows = fetch_dicts(conn, q["topup_lock"], {"topup_id": pending[0]})
+            if rows and rows[0]["status"] == TopupStatus.PENDING:
+                unsent = str(pending[0])
+        row = conn.execute(
+            q["auto_topup_disable"],
+            {"account_id": account_id, "reason": reason, "unsent_topup_id": unsent},
+        ).fetchone()
+        if row is None:
             raise BillingError(f"no auto top-up for {account_id!r}")
+        if unsent is not None and row[1] is None:
+            conn.execute(
+                q["topup_mark_unpaid"],
+                {
+                    "topup_id": unsent,
+                    "status": TopupStatus.CANCELED.value,
+                    "reason": f"auto top-up {reason} before it was sent",
+                },
+            )
 
 
 @dataclass(frozen=True)
@@ -1289,7 +1311,9 @@ def _auto_topup(
             attempt = int(claim["attempts"]) + 1
             quote_ = quote(claim["amount"], settings.topup_fee_rate)
             topup_id = topup_id_for(account_id, f"auto:{attempt}")
-            _record_topup(conn, q, topup_id, account_id, quote_, TopupKind.AUTO)
+            _record_topup(
+                conn, q, topup_id, account_id, quote_, TopupKind.AUTO, claim["payment_method"]
+            )
             conn.execute(
                 q["auto_topup_set_pending"],
                 {"account_id": account_id, "topup_id": topup_id, "attempts": attempt},
@@ -1317,7 +1341,8 @@ def _auto_topup(
                 customer_id=customer_id,
                 amount_cents=quote_.charged_cents,
                 metadata=_metadata(topup_id, account_id, quote_, TopupKind.AUTO),
-                payment_method=sending[0]["payment_method"],
+                # the first request's payment method: a resend under the same key repeats it
+                payment_method=topup["payment_method"] or sending[0]["payment_method"],
                 off_session=True,
             )
         except Transient as exc:

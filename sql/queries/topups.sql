@@ -10,8 +10,9 @@ ON CONFLICT (account_id) DO NOTHING
 SELECT account_id, stripe_customer_id FROM stripe_customers
 
 -- name: topup_insert
-INSERT INTO topups (topup_id, account_id, kind, credit, fee, charged)
-VALUES (%(topup_id)s, %(account_id)s, %(kind)s, %(credit)s, %(fee)s, %(charged)s)
+INSERT INTO topups (topup_id, account_id, kind, credit, fee, charged, payment_method)
+VALUES (%(topup_id)s, %(account_id)s, %(kind)s, %(credit)s, %(fee)s, %(charged)s,
+        %(payment_method)s)
 ON CONFLICT (topup_id) DO NOTHING
 
 -- name: topup_get
@@ -221,11 +222,18 @@ ON CONFLICT (account_id) DO UPDATE
 SET enabled = true, threshold = excluded.threshold, amount = excluded.amount,
     payment_method = excluded.payment_method, disabled_reason = NULL, updated_at = now()
 
+-- name: auto_topup_pending_get
+SELECT pending_topup_id FROM auto_topup_settings WHERE account_id = %(account_id)s
+
 -- name: auto_topup_disable
+-- A pending top-up not sent yet (%(unsent_topup_id)s, its row locked first by the caller) is
+-- dropped with the settings: re-enabling later starts a new one at the amount then set.
 UPDATE auto_topup_settings
-SET enabled = false, disabled_reason = %(reason)s, updated_at = now()
+SET enabled = false, disabled_reason = %(reason)s, updated_at = now(),
+    pending_topup_id = CASE WHEN pending_topup_id = %(unsent_topup_id)s
+                             AND pending_intent_id IS NULL THEN NULL ELSE pending_topup_id END
 WHERE account_id = %(account_id)s
-RETURNING account_id
+RETURNING account_id, pending_topup_id
 
 -- name: auto_topup_get
 SELECT * FROM auto_topup_settings WHERE account_id = %(account_id)s

@@ -29,6 +29,7 @@ from billing.topups import (
     UNFROZEN,
     check_auto_topups,
     create_topup,
+    disable_auto_topup,
     ensure_customer,
     get_topup,
     process_stripe_event,
@@ -1009,6 +1010,81 @@ def test_an_auto_topup_whose_answer_was_lost_is_credited_or_resumed_with_the_sam
     assert len(_intents_for(localstripe_url, topup_id)) == 1
     row = conn.execute("SELECT pending_topup_id, enabled, attempts FROM auto_topup_settings")
     assert row.fetchone() == (None, True, 1)
+    assert_audit_clean(conn, q)
+
+
+class _RecordingLostAnswerStripe(_LostAnswerStripe):
+    """Loses the first answer (after Stripe got the request) and records what was sent."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.sent: list[tuple[str, str]] = []
+
+    def create_payment_intent(self, **kw: Any) -> dict[str, Any]:
+        self.sent.append((kw["key"], kw["payment_method"]))
+        return super().create_payment_intent(**kw)
+
+
+def test_a_resent_auto_topup_uses_the_card_it_was_claimed_with_after_a_card_change(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    stripe_settings: Settings,
+    endpoint: Endpoint,
+    localstripe_url: str,
+) -> None:
+    """The resend repeats the first request under the same key, so Stripe does not refuse it
+    as an idempotency conflict (which would disable auto top-up)."""
+    lossy = _RecordingLostAnswerStripe(stripe_settings)
+    acme = f"acme-{uuid.uuid4().hex[:8]}"
+    open_account(conn, q, acme, credit="1")
+    customer = ensure_customer(conn, q, lossy, acme)
+    old = _saved_card(lossy, localstripe_url, customer, "4242424242424242")
+    new = _saved_card(lossy, localstripe_url, customer, "5555555555554444")
+    set_auto_topup(conn, q, stripe_settings, acme, threshold=D(5), amount=D(20), payment_method=old)
+    lossy.reached = False  # Stripe never got the first request
+    [first] = check_auto_topups(conn, q, stripe_settings, lossy)
+    assert first.outcome.startswith("retry")
+    set_auto_topup(conn, q, stripe_settings, acme, threshold=D(5), amount=D(20), payment_method=new)
+    [resumed] = check_auto_topups(conn, q, stripe_settings, lossy)
+    assert (resumed.topup_id, resumed.outcome) == (first.topup_id, "created")
+    assert [pm for _, pm in lossy.sent] == [old, old]
+    assert len({key for key, _ in lossy.sent}) == 1
+    assert first.topup_id is not None
+    wait_for(lambda: get_topup(conn, q, first.topup_id).status == "succeeded", what="credit")
+    assert wallet_balance(conn, acme) == D(21)
+    assert_audit_clean(conn, q)
+
+
+def test_disabling_cancels_an_unsent_auto_topup_so_re_enabling_buys_the_new_amount(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    stripe_settings: Settings,
+    endpoint: Endpoint,
+    localstripe_url: str,
+) -> None:
+    lossy = _LostAnswerStripe(stripe_settings)
+    lossy.reached = False
+    acme = f"acme-{uuid.uuid4().hex[:8]}"
+    open_account(conn, q, acme, credit="1")
+    customer = ensure_customer(conn, q, lossy, acme)
+    card = _saved_card(lossy, localstripe_url, customer, "4242424242424242")
+    set_auto_topup(
+        conn, q, stripe_settings, acme, threshold=D(5), amount=D(20), payment_method=card
+    )
+    [first] = check_auto_topups(conn, q, stripe_settings, lossy)
+    assert first.outcome.startswith("retry") and first.topup_id is not None
+    disable_auto_topup(conn, q, acme)
+    dropped = get_topup(conn, q, first.topup_id)
+    assert dropped.status == "canceled"
+    set_auto_topup(
+        conn, q, stripe_settings, acme, threshold=D(5), amount=D(50), payment_method=card
+    )
+    [fresh] = check_auto_topups(conn, q, stripe_settings, lossy)
+    assert fresh.outcome == "created" and fresh.topup_id not in (None, first.topup_id)
+    assert fresh.topup_id is not None
+    wait_for(lambda: get_topup(conn, q, fresh.topup_id).status == "succeeded", what="credit")
+    assert wallet_balance(conn, acme) == D(51)
+    assert _intents_for(localstripe_url, first.topup_id) == []
     assert_audit_clean(conn, q)
 
 
