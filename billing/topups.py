@@ -908,7 +908,10 @@ def _on_refund(
     pi, charge = _id(refund.get("payment_intent")), _id(refund.get("charge"))
     topup = _lock_topup(conn, q, topup_id=_metadata_topup(refund), pi=pi, charge=charge)
     if topup is None:
-        return NOT_OURS
+        # A refund carries none of our metadata: it may be one of ours whose charge we do not
+        # know yet (a checkout top-up before checkout.session.completed). It waits, and gives
+        # up after the window like other waiting events (listed, replayable).
+        return _waiting(f"refund {refund.get('id')} (charge {charge})")
     notes = []
     if topup["status"] != TopupStatus.SUCCEEDED:
         # A refund exists only on a successful charge: book the payment first.

@@ -32,6 +32,7 @@ from billing.topups import (
     disable_auto_topup,
     ensure_customer,
     get_topup,
+    process_pending,
     process_stripe_event,
     reconcile,
     set_auto_topup,
@@ -862,6 +863,70 @@ def test_a_refund_failure_reported_twice_counts_from_its_earliest_time(
     view = get_topup(conn, q, topup_id)
     assert (view.refunded_credit, view.refunded_fee) == (D("19.05"), D("0.95"))
     assert wallet_balance(conn, "acme") == D("80.95")
+    assert_audit_clean(conn, q)
+
+
+def test_a_failed_refund_of_a_checkout_topup_not_known_yet_waits_for_it(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    stripe_settings: Settings,
+    endpoint: Endpoint,
+) -> None:
+    """A refund has no metadata of ours: before checkout.session.completed tells us the
+    intent, its failure cannot be matched, and must wait rather than be ignored."""
+    stripe = _CheckoutStripe(stripe_settings)
+    open_account(conn, q, "acme", credit="0")
+    created = create_topup(
+        conn,
+        q,
+        stripe_settings,
+        stripe,
+        "acme",
+        D(100),
+        request_key="co-refund",
+        checkout=True,
+        success_url="https://example.com/ok",
+        cancel_url="https://example.com/cancel",
+    )
+    topup_id = created.topup.topup_id
+    pi, charge = f"pi_co_{uuid.uuid4().hex[:12]}", f"ch_co_{uuid.uuid4().hex[:12]}"
+    t0 = int(datetime.now(UTC).timestamp())
+    refund = {"id": f"re_{uuid.uuid4().hex[:12]}", "amount": 1000, "charge": charge}
+    refund.update(payment_intent=pi, currency="usd")
+    failed = _at(envelope("refund.failed", _refund_object(refund, "failed", created=t0)), t0 + 60)
+    assert endpoint.post(failed).status_code == 200
+    endpoint.dispatch.drain()
+    row = conn.execute(
+        "SELECT processed_at, outcome FROM stripe_events WHERE event_id = %s", (failed["id"],)
+    ).fetchone()
+    assert row is not None and row[0] is None and row[1].startswith("waiting"), row
+    session = fixture("checkout_session.json")
+    session.update(
+        id=created.topup.checkout_session_id,
+        status="complete",
+        payment_status="paid",
+        amount_total=10500,
+        currency="usd",
+        payment_intent=pi,
+        client_reference_id=topup_id,
+        metadata={"topup_id": topup_id},
+    )
+    assert endpoint.post(envelope("checkout.session.completed", session)).status_code == 200
+    endpoint.dispatch.drain()
+    process_pending(conn, q, stripe_settings)
+    row = conn.execute(
+        "SELECT processed_at FROM stripe_events WHERE event_id = %s", (failed["id"],)
+    ).fetchone()
+    assert row is not None and row[0] is not None
+    # the refund's charge.refunded (sent before it failed) arrives last: nothing stays refunded
+    paid = {"id": charge, "amount": 10500, "amount_refunded": 1000, "payment_intent": pi}
+    paid.update(customer=None, currency="usd")
+    refunded = _at(envelope("charge.refunded", charge_object(paid)), t0)
+    assert endpoint.post(refunded).status_code == 200
+    endpoint.dispatch.drain()
+    view = get_topup(conn, q, topup_id)
+    assert (view.refunded_credit, view.refunded_fee) == (0, 0)
+    assert wallet_balance(conn, "acme") == D(100)
     assert_audit_clean(conn, q)
 
 
