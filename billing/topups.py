@@ -328,6 +328,7 @@ def _record_topup(
     account_id: str,
     quote_: Quote,
     kind: TopupKind,
+    payment_method: str | None = None,
 ) -> None:
     """Insert the top-up row (a repeat with the same id and amount is fine)."""
     require_account(conn, q, account_id)
@@ -340,6 +341,7 @@ def _record_topup(
             "credit": quote_.credit,
             "fee": quote_.fee,
             "charged": quote_.charged,
+            "payment_method": payment_method,
         },
     )
     existing = fetch_dicts(conn, q["topup_get"], {"topup_id": topup_id})[0]
@@ -597,12 +599,14 @@ def _converge_refunds(
     """Book the difference between the refunded total Stripe's state implies and ours.
 
     The target is the cumulative ``amount_refunded`` of the newest charge snapshot (by event
-    time; the largest at that time) minus the refunds known to have failed at or after it
-    (``stripe_refund_failures``): a failed or canceled refund returns the money to us and
-    lowers Stripe's total. That is a function of the events received, not of their order, so
-    duplicates and late events converge; an older snapshot never moves the total. The split
-    is applied to the cumulative target, so a reversal gives back exactly the credit and fee
-    parts its refund took.
+    time; the largest at that time) minus the failed refunds it still counted: created at or
+    before it and failed at or after it (``stripe_refund_failures``). A failed or canceled
+    refund returns the money to us and lowers Stripe's total; a refund created after the
+    snapshot is not in it, so its failure must not give back an earlier refund's clawback.
+    That is a function of the events received, not of their order, so duplicates and late
+    events converge; an older snapshot never moves the total. The split is applied to the
+    cumulative target, so a reversal gives back exactly the credit and fee parts its refund
+    took.
     """
     topup_id = topup["topup_id"]
     at, snapshot_cents = topup["refund_snapshot_at"], int(topup["refund_snapshot_cents"])
@@ -904,7 +908,10 @@ def _on_refund(
     pi, charge = _id(refund.get("payment_intent")), _id(refund.get("charge"))
     topup = _lock_topup(conn, q, topup_id=_metadata_topup(refund), pi=pi, charge=charge)
     if topup is None:
-        return NOT_OURS
+        # A refund carries none of our metadata: it may be one of ours whose charge we do not
+        # know yet (a checkout top-up before checkout.session.completed). It waits, and gives
+        # up after the window like other waiting events (listed, replayable).
+        return _waiting(f"refund {refund.get('id')} (charge {charge})")
     notes = []
     if topup["status"] != TopupStatus.SUCCEEDED:
         # A refund exists only on a successful charge: book the payment first.
@@ -923,6 +930,7 @@ def _on_refund(
             "amount": exact(Decimal(amount) * CENT),
             "stripe_status": status,
             "failure_reason": refund.get("failure_reason"),
+            "refund_created": _stripe_time(refund.get("created")),
             "at": at,
         },
     ).fetchone()
@@ -953,11 +961,18 @@ REFUND_EVENTS = frozenset(
 )
 
 
+def _stripe_time(value: object) -> datetime | None:
+    """A Stripe unix timestamp, or None when absent or not an integer."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return datetime.fromtimestamp(value, UTC)
+    return None
+
+
 def event_time(event: Mapping[str, Any], received_at: datetime | None = None) -> datetime:
     """When Stripe says the event happened (``created``), else when we received it."""
-    created = event.get("created")
-    if isinstance(created, int) and not isinstance(created, bool):
-        return datetime.fromtimestamp(created, UTC)
+    created = _stripe_time(event.get("created"))
+    if created is not None:
+        return created
     return received_at if received_at is not None else datetime.now(UTC)
 
 
@@ -1158,14 +1173,34 @@ def set_auto_topup(
 def disable_auto_topup(
     conn: psycopg.Connection[Any], q: Queries, account_id: str, reason: str = "disabled"
 ) -> None:
+    """Disable; a pending top-up Stripe was not asked for yet is canceled with it.
+
+    Sending it later (after re-enabling) would charge the amount and card of the old settings.
+    One already sent is left to its webhook. The top-up row is locked before the settings row,
+    the order the sender and the webhooks lock them in.
+    """
     with conn.transaction():
-        if (
-            conn.execute(
-                q["auto_topup_disable"], {"account_id": account_id, "reason": reason}
-            ).fetchone()
-            is None
-        ):
+        pending = conn.execute(q["auto_topup_pending_get"], {"account_id": account_id}).fetchone()
+        unsent = None
+        if pending is not None and pending[0] is not None:
+            rows = fetch_dicts(conn, q["topup_lock"], {"topup_id": pending[0]})
+            if rows and rows[0]["status"] == TopupStatus.PENDING:
+                unsent = str(pending[0])
+        row = conn.execute(
+            q["auto_topup_disable"],
+            {"account_id": account_id, "reason": reason, "unsent_topup_id": unsent},
+        ).fetchone()
+        if row is None:
             raise BillingError(f"no auto top-up for {account_id!r}")
+        if unsent is not None and row[1] is None:
+            conn.execute(
+                q["topup_mark_unpaid"],
+                {
+                    "topup_id": unsent,
+                    "status": TopupStatus.CANCELED.value,
+                    "reason": f"auto top-up {reason} before it was sent",
+                },
+            )
 
 
 @dataclass(frozen=True)
@@ -1233,8 +1268,17 @@ def _refused(
     reason: str,
     attempt: int | None = None,
 ) -> AutoTopupResult:
-    """Disable the account's auto top-up for good: the top-up failed, the gateway is told."""
+    """Disable the account's auto top-up for good: the top-up failed, the gateway is told.
+
+    Without ``topup_id`` (an unexpected error, perhaps after the claim committed) the pending
+    top-up not sent yet is the one that failed: it is marked so, not left pending for ever.
+    """
     with conn.transaction():
+        if topup_id is None:
+            unsent = conn.execute(
+                q["auto_topup_lock_pending_unsent"], {"account_id": account_id}
+            ).fetchone()
+            topup_id = str(unsent[0]) if unsent is not None else None
         if topup_id is not None:
             conn.execute(
                 q["topup_mark_unpaid"],
@@ -1270,7 +1314,9 @@ def _auto_topup(
             attempt = int(claim["attempts"]) + 1
             quote_ = quote(claim["amount"], settings.topup_fee_rate)
             topup_id = topup_id_for(account_id, f"auto:{attempt}")
-            _record_topup(conn, q, topup_id, account_id, quote_, TopupKind.AUTO)
+            _record_topup(
+                conn, q, topup_id, account_id, quote_, TopupKind.AUTO, claim["payment_method"]
+            )
             conn.execute(
                 q["auto_topup_set_pending"],
                 {"account_id": account_id, "topup_id": topup_id, "attempts": attempt},
@@ -1298,7 +1344,8 @@ def _auto_topup(
                 customer_id=customer_id,
                 amount_cents=quote_.charged_cents,
                 metadata=_metadata(topup_id, account_id, quote_, TopupKind.AUTO),
-                payment_method=sending[0]["payment_method"],
+                # the first request's payment method: a resend under the same key repeats it
+                payment_method=topup["payment_method"] or sending[0]["payment_method"],
                 off_session=True,
             )
         except Transient as exc:

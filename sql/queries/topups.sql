@@ -10,8 +10,9 @@ ON CONFLICT (account_id) DO NOTHING
 SELECT account_id, stripe_customer_id FROM stripe_customers
 
 -- name: topup_insert
-INSERT INTO topups (topup_id, account_id, kind, credit, fee, charged)
-VALUES (%(topup_id)s, %(account_id)s, %(kind)s, %(credit)s, %(fee)s, %(charged)s)
+INSERT INTO topups (topup_id, account_id, kind, credit, fee, charged, payment_method)
+VALUES (%(topup_id)s, %(account_id)s, %(kind)s, %(credit)s, %(fee)s, %(charged)s,
+        %(payment_method)s)
 ON CONFLICT (topup_id) DO NOTHING
 
 -- name: topup_get
@@ -75,16 +76,29 @@ WHERE topup_id = %(topup_id)s
 RETURNING refund_snapshot_at, refund_snapshot_cents
 
 -- name: refund_failure_insert
+-- Several events report one failure (refund.failed, refund.updated, charge.refund.updated), in
+-- any order: the earliest failure time is kept, so the result does not depend on which is first.
+-- Returns the row when it is new or moved earlier.
 INSERT INTO stripe_refund_failures (refund_id, topup_id, amount, stripe_status, failure_reason,
-                                    failed_at)
-VALUES (%(refund_id)s, %(topup_id)s, %(amount)s, %(stripe_status)s, %(failure_reason)s, %(at)s)
-ON CONFLICT (refund_id) DO NOTHING
+                                    refund_created, failed_at)
+VALUES (%(refund_id)s, %(topup_id)s, %(amount)s, %(stripe_status)s, %(failure_reason)s,
+        %(refund_created)s, %(at)s)
+ON CONFLICT (refund_id) DO UPDATE
+SET failed_at = least(stripe_refund_failures.failed_at, excluded.failed_at),
+    refund_created = coalesce(stripe_refund_failures.refund_created, excluded.refund_created)
+WHERE excluded.failed_at < stripe_refund_failures.failed_at
+   OR (stripe_refund_failures.refund_created IS NULL AND excluded.refund_created IS NOT NULL)
 RETURNING refund_id
 
 -- name: refund_failures_not_in_snapshot
--- Failed refunds the snapshot taken at %(at)s still counts (they failed at or after it).
+-- Failed refunds the snapshot taken at %(at)s still counts: created at or before it (a refund
+-- created later is not in its amount_refunded) and failed at or after it. In the same second
+-- both are taken as counted: a refund's own charge.refunded carries its creation second, and
+-- the largest snapshot of a second is kept, the one before a failure in that second.
 SELECT coalesce(sum(amount), 0) FROM stripe_refund_failures
-WHERE topup_id = %(topup_id)s AND (%(at)s::timestamptz IS NULL OR failed_at >= %(at)s)
+WHERE topup_id = %(topup_id)s
+  AND (%(at)s::timestamptz IS NULL
+       OR (failed_at >= %(at)s AND (refund_created IS NULL OR refund_created <= %(at)s)))
 
 -- name: topup_posting_insert
 INSERT INTO topup_postings (posting_id, topup_id, kind)
@@ -208,11 +222,18 @@ ON CONFLICT (account_id) DO UPDATE
 SET enabled = true, threshold = excluded.threshold, amount = excluded.amount,
     payment_method = excluded.payment_method, disabled_reason = NULL, updated_at = now()
 
+-- name: auto_topup_pending_get
+SELECT pending_topup_id FROM auto_topup_settings WHERE account_id = %(account_id)s
+
 -- name: auto_topup_disable
+-- A pending top-up not sent yet (%(unsent_topup_id)s, its row locked first by the caller) is
+-- dropped with the settings: re-enabling later starts a new one at the amount then set.
 UPDATE auto_topup_settings
-SET enabled = false, disabled_reason = %(reason)s, updated_at = now()
+SET enabled = false, disabled_reason = %(reason)s, updated_at = now(),
+    pending_topup_id = CASE WHEN pending_topup_id = %(unsent_topup_id)s
+                             AND pending_intent_id IS NULL THEN NULL ELSE pending_topup_id END
 WHERE account_id = %(account_id)s
-RETURNING account_id
+RETURNING account_id, pending_topup_id
 
 -- name: auto_topup_get
 SELECT * FROM auto_topup_settings WHERE account_id = %(account_id)s
@@ -265,6 +286,13 @@ FOR UPDATE OF a
 UPDATE auto_topup_settings
 SET pending_intent_id = %(intent_id)s, updated_at = now()
 WHERE account_id = %(account_id)s AND pending_topup_id = %(topup_id)s
+
+-- name: auto_topup_lock_pending_unsent
+-- The account's pending top-up Stripe was not asked for yet (none if an intent is recorded:
+-- that one is settled by its webhook).
+SELECT pending_topup_id FROM auto_topup_settings
+WHERE account_id = %(account_id)s AND pending_topup_id IS NOT NULL AND pending_intent_id IS NULL
+FOR UPDATE
 
 -- name: auto_topup_declined
 -- A permanent refusal: disabled with the reason (attempts kept when not given).

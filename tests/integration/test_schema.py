@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 import threading
 from datetime import UTC, datetime
 from typing import Any
@@ -84,6 +86,58 @@ def test_concurrent_migrations_apply_each_file_once(settings: Settings, tmp_path
     with db.connect(settings) as conn:
         applied = conn.execute("SELECT count(*) FROM schema_migrations").fetchone()
         assert applied == (len(db.load_migrations(settings.sql_dir)),)
+
+
+def test_migration_0010_dates_the_booked_refunds_by_stripe_time_not_by_our_updated_at(
+    settings: Settings, tmp_path: Any
+) -> None:
+    """The refund snapshot a top-up carries from before 0010 is as old as the newest charge
+    event processed for it (Stripe's created), so a pending charge.refunded that Stripe sent
+    later is not taken as older because we processed something else after it."""
+    before = tmp_path / "sql"
+    (before / "migrations").mkdir(parents=True)
+    for path in sorted((settings.sql_dir / "migrations").glob("*.sql")):
+        if int(path.name[:4]) < 10:
+            shutil.copy(path, before / "migrations" / path.name)
+    created = int(datetime(2026, 12, 1, 12, tzinfo=UTC).timestamp())
+    with db.connect(settings) as conn:
+        conn.execute("DROP SCHEMA public CASCADE")
+        conn.execute("CREATE SCHEMA public")
+        db.migrate(conn, before)
+        conn.execute("INSERT INTO accounts (account_id) VALUES ('acme')")
+        conn.execute("INSERT INTO postings (posting_id, kind) VALUES (1, 'topup')")
+        conn.execute(
+            "INSERT INTO topups (topup_id, account_id, credit, fee, charged, status, "
+            "refunded_credit, refunded_fee, stripe_charge_id, credit_posting_id, updated_at) "
+            "VALUES ('tu_1', 'acme', 100, 5, 105, 'succeeded', 28.57, 1.43, 'ch_1', 1, "
+            "'2026-12-03 09:00+00')"
+        )
+        for event_id, event_type, charge, at in [
+            ("evt_old", "charge.succeeded", "ch_1", created - 600),
+            ("evt_new", "charge.refunded", "ch_1", created),
+            ("evt_other", "charge.refunded", "ch_2", created + 600),  # another charge's
+        ]:
+            event = {
+                "id": event_id,
+                "type": event_type,
+                "created": at,
+                "data": {"object": {"id": charge, "object": "charge", "amount_refunded": 3000}},
+            }
+            conn.execute(
+                "INSERT INTO stripe_events (event_id, type, payload, event, processed_at) "
+                "VALUES (%s, %s, %s, %s, now())",
+                (event_id, event_type, json.dumps(event).encode(), json.dumps(event)),
+            )
+        conn.execute(
+            "INSERT INTO stripe_events (event_id, type, payload, event) VALUES (%s, %s, %s, %s)",
+            ("evt_pending", "charge.refunded", b"{}", json.dumps({"created": created + 60})),
+        )
+        conn.commit()
+        db.migrate(conn, settings.sql_dir)
+        row = conn.execute(
+            "SELECT refund_snapshot_at, refund_snapshot_cents FROM topups WHERE topup_id = 'tu_1'"
+        ).fetchone()
+    assert row == (datetime.fromtimestamp(created, UTC), 3000)
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ Every scenario ends with ``billing audit`` clean.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -18,7 +19,7 @@ import pytest
 
 from billing import catalog, db
 from billing.db import Queries
-from billing.errors import StripeUnavailable
+from billing.errors import BillingError, StripeUnavailable
 from billing.events import encode_event
 from billing.settings import Settings
 from billing.stripe_client import StripeGateway
@@ -28,8 +29,10 @@ from billing.topups import (
     UNFROZEN,
     check_auto_topups,
     create_topup,
+    disable_auto_topup,
     ensure_customer,
     get_topup,
+    process_pending,
     process_stripe_event,
     reconcile,
     set_auto_topup,
@@ -661,11 +664,14 @@ def test_a_wallet_frozen_by_a_dispute_is_not_auto_topped_up(
     assert_audit_clean(conn, q)
 
 
-def _refund_object(refund: dict[str, Any], status: str) -> dict[str, Any]:
-    """Stripe's published refund object carrying a real refund's ids and amount."""
+def _refund_object(
+    refund: dict[str, Any], status: str, created: int | None = None
+) -> dict[str, Any]:
+    """Stripe's published refund object carrying a real refund's ids, amount and time."""
     obj = fixture("refund.json")
     for key in ("id", "amount", "charge", "payment_intent", "currency"):
         obj[key] = refund[key]
+    obj["created"] = created if created is not None else refund.get("created", obj["created"])
     obj["status"] = status
     if status == "failed":
         obj.update(failure_reason="expired_or_canceled_card", failure_balance_transaction="txn_f")
@@ -771,6 +777,159 @@ def test_a_partial_refund_that_fails_is_reversed_and_a_later_refund_still_books(
     assert_audit_clean(conn, q)
 
 
+@pytest.mark.parametrize("timing", ["apart", "failed_in_its_second", "refunds_in_one_second"])
+@pytest.mark.parametrize("order", list(itertools.permutations(range(3))))
+def test_a_later_refund_that_fails_never_gives_back_an_earlier_refunds_clawback(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    stripe_settings: Settings,
+    gateway: StripeGateway,
+    endpoint: Endpoint,
+    timing: str,
+    order: tuple[int, ...],
+) -> None:
+    """R1 (30.00) is paid to the card; R2 (20.00), created later, fails. Whatever the order of
+    R1's charge.refunded, R2's charge.refunded and R2's refund.failed, R1's clawback stays:
+    R2's failure is subtracted only from snapshots that counted R2."""
+    open_account(conn, q, "acme", credit="0")
+    topup_id = _paid_topup(conn, q, stripe_settings, gateway, "acme")
+    intent = get_topup(conn, q, topup_id).payment_intent_id
+    assert intent is not None
+    gateway.create_refund(key=f"refund-{topup_id}-1", payment_intent_id=intent, amount_cents=3000)
+    first = _charge(gateway, topup_id, conn, q)
+    second = gateway.create_refund(
+        key=f"refund-{topup_id}-2", payment_intent_id=intent, amount_cents=2000
+    )
+    both = _charge(gateway, topup_id, conn, q)
+    assert (first["amount_refunded"], both["amount_refunded"]) == (3000, 5000)
+    t1 = int(datetime.now(UTC).timestamp())
+    t2 = t1 if timing == "refunds_in_one_second" else t1 + 60
+    t3 = t2 if timing == "failed_in_its_second" else t2 + 60
+    events = [
+        _at(envelope("charge.refunded", charge_object(first)), t1),
+        _at(envelope("charge.refunded", charge_object(both)), t2),
+        _at(envelope("refund.failed", _refund_object(second, "failed", created=t2)), t3),
+    ]
+    for i in order:
+        assert endpoint.post(events[i]).status_code == 200
+        endpoint.dispatch.drain()
+        view = get_topup(conn, q, topup_id)
+        booked = view.refunded_credit + view.refunded_fee
+        if timing != "refunds_in_one_second" and 0 in order[: order.index(i) + 1]:
+            # R1 was paid to the card and we have heard of it: its 30.00 stays taken back
+            assert booked >= D(30), (order, i, booked)
+    view = get_topup(conn, q, topup_id)
+    assert (view.refunded_credit, view.refunded_fee) == (D("28.57"), D("1.43"))
+    assert wallet_balance(conn, "acme") == D("71.43")
+    assert ledger_balance(conn, "revenue:fees") == D("3.57")
+    assert_audit_clean(conn, q)
+
+
+@pytest.mark.parametrize("later_report_first", [True, False])
+def test_a_refund_failure_reported_twice_counts_from_its_earliest_time(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    stripe_settings: Settings,
+    gateway: StripeGateway,
+    endpoint: Endpoint,
+    later_report_first: bool,
+) -> None:
+    """R1 (10.00) fails at t+60 (refund.failed) and is reported again at t+180
+    (charge.refund.updated); R2 (20.00) is created at t+100. The charge at t+120 shows only R2
+    refunded: R1's failure is not in it, whichever report of the failure came first."""
+    open_account(conn, q, "acme", credit="0")
+    topup_id = _paid_topup(conn, q, stripe_settings, gateway, "acme")
+    intent = get_topup(conn, q, topup_id).payment_intent_id
+    assert intent is not None
+    t0 = int(datetime.now(UTC).timestamp())
+    first = gateway.create_refund(
+        key=f"refund-{topup_id}-1", payment_intent_id=intent, amount_cents=1000
+    )
+    gateway.create_refund(key=f"refund-{topup_id}-2", payment_intent_id=intent, amount_cents=2000)
+    charge = _charge(gateway, topup_id, conn, q)
+    failed = _refund_object(first, "failed", created=t0)
+    reports = [
+        _at(envelope("refund.failed", failed), t0 + 60),
+        _at(envelope("charge.refund.updated", failed, status="succeeded"), t0 + 180),
+    ]
+    if later_report_first:
+        reports.reverse()
+    snapshot = _at(
+        envelope("charge.refunded", charge_object({**charge, "amount_refunded": 2000})), t0 + 120
+    )
+    for event in [*reports, snapshot]:
+        assert endpoint.post(event).status_code == 200
+        endpoint.dispatch.drain()
+    view = get_topup(conn, q, topup_id)
+    assert (view.refunded_credit, view.refunded_fee) == (D("19.05"), D("0.95"))
+    assert wallet_balance(conn, "acme") == D("80.95")
+    assert_audit_clean(conn, q)
+
+
+def test_a_failed_refund_of_a_checkout_topup_not_known_yet_waits_for_it(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    stripe_settings: Settings,
+    endpoint: Endpoint,
+) -> None:
+    """A refund has no metadata of ours: before checkout.session.completed tells us the
+    intent, its failure cannot be matched, and must wait rather than be ignored."""
+    stripe = _CheckoutStripe(stripe_settings)
+    open_account(conn, q, "acme", credit="0")
+    created = create_topup(
+        conn,
+        q,
+        stripe_settings,
+        stripe,
+        "acme",
+        D(100),
+        request_key="co-refund",
+        checkout=True,
+        success_url="https://example.com/ok",
+        cancel_url="https://example.com/cancel",
+    )
+    topup_id = created.topup.topup_id
+    pi, charge = f"pi_co_{uuid.uuid4().hex[:12]}", f"ch_co_{uuid.uuid4().hex[:12]}"
+    t0 = int(datetime.now(UTC).timestamp())
+    refund = {"id": f"re_{uuid.uuid4().hex[:12]}", "amount": 1000, "charge": charge}
+    refund.update(payment_intent=pi, currency="usd")
+    failed = _at(envelope("refund.failed", _refund_object(refund, "failed", created=t0)), t0 + 60)
+    assert endpoint.post(failed).status_code == 200
+    endpoint.dispatch.drain()
+    row = conn.execute(
+        "SELECT processed_at, outcome FROM stripe_events WHERE event_id = %s", (failed["id"],)
+    ).fetchone()
+    assert row is not None and row[0] is None and row[1].startswith("waiting"), row
+    session = fixture("checkout_session.json")
+    session.update(
+        id=created.topup.checkout_session_id,
+        status="complete",
+        payment_status="paid",
+        amount_total=10500,
+        currency="usd",
+        payment_intent=pi,
+        client_reference_id=topup_id,
+        metadata={"topup_id": topup_id},
+    )
+    assert endpoint.post(envelope("checkout.session.completed", session)).status_code == 200
+    endpoint.dispatch.drain()
+    process_pending(conn, q, stripe_settings)
+    row = conn.execute(
+        "SELECT processed_at FROM stripe_events WHERE event_id = %s", (failed["id"],)
+    ).fetchone()
+    assert row is not None and row[0] is not None
+    # the refund's charge.refunded (sent before it failed) arrives last: nothing stays refunded
+    paid = {"id": charge, "amount": 10500, "amount_refunded": 1000, "payment_intent": pi}
+    paid.update(customer=None, currency="usd")
+    refunded = _at(envelope("charge.refunded", charge_object(paid)), t0)
+    assert endpoint.post(refunded).status_code == 200
+    endpoint.dispatch.drain()
+    view = get_topup(conn, q, topup_id)
+    assert (view.refunded_credit, view.refunded_fee) == (0, 0)
+    assert wallet_balance(conn, "acme") == D(100)
+    assert_audit_clean(conn, q)
+
+
 class _FlakyStripe(StripeGateway):
     """localstripe, except that Stripe is unreachable for the accounts in ``down``."""
 
@@ -842,6 +1001,38 @@ class _LostAnswerStripe(StripeGateway):
         return super().create_payment_intent(**kw)
 
 
+class _BrokenStripe(StripeGateway):
+    """localstripe, except that creating an intent fails in a way nobody expected."""
+
+    def create_payment_intent(self, **kw: Any) -> dict[str, Any]:
+        raise BillingError("unexpected answer from stripe")
+
+
+def test_an_unexpected_error_after_the_claim_fails_the_auto_topup_instead_of_leaving_it_pending(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    stripe_settings: Settings,
+    gateway: StripeGateway,
+    localstripe_url: str,
+) -> None:
+    open_account(conn, q, "acme", credit="1")
+    customer = ensure_customer(conn, q, gateway, "acme")
+    card = _saved_card(gateway, localstripe_url, customer, "4242424242424242")
+    set_auto_topup(
+        conn, q, stripe_settings, "acme", threshold=D(5), amount=D(20), payment_method=card
+    )
+    broken = _BrokenStripe(stripe_settings)
+    [result] = check_auto_topups(conn, q, stripe_settings, broken)
+    assert result.outcome.startswith("refused: unexpected answer")
+    assert result.topup_id is not None
+    topup = get_topup(conn, q, result.topup_id)
+    assert (topup.status, topup.failure_reason) == ("failed", result.outcome)
+    row = conn.execute("SELECT enabled, pending_topup_id FROM auto_topup_settings").fetchone()
+    assert row == (False, None)
+    assert _outbox(conn, AUTO_TOPUP_FAILED, "acme") == 1
+    assert_audit_clean(conn, q)
+
+
 @pytest.mark.parametrize("reached", [True, False])
 def test_an_auto_topup_whose_answer_was_lost_is_credited_or_resumed_with_the_same_key(
     conn: psycopg.Connection[Any],
@@ -884,6 +1075,81 @@ def test_an_auto_topup_whose_answer_was_lost_is_credited_or_resumed_with_the_sam
     assert len(_intents_for(localstripe_url, topup_id)) == 1
     row = conn.execute("SELECT pending_topup_id, enabled, attempts FROM auto_topup_settings")
     assert row.fetchone() == (None, True, 1)
+    assert_audit_clean(conn, q)
+
+
+class _RecordingLostAnswerStripe(_LostAnswerStripe):
+    """Loses the first answer (after Stripe got the request) and records what was sent."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.sent: list[tuple[str, str]] = []
+
+    def create_payment_intent(self, **kw: Any) -> dict[str, Any]:
+        self.sent.append((kw["key"], kw["payment_method"]))
+        return super().create_payment_intent(**kw)
+
+
+def test_a_resent_auto_topup_uses_the_card_it_was_claimed_with_after_a_card_change(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    stripe_settings: Settings,
+    endpoint: Endpoint,
+    localstripe_url: str,
+) -> None:
+    """The resend repeats the first request under the same key, so Stripe does not refuse it
+    as an idempotency conflict (which would disable auto top-up)."""
+    lossy = _RecordingLostAnswerStripe(stripe_settings)
+    acme = f"acme-{uuid.uuid4().hex[:8]}"
+    open_account(conn, q, acme, credit="1")
+    customer = ensure_customer(conn, q, lossy, acme)
+    old = _saved_card(lossy, localstripe_url, customer, "4242424242424242")
+    new = _saved_card(lossy, localstripe_url, customer, "5555555555554444")
+    set_auto_topup(conn, q, stripe_settings, acme, threshold=D(5), amount=D(20), payment_method=old)
+    lossy.reached = False  # Stripe never got the first request
+    [first] = check_auto_topups(conn, q, stripe_settings, lossy)
+    assert first.outcome.startswith("retry")
+    set_auto_topup(conn, q, stripe_settings, acme, threshold=D(5), amount=D(20), payment_method=new)
+    [resumed] = check_auto_topups(conn, q, stripe_settings, lossy)
+    assert (resumed.topup_id, resumed.outcome) == (first.topup_id, "created")
+    assert [pm for _, pm in lossy.sent] == [old, old]
+    assert len({key for key, _ in lossy.sent}) == 1
+    assert first.topup_id is not None
+    wait_for(lambda: get_topup(conn, q, first.topup_id).status == "succeeded", what="credit")
+    assert wallet_balance(conn, acme) == D(21)
+    assert_audit_clean(conn, q)
+
+
+def test_disabling_cancels_an_unsent_auto_topup_so_re_enabling_buys_the_new_amount(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    stripe_settings: Settings,
+    endpoint: Endpoint,
+    localstripe_url: str,
+) -> None:
+    lossy = _LostAnswerStripe(stripe_settings)
+    lossy.reached = False
+    acme = f"acme-{uuid.uuid4().hex[:8]}"
+    open_account(conn, q, acme, credit="1")
+    customer = ensure_customer(conn, q, lossy, acme)
+    card = _saved_card(lossy, localstripe_url, customer, "4242424242424242")
+    set_auto_topup(
+        conn, q, stripe_settings, acme, threshold=D(5), amount=D(20), payment_method=card
+    )
+    [first] = check_auto_topups(conn, q, stripe_settings, lossy)
+    assert first.outcome.startswith("retry") and first.topup_id is not None
+    disable_auto_topup(conn, q, acme)
+    dropped = get_topup(conn, q, first.topup_id)
+    assert dropped.status == "canceled"
+    set_auto_topup(
+        conn, q, stripe_settings, acme, threshold=D(5), amount=D(50), payment_method=card
+    )
+    [fresh] = check_auto_topups(conn, q, stripe_settings, lossy)
+    assert fresh.outcome == "created" and fresh.topup_id not in (None, first.topup_id)
+    assert fresh.topup_id is not None
+    wait_for(lambda: get_topup(conn, q, fresh.topup_id).status == "succeeded", what="credit")
+    assert wallet_balance(conn, acme) == D(51)
+    assert _intents_for(localstripe_url, first.topup_id) == []
     assert_audit_clean(conn, q)
 
 
