@@ -107,6 +107,7 @@ def paid_topup(
                 "credit": quoted.credit,
                 "fee": quoted.fee,
                 "charged": quoted.charged,
+                "payment_method": None,
             },
         )
         outcome = apply_event(
