@@ -1141,6 +1141,19 @@ def store_event(
 
 
 # --- auto top-up ----------------------------------------------------------------------------
+# The attempt rule. A pending auto top-up (claimed and committed under the key of its attempt
+# number) may have reached Stripe as soon as it is committed. It is never canceled, marked
+# failed or replaced by a new attempt number until Stripe answers for it: an intent (recorded;
+# its webhook settles it and clears pending_topup_id), or a decline / permanent refusal of THAT
+# request (marked failed, auto top-up disabled). Until then it is resent under its own key with
+# its stored request (amount, payment method), and only while auto top-up is enabled and the
+# wallet not frozen: disabling stops resends, re-enabling resumes the same attempt, and new
+# settings (amount, card) apply to the next attempt only. An unexpected error leaves it pending.
+#
+# Lock order, every path: the top-up row (topups) BEFORE the settings row
+# (auto_topup_settings). The sender and the webhooks lock both in that order; the claim,
+# set_auto_topup, disable_auto_topup and _refused without a top-up lock only the settings row
+# (the claim inserts the new top-up, which nobody else can see until it commits).
 def set_auto_topup(
     conn: psycopg.Connection[Any],
     q: Queries,
@@ -1173,34 +1186,20 @@ def set_auto_topup(
 def disable_auto_topup(
     conn: psycopg.Connection[Any], q: Queries, account_id: str, reason: str = "disabled"
 ) -> None:
-    """Disable; a pending top-up Stripe was not asked for yet is canceled with it.
+    """Disable: no new attempt is claimed. A pending top-up already claimed is NOT canceled.
 
-    Sending it later (after re-enabling) would charge the amount and card of the old settings.
-    One already sent is left to its webhook. The top-up row is locked before the settings row,
-    the order the sender and the webhooks lock them in.
+    Its request may have reached Stripe (an answer lost to a timeout): canceling it and later
+    claiming a new attempt number would send a second request under a new key, a second
+    charge. It stays pending: its webhook settles it if Stripe has it, and it is resent (same
+    key, same request) only after auto top-up is enabled again. Only the settings row is
+    locked (see "Lock order" above).
     """
     with conn.transaction():
-        pending = conn.execute(q["auto_topup_pending_get"], {"account_id": account_id}).fetchone()
-        unsent = None
-        if pending is not None and pending[0] is not None:
-            rows = fetch_dicts(conn, q["topup_lock"], {"topup_id": pending[0]})
-            if rows and rows[0]["status"] == TopupStatus.PENDING:
-                unsent = str(pending[0])
         row = conn.execute(
-            q["auto_topup_disable"],
-            {"account_id": account_id, "reason": reason, "unsent_topup_id": unsent},
+            q["auto_topup_disable"], {"account_id": account_id, "reason": reason}
         ).fetchone()
         if row is None:
             raise BillingError(f"no auto top-up for {account_id!r}")
-        if unsent is not None and row[1] is None:
-            conn.execute(
-                q["topup_mark_unpaid"],
-                {
-                    "topup_id": unsent,
-                    "status": TopupStatus.CANCELED.value,
-                    "reason": f"auto top-up {reason} before it was sent",
-                },
-            )
 
 
 @dataclass(frozen=True)
@@ -1231,8 +1230,9 @@ def check_auto_topups(
     One account never stops the others: a permanent refusal (a decline, a payment method
     Stripe no longer knows, an idempotency conflict) disables that account's auto top-up with
     the reason and writes ``wallet.auto_topup_failed``; a transient failure (Stripe or the
-    database unreachable) skips it until the next run. Each outcome is in the result. Only a
-    configuration error stops the run: it is the same for every account.
+    database unreachable) skips it until the next run, and so does an unexpected error while a
+    top-up is pending (it may have reached Stripe: see the attempt rule above). Each outcome is
+    in the result. Only a configuration error stops the run: it is the same for every account.
     """
     accounts = [r[0] for r in conn.execute(q["auto_topup_candidates"], {"limit": limit})]
     results = []
@@ -1247,8 +1247,7 @@ def check_auto_topups(
                 log.warning("auto top-up of %s skipped this run: %s", account_id, error)
                 result = AutoTopupResult(account_id, None, f"retry: {error}")
             else:
-                log.warning("auto top-up of %s refused: %s", account_id, error)
-                result = _refused(conn, q, account_id, None, _refusal_reason(error))
+                result = _unexpected(conn, q, account_id, error)
         if result is not None:
             results.append(result)
     return results
@@ -1260,6 +1259,28 @@ def _refusal_reason(exc: BillingError) -> str:
     return f"refused: {exc}"
 
 
+def _unexpected(
+    conn: psycopg.Connection[Any], q: Queries, account_id: str, error: BillingError
+) -> AutoTopupResult:
+    """An error nobody expected (the transaction it came from rolled back).
+
+    With a pending top-up (claimed and committed, perhaps already sent) nothing is changed:
+    Stripe may have it, so it is resent under its key next run. Without one the error came
+    before any request of this account: auto top-up is disabled with the reason.
+    """
+    row = conn.execute(q["auto_topup_pending_get"], {"account_id": account_id}).fetchone()
+    if row is not None and row[0] is not None:
+        log.error(
+            "auto top-up %s of %s left pending after an unexpected error: %s",
+            row[0],
+            account_id,
+            error,
+        )
+        return AutoTopupResult(account_id, str(row[0]), f"retry: {error}")
+    log.warning("auto top-up of %s refused: %s", account_id, error)
+    return _refused(conn, q, account_id, None, _refusal_reason(error))
+
+
 def _refused(
     conn: psycopg.Connection[Any],
     q: Queries,
@@ -1268,17 +1289,13 @@ def _refused(
     reason: str,
     attempt: int | None = None,
 ) -> AutoTopupResult:
-    """Disable the account's auto top-up for good: the top-up failed, the gateway is told.
+    """Disable the account's auto top-up for good, and tell the gateway.
 
-    Without ``topup_id`` (an unexpected error, perhaps after the claim committed) the pending
-    top-up not sent yet is the one that failed: it is marked so, not left pending for ever.
+    ``topup_id`` is the top-up Stripe refused (locked by the caller, before the settings): it
+    is marked failed and no longer pending. Without it only the settings row is locked and a
+    pending top-up is kept (it may have reached Stripe; re-enabling resumes it).
     """
     with conn.transaction():
-        if topup_id is None:
-            unsent = conn.execute(
-                q["auto_topup_lock_pending_unsent"], {"account_id": account_id}
-            ).fetchone()
-            topup_id = str(unsent[0]) if unsent is not None else None
         if topup_id is not None:
             conn.execute(
                 q["topup_mark_unpaid"],
@@ -1286,7 +1303,7 @@ def _refused(
             )
         conn.execute(
             q["auto_topup_declined"],
-            {"account_id": account_id, "reason": reason, "attempts": attempt},
+            {"account_id": account_id, "reason": reason, "attempts": attempt, "topup_id": topup_id},
         )
         _outbox(
             conn,

@@ -226,12 +226,9 @@ SET enabled = true, threshold = excluded.threshold, amount = excluded.amount,
 SELECT pending_topup_id FROM auto_topup_settings WHERE account_id = %(account_id)s
 
 -- name: auto_topup_disable
--- A pending top-up not sent yet (%(unsent_topup_id)s, its row locked first by the caller) is
--- dropped with the settings: re-enabling later starts a new one at the amount then set.
+-- A pending top-up is kept (it may have reached Stripe): resumed with its key on re-enable.
 UPDATE auto_topup_settings
-SET enabled = false, disabled_reason = %(reason)s, updated_at = now(),
-    pending_topup_id = CASE WHEN pending_topup_id = %(unsent_topup_id)s
-                             AND pending_intent_id IS NULL THEN NULL ELSE pending_topup_id END
+SET enabled = false, disabled_reason = %(reason)s, updated_at = now()
 WHERE account_id = %(account_id)s
 RETURNING account_id, pending_topup_id
 
@@ -287,18 +284,17 @@ UPDATE auto_topup_settings
 SET pending_intent_id = %(intent_id)s, updated_at = now()
 WHERE account_id = %(account_id)s AND pending_topup_id = %(topup_id)s
 
--- name: auto_topup_lock_pending_unsent
--- The account's pending top-up Stripe was not asked for yet (none if an intent is recorded:
--- that one is settled by its webhook).
-SELECT pending_topup_id FROM auto_topup_settings
-WHERE account_id = %(account_id)s AND pending_topup_id IS NOT NULL AND pending_intent_id IS NULL
-FOR UPDATE
-
 -- name: auto_topup_declined
--- A permanent refusal: disabled with the reason (attempts kept when not given).
+-- A permanent refusal: disabled with the reason (attempts kept when not given). The pending
+-- top-up is cleared only if it is the refused one (%(topup_id)s); any other may have reached
+-- Stripe and stays pending.
 UPDATE auto_topup_settings
-SET enabled = false, disabled_reason = %(reason)s, pending_topup_id = NULL,
-    pending_intent_id = NULL, attempts = coalesce(%(attempts)s::integer, attempts),
+SET enabled = false, disabled_reason = %(reason)s,
+    pending_intent_id = CASE WHEN pending_topup_id = %(topup_id)s::text
+                             THEN NULL ELSE pending_intent_id END,
+    pending_topup_id = CASE WHEN pending_topup_id = %(topup_id)s::text
+                            THEN NULL ELSE pending_topup_id END,
+    attempts = coalesce(%(attempts)s::integer, attempts),
     updated_at = now()
 WHERE account_id = %(account_id)s
 

@@ -140,6 +140,111 @@ def test_migration_0010_dates_the_booked_refunds_by_stripe_time_not_by_our_updat
     assert row == (datetime.fromtimestamp(created, UTC), 3000)
 
 
+def _before_0010(settings: Settings, tmp_path: Any, conn: psycopg.Connection[Any]) -> None:
+    before = tmp_path / "sql"
+    (before / "migrations").mkdir(parents=True)
+    for path in sorted((settings.sql_dir / "migrations").glob("*.sql")):
+        if int(path.name[:4]) < 10:
+            shutil.copy(path, before / "migrations" / path.name)
+    conn.execute("DROP SCHEMA public CASCADE")
+    conn.execute("CREATE SCHEMA public")
+    db.migrate(conn, before)
+    conn.execute("INSERT INTO accounts (account_id) VALUES ('acme')")
+    conn.execute("INSERT INTO postings (posting_id, kind) VALUES (1, 'topup')")
+
+
+def _charge_event(
+    conn: psycopg.Connection[Any], event_id: str, event_type: str, at: int, **charge: Any
+) -> None:
+    event = {
+        "id": event_id,
+        "type": event_type,
+        "created": at,
+        "data": {"object": {"object": "charge", **charge}},
+    }
+    conn.execute(
+        "INSERT INTO stripe_events (event_id, type, payload, event, processed_at) "
+        "VALUES (%s, %s, %s, %s, now())",
+        (event_id, event_type, json.dumps(event).encode(), json.dumps(event)),
+    )
+
+
+def test_migration_0010_finds_a_checkout_topups_charge_events_by_intent_or_metadata(
+    settings: Settings, tmp_path: Any
+) -> None:
+    """A Checkout payment whose first card was declined stored the declined charge's id: the
+    refunded charge's events are the top-up's by payment_intent or metadata.topup_id."""
+    created = int(datetime(2026, 12, 1, 12, tzinfo=UTC).timestamp())
+    with db.connect(settings) as conn:
+        _before_0010(settings, tmp_path, conn)
+        for topup_id, pi in [("tu_1", "pi_1"), ("tu_2", "pi_2")]:
+            conn.execute(
+                "INSERT INTO topups (topup_id, account_id, kind, credit, fee, charged, status, "
+                "refunded_credit, refunded_fee, stripe_payment_intent_id, stripe_charge_id, "
+                "credit_posting_id, updated_at) VALUES (%s, 'acme', 'checkout', 100, 5, 105, "
+                "'succeeded', 28.57, 1.43, %s, %s, 1, '2026-12-03 09:00+00')",
+                (topup_id, pi, f"ch_declined_{topup_id}"),
+            )
+        _charge_event(
+            conn, "evt_1", "charge.refunded", created, id="ch_a", payment_intent="pi_1",
+            amount_refunded=3000,
+        )  # fmt: skip
+        _charge_event(
+            conn, "evt_2", "charge.refunded", created + 60, id="ch_b", payment_intent=None,
+            metadata={"topup_id": "tu_2"}, amount_refunded=3000,
+        )  # fmt: skip
+        db.migrate(conn, settings.sql_dir)
+        rows = conn.execute(
+            "SELECT topup_id, refund_snapshot_at, refund_snapshot_cents FROM topups ORDER BY 1"
+        ).fetchall()
+    assert rows == [
+        ("tu_1", datetime.fromtimestamp(created, UTC), 3000),
+        ("tu_2", datetime.fromtimestamp(created + 60, UTC), 3000),
+    ]
+
+
+def test_migration_0010_takes_the_amount_and_the_time_of_the_same_newest_charge_event(
+    settings: Settings, tmp_path: Any
+) -> None:
+    """A refund that failed before 0010 lowered Stripe's amount_refunded but not our booked
+    total: the snapshot is the newest event's total at its time, not the booked one."""
+    created = int(datetime(2026, 12, 1, 12, tzinfo=UTC).timestamp())
+    with db.connect(settings) as conn:
+        _before_0010(settings, tmp_path, conn)
+        conn.execute(
+            "INSERT INTO topups (topup_id, account_id, credit, fee, charged, status, "
+            "refunded_credit, refunded_fee, stripe_charge_id, credit_posting_id, updated_at) "
+            "VALUES ('tu_1', 'acme', 100, 5, 105, 'succeeded', 28.57, 1.43, 'ch_1', 1, "
+            "'2026-12-03 09:00+00')"
+        )
+        _charge_event(
+            conn, "evt_a", "charge.refunded", created - 600, id="ch_1", amount_refunded=3000
+        )
+        _charge_event(conn, "evt_b", "charge.refunded", created, id="ch_1", amount_refunded=1000)
+        db.migrate(conn, settings.sql_dir)
+        row = conn.execute(
+            "SELECT refund_snapshot_at, refund_snapshot_cents FROM topups WHERE topup_id = 'tu_1'"
+        ).fetchone()
+    assert row == (datetime.fromtimestamp(created, UTC), 1000)
+
+
+def test_migration_0010_backfill_reads_stripe_events_once_not_per_topup(
+    conn: psycopg.Connection[Any], settings: Settings
+) -> None:
+    """It runs while ALTER TABLE holds an exclusive lock on topups: no correlated scan of
+    stripe_events per refunded top-up (24 s for 1,000 top-ups x 100k events)."""
+    [path] = (settings.sql_dir / "migrations").glob("0010_*.sql")
+    code = "\n".join(
+        line for line in path.read_text().splitlines() if not line.lstrip().startswith("--")
+    )
+    [backfill] = [s for s in code.split(";") if "refund_snapshot_at = coalesce" in s]
+    with conn.transaction():
+        conn.execute("SET LOCAL enable_hashjoin = on")
+        plan = "\n".join(r[0] for r in conn.execute(f"EXPLAIN {backfill}"))  # type: ignore[arg-type]
+    assert "SubPlan" not in plan, plan
+    assert plan.count("on stripe_events") == 1, plan
+
+
 @pytest.mark.parametrize(
     "statement",
     [

@@ -19,7 +19,7 @@ import pytest
 
 from billing import catalog, db
 from billing.db import Queries
-from billing.errors import BillingError, StripeUnavailable
+from billing.errors import BillingError, IdempotencyConflict, StripeUnavailable
 from billing.events import encode_event
 from billing.settings import Settings
 from billing.stripe_client import StripeGateway
@@ -1008,28 +1008,34 @@ class _BrokenStripe(StripeGateway):
         raise BillingError("unexpected answer from stripe")
 
 
-def test_an_unexpected_error_after_the_claim_fails_the_auto_topup_instead_of_leaving_it_pending(
+def test_an_unexpected_error_after_the_claim_leaves_the_auto_topup_pending_and_resumes_it(
     conn: psycopg.Connection[Any],
     q: Queries,
     stripe_settings: Settings,
     gateway: StripeGateway,
     localstripe_url: str,
 ) -> None:
-    open_account(conn, q, "acme", credit="1")
-    customer = ensure_customer(conn, q, gateway, "acme")
+    """The request may have reached Stripe: the top-up is not failed nor dropped (a new
+    attempt number would be a second charge); the next run resends it under its key."""
+    acme = f"acme-{uuid.uuid4().hex[:8]}"
+    open_account(conn, q, acme, credit="1")
+    customer = ensure_customer(conn, q, gateway, acme)
     card = _saved_card(gateway, localstripe_url, customer, "4242424242424242")
     set_auto_topup(
-        conn, q, stripe_settings, "acme", threshold=D(5), amount=D(20), payment_method=card
+        conn, q, stripe_settings, acme, threshold=D(5), amount=D(20), payment_method=card
     )
     broken = _BrokenStripe(stripe_settings)
     [result] = check_auto_topups(conn, q, stripe_settings, broken)
-    assert result.outcome.startswith("refused: unexpected answer")
+    assert result.outcome.startswith("retry: unexpected answer")
     assert result.topup_id is not None
-    topup = get_topup(conn, q, result.topup_id)
-    assert (topup.status, topup.failure_reason) == ("failed", result.outcome)
+    assert get_topup(conn, q, result.topup_id).status == "pending"
     row = conn.execute("SELECT enabled, pending_topup_id FROM auto_topup_settings").fetchone()
-    assert row == (False, None)
-    assert _outbox(conn, AUTO_TOPUP_FAILED, "acme") == 1
+    assert row == (True, result.topup_id)
+    assert _outbox(conn, AUTO_TOPUP_FAILED, acme) == 0
+    [resumed] = check_auto_topups(conn, q, stripe_settings, gateway)
+    assert (resumed.topup_id, resumed.outcome) == (result.topup_id, "created")
+    assert len(_intents_for(localstripe_url, result.topup_id)) == 1
+    assert conn.execute("SELECT count(*) FROM topups WHERE kind = 'auto'").fetchone() == (1,)
     assert_audit_clean(conn, q)
 
 
@@ -1120,13 +1126,15 @@ def test_a_resent_auto_topup_uses_the_card_it_was_claimed_with_after_a_card_chan
     assert_audit_clean(conn, q)
 
 
-def test_disabling_cancels_an_unsent_auto_topup_so_re_enabling_buys_the_new_amount(
+def test_disabling_keeps_an_unsent_auto_topup_and_re_enabling_sends_it_before_the_new_amount(
     conn: psycopg.Connection[Any],
     q: Queries,
     stripe_settings: Settings,
     endpoint: Endpoint,
     localstripe_url: str,
 ) -> None:
+    """We cannot know that Stripe never got it: it stays the one attempt until Stripe answers,
+    and the new amount applies to the next attempt."""
     lossy = _LostAnswerStripe(stripe_settings)
     lossy.reached = False
     acme = f"acme-{uuid.uuid4().hex[:8]}"
@@ -1139,18 +1147,220 @@ def test_disabling_cancels_an_unsent_auto_topup_so_re_enabling_buys_the_new_amou
     [first] = check_auto_topups(conn, q, stripe_settings, lossy)
     assert first.outcome.startswith("retry") and first.topup_id is not None
     disable_auto_topup(conn, q, acme)
-    dropped = get_topup(conn, q, first.topup_id)
-    assert dropped.status == "canceled"
+    assert get_topup(conn, q, first.topup_id).status == "pending"
+    assert check_auto_topups(conn, q, stripe_settings, lossy) == []  # disabled: not resent
     set_auto_topup(
-        conn, q, stripe_settings, acme, threshold=D(5), amount=D(50), payment_method=card
+        conn, q, stripe_settings, acme, threshold=D(30), amount=D(50), payment_method=card
     )
-    [fresh] = check_auto_topups(conn, q, stripe_settings, lossy)
+    [resumed] = check_auto_topups(conn, q, stripe_settings, lossy)
+    assert (resumed.topup_id, resumed.outcome) == (first.topup_id, "created")
+    wait_for(lambda: get_topup(conn, q, first.topup_id).status == "succeeded", what="credit")
+    assert wallet_balance(conn, acme) == D(21)
+    [fresh] = check_auto_topups(conn, q, stripe_settings, lossy)  # 21 < 30: the next attempt
     assert fresh.outcome == "created" and fresh.topup_id not in (None, first.topup_id)
     assert fresh.topup_id is not None
     wait_for(lambda: get_topup(conn, q, fresh.topup_id).status == "succeeded", what="credit")
-    assert wallet_balance(conn, acme) == D(51)
-    assert _intents_for(localstripe_url, first.topup_id) == []
+    assert wallet_balance(conn, acme) == D(71)
+    assert len(_intents_for(localstripe_url, first.topup_id)) == 1
     assert_audit_clean(conn, q)
+
+
+class _KeyedLostAnswerStripe(StripeGateway):
+    """localstripe behind Stripe's idempotency (which localstripe lacks): a key seen before
+    answers with its intent, a different request under it is a conflict. The first answer is
+    lost after Stripe created and confirmed the intent (a timeout)."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.keys: dict[str, tuple[dict[str, Any], str]] = {}
+        self.lose = 1
+
+    def create_payment_intent(self, **kw: Any) -> dict[str, Any]:
+        if kw["key"] in self.keys:
+            request, intent_id = self.keys[kw["key"]]
+            if request != kw:
+                raise IdempotencyConflict(f"key {kw['key']} reused for another request")
+            return self.retrieve_payment_intent(intent_id)
+        intent = super().create_payment_intent(**kw)
+        self.keys[kw["key"]] = (dict(kw), intent["id"])
+        if self.lose:
+            self.lose -= 1
+            raise StripeUnavailable("stripe unavailable: APIConnectionError (read timeout)")
+        return intent
+
+
+def test_a_timeout_after_stripe_charged_then_disable_and_re_enable_charges_once(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    stripe_settings: Settings,
+    endpoint: Endpoint,
+    localstripe_url: str,
+) -> None:
+    """Stripe created and confirmed the intent, our answer timed out and its webhook is late:
+    disabling and re-enabling with a new amount resends the SAME request under the same key
+    (Stripe answers with the intent it has) instead of a second attempt, a second charge."""
+    endpoint.dispatch.hold = True  # the success webhook is late
+    lossy = _KeyedLostAnswerStripe(stripe_settings)
+    acme = f"acme-{uuid.uuid4().hex[:8]}"
+    open_account(conn, q, acme, credit="1")
+    customer = ensure_customer(conn, q, lossy, acme)
+    card = _saved_card(lossy, localstripe_url, customer, "4242424242424242")
+    set_auto_topup(
+        conn, q, stripe_settings, acme, threshold=D(5), amount=D(20), payment_method=card
+    )
+    [first] = check_auto_topups(conn, q, stripe_settings, lossy)
+    assert first.outcome.startswith("retry") and first.topup_id is not None
+    disable_auto_topup(conn, q, acme)
+    set_auto_topup(
+        conn, q, stripe_settings, acme, threshold=D(5), amount=D(50), payment_method=card
+    )
+    [again] = check_auto_topups(conn, q, stripe_settings, lossy)
+    assert (again.topup_id, again.outcome) == (first.topup_id, "created")
+    with endpoint.dispatch.lock:
+        endpoint.dispatch.hold = False
+        held, endpoint.dispatch.held = endpoint.dispatch.held, []
+    for event_id in held:
+        endpoint.dispatch.process(event_id)
+    wait_for(lambda: get_topup(conn, q, first.topup_id).status == "succeeded", what="credit")
+    assert wallet_balance(conn, acme) == D(21)
+    assert conn.execute("SELECT count(*) FROM topups WHERE kind = 'auto'").fetchone() == (1,)
+    charged = [pi["amount"] for pi in _intents_for(localstripe_url, first.topup_id)]
+    assert charged == [2100]
+    row = conn.execute("SELECT pending_topup_id, enabled, attempts FROM auto_topup_settings")
+    assert row.fetchone() == (None, True, 1)
+    assert_audit_clean(conn, q)
+
+
+def _blocked_on_a_lock(conn: psycopg.Connection[Any], pid: int) -> bool:
+    row = conn.execute(
+        "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s", (pid,)
+    ).fetchone()
+    return bool(row and row[0])
+
+
+def test_disabling_while_a_checker_claims_loses_nothing_and_starts_no_second_attempt(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    stripe_settings: Settings,
+    endpoint: Endpoint,
+    localstripe_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The claim holds the settings row; the disable waits for it and then keeps the claimed
+    top-up pending (not sent while disabled); re-enabling sends that one, once."""
+    from billing import topups
+
+    gateway = StripeGateway(stripe_settings)
+    acme = f"acme-{uuid.uuid4().hex[:8]}"
+    open_account(conn, q, acme, credit="1")
+    customer = ensure_customer(conn, q, gateway, acme)
+    card = _saved_card(gateway, localstripe_url, customer, "4242424242424242")
+    set_auto_topup(
+        conn, q, stripe_settings, acme, threshold=D(5), amount=D(20), payment_method=card
+    )
+    claimed, go = threading.Event(), threading.Event()
+    record = topups._record_topup
+
+    def paused_record(*args: Any) -> None:
+        record(*args)
+        claimed.set()
+        assert go.wait(20)
+
+    monkeypatch.setattr(topups, "_record_topup", paused_record)
+    checker = db.connect(stripe_settings)
+    disabler = db.connect(stripe_settings)
+    disabler_pid = disabler.info.backend_pid
+    try:
+        results: list[Any] = []
+        check = threading.Thread(
+            target=lambda: results.extend(check_auto_topups(checker, q, stripe_settings, gateway))
+        )
+        check.start()
+        assert claimed.wait(20)
+        disable = threading.Thread(target=disable_auto_topup, args=(disabler, q, acme))
+        disable.start()
+        wait_for(lambda: _blocked_on_a_lock(conn, disabler_pid), what="the disable waits")
+        go.set()
+        check.join(20)
+        disable.join(20)
+        assert not check.is_alive() and not disable.is_alive()
+    finally:
+        go.set()
+        checker.close()
+        disabler.close()
+    monkeypatch.setattr(topups, "_record_topup", record)
+    [(topup_id, status)] = conn.execute(
+        "SELECT topup_id, status FROM topups WHERE kind = 'auto'"
+    ).fetchall()
+    assert status == "pending" and results == []  # claimed, not sent while disabled
+    row = conn.execute("SELECT enabled, pending_topup_id, attempts FROM auto_topup_settings")
+    assert row.fetchone() == (False, topup_id, 1)
+    assert _intents_for(localstripe_url, topup_id) == []
+    set_auto_topup(
+        conn, q, stripe_settings, acme, threshold=D(5), amount=D(50), payment_method=card
+    )
+    [sent] = check_auto_topups(conn, q, stripe_settings, gateway)
+    assert (sent.topup_id, sent.outcome) == (topup_id, "created")
+    wait_for(lambda: get_topup(conn, q, topup_id).status == "succeeded", what="credit")
+    assert wallet_balance(conn, acme) == D(21)
+    assert conn.execute("SELECT count(*) FROM topups WHERE kind = 'auto'").fetchone() == (1,)
+    assert_audit_clean(conn, q)
+
+
+def test_refusing_without_a_topup_and_a_webhook_locking_the_topup_do_not_deadlock(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    stripe_settings: Settings,
+    localstripe_url: str,
+) -> None:
+    """Lock order: the top-up row before the settings row. A webhook (or the sender) holds the
+    pending top-up and then updates the settings; a refusal without a top-up (an unexpected
+    error) locks only the settings and keeps the pending top-up."""
+    from billing import topups
+
+    lossy = _LostAnswerStripe(stripe_settings)
+    lossy.reached = False
+    acme = f"acme-{uuid.uuid4().hex[:8]}"
+    open_account(conn, q, acme, credit="1")
+    customer = ensure_customer(conn, q, lossy, acme)
+    card = _saved_card(lossy, localstripe_url, customer, "4242424242424242")
+    set_auto_topup(
+        conn, q, stripe_settings, acme, threshold=D(5), amount=D(20), payment_method=card
+    )
+    [first] = check_auto_topups(conn, q, stripe_settings, lossy)
+    assert first.topup_id is not None
+    refuser = db.connect(stripe_settings)
+    errors: list[BaseException] = []
+
+    def refuse() -> None:
+        try:
+            topups._refused(refuser, q, acme, None, "refused: unexpected")
+        except BaseException as exc:  # reported by the assertion below
+            errors.append(exc)
+
+    try:
+        with conn.transaction():
+            conn.execute(q["topup_lock"], {"topup_id": first.topup_id})  # as a webhook does
+            thread = threading.Thread(target=refuse)
+            thread.start()
+            thread.join(1.5)  # done, or (locking the settings first) waiting for the top-up
+            try:
+                conn.execute(
+                    "UPDATE auto_topup_settings SET updated_at = now() WHERE account_id = %s",
+                    (acme,),
+                )
+            except psycopg.Error as exc:
+                errors.append(exc)
+                raise
+        thread.join(20)
+    except psycopg.Error:
+        thread.join(20)
+    finally:
+        refuser.close()
+    assert errors == []
+    assert get_topup(conn, q, first.topup_id).status == "pending"
+    row = conn.execute("SELECT enabled, pending_topup_id FROM auto_topup_settings").fetchone()
+    assert row == (False, first.topup_id)
 
 
 class _CheckoutStripe(StripeGateway):
