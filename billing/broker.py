@@ -407,17 +407,18 @@ class BufferedUsagePublisher:
     def _publish(self, chunks: list[list[UsageEvent]]) -> None:
         """Publish the unsent envelopes, then ``chunks``; on failure keep the rest and raise."""
         pending, self._unsent = [*self._unsent, *chunks], []
-        bodies = [
-            piece
-            for chunk in pending
-            for piece in sized_bodies(chunk, self._held.size, self._max_bytes)
-        ]
-        pending = [part for _body, part in bodies]  # a failure keeps the parts not yet sent
-        for i, (body, chunk) in enumerate(bodies):
-            try:
-                self._send(body, chunk[0].account_id)
+        for i, chunk in enumerate(pending):
+            parts: list[tuple[bytes, list[UsageEvent]]] = []
+            sent = 0
+            try:  # encoding too: an event that cannot be encoded keeps its envelope held
+                parts = sized_bodies(chunk, self._held.size, self._max_bytes)
+                for body, part in parts:
+                    self._send(body, part[0].account_id)
+                    sent += 1
             except BaseException as exc:
-                self._unsent = pending[i:]
+                # keep what was not sent: this envelope's parts not sent yet, and the rest
+                rest = [part for _body, part in parts[sent:]] if parts else [chunk]
+                self._unsent = [*rest, *pending[i + 1 :]]
                 self.error = exc
                 raise
         self.error = None

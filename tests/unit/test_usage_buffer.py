@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
+import msgspec
 import orjson
 import pytest
 
@@ -260,3 +261,14 @@ def test_an_envelope_over_the_workers_message_limit_is_split_until_each_part_fit
     assert publisher.held == 100 - len(sender.ids)  # only the parts not sent are kept
     publisher.close()
     assert sender.ids == [e.event_id for e in events]  # each once, in order
+
+
+def test_an_envelope_that_cannot_be_encoded_keeps_every_held_event() -> None:
+    """The bodies were encoded before the publish loop's guard: one event that could not be
+    encoded (a lone surrogate in a name) dropped every held event, and reported nothing."""
+    sender = Sender()
+    publisher = broker.BufferedUsagePublisher(sender, size=3, linger_ms=60_000)
+    bad = msgspec.structs.replace(_events(1, 1)[0], model="openai/\ud800")
+    publisher.add_many([*_events(0, 1), bad, *_events(2, 1)])  # the envelope is full: publish
+    assert publisher.held == 3 and publisher.error is not None
+    assert sender.messages == []
