@@ -184,7 +184,7 @@ def redact(payload: bytes) -> bytes:
     earlier = obj.pop(_REDACTED, None)
     dropped: list[str] = []
     if isinstance(earlier, list):
-        dropped = [f for f in earlier if isinstance(f, str) and len(f) <= 200 and f.isprintable()]
+        dropped = [f for f in earlier if isinstance(f, str)]
     dropped += sorted(k for k in obj if k not in _KNOWN_EVENT_FIELDS)
     kept: dict[str, Any] = {
         k: None if k in ("usage", "provider_usage") else _shallow(v, k, dropped)  # below
@@ -204,8 +204,17 @@ def redact(payload: bytes) -> bytes:
     if "provider_usage" in obj:
         kept["provider_usage"] = _numbers_only(obj["provider_usage"], "provider_usage", dropped)
     if dropped:
-        kept[_REDACTED] = dropped
+        kept[_REDACTED] = [_name(f) for f in dropped[:_MAX_NAMED]]
     return orjson.dumps(kept)
+
+
+_MAX_NAMED = 100  # dropped fields named at most (names are the sender's text: keep them short)
+
+
+def _name(field: str) -> str:
+    """A dropped field's name as stored: printable, at most 80 characters (the same again when
+    redacted twice)."""
+    return "".join(c if c.isprintable() else "?" for c in field[:80])
 
 
 _REDACTED = "_redacted_fields"

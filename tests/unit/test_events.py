@@ -235,9 +235,14 @@ def test_redacting_a_stored_payload_again_gives_the_same_bytes() -> None:
         event(prompt="secret", usage={"input_tokens": -1, "completion": "hi"}),
         {k: v for k, v in event(prompt="secret").items() if k != "event_id"} | {"x": nested(40)},
         event(provider_usage=json.loads(nested(30)), provider_usage_format="openai.chat"),
+        event(**{"x" * 300: 1, "tab\there": 2, "new\nline": 3}),  # names the sender chose
+        event(_redacted_fields=["the prompt, smuggled " * 20] * 500),
     ):
         stored = redact(json.dumps(payload).encode())
         assert redact(stored) == stored
+    smuggled = json.loads(redact(json.dumps(event(_redacted_fields=["p " * 200] * 500)).encode()))
+    assert len(smuggled["_redacted_fields"]) == 100
+    assert all(len(name) <= 80 for name in smuggled["_redacted_fields"])
     first = only_rejection({k: v for k, v in event(prompt="s").items() if k != "event_id"})
     again = only_rejection(first.payload)
     assert json.loads(again.payload)["_redacted_fields"] == ["prompt"]
