@@ -455,10 +455,16 @@ def _split_or_raise(
         first = record_isolating(conn, q, [], rejected, resolution=resolution)
         return first.merge(record_isolating(conn, q, priced, [], resolution=resolution))
     if len(priced) <= 1:
-        if not priced:  # the dead letters themselves were refused: park them bare, once
-            if any(r.reason.startswith(_BARE) for r in rejected):
+        if not priced:  # dead letters alone were refused: find which, and park it bare
+            if len(rejected) > 1:
+                half = len(rejected) // 2
+                first = record_isolating(conn, q, [], rejected[:half], resolution=resolution)
+                return first.merge(
+                    record_isolating(conn, q, [], rejected[half:], resolution=resolution)
+                )
+            if rejected[0].reason.startswith(_BARE):
                 raise mapped from exc  # refused even so: retried as the batch's error
-            bare = [_bare(r, mapped) for r in rejected]
+            bare = [_bare(rejected[0], mapped)]
             return record_isolating(conn, q, [], bare, resolution=resolution)
         bad = rejection_of(priced[0].event, Reason.DATABASE_REJECTED, "$", str(mapped)[:1000])
         return record_isolating(conn, q, [], [*rejected, bad], resolution=resolution)

@@ -594,15 +594,24 @@ def test_a_dead_letter_the_database_refuses_is_parked_bare_and_the_batch_goes_on
             FOR EACH ROW EXECUTE FUNCTION refuse_letter();""")
     good = [make_event(f"ok-{i}") for i in range(3)]
     bad = {**json.loads(encode_event(make_event("refused"))), "usage": {"input_tokens": -1}}
-    bodies = [*(encode_event(e) for e in good), json.dumps(bad).encode()]
+    other = {**json.loads(encode_event(make_event("other"))), "usage": {"input_tokens": -2}}
+    bodies = [
+        *(encode_event(e) for e in good),
+        json.dumps(bad).encode(),
+        json.dumps(other).encode(),
+    ]
     priced, rejected = decode_and_price(
         bodies, catalog.snapshot(conn, q), settings, datetime.now(UTC)
     )
     result = record_isolating(conn, q, priced, rejected)
-    assert (result.debited, result.parked) == (3, 1)
-    [row] = deadletters.list_dead_letters(conn, q)
+    assert (result.debited, result.parked) == (3, 2)
+    rows = {r["event_id"]: r for r in deadletters.list_dead_letters(conn, q)}
+    assert rows.keys() == {None, "other"}  # only the refused one is bare; the other keeps its id
+    row = rows[None]
     assert (row["event_id"], row["reason_code"], row["field"]) == (None, "invalid_event", "$")
     assert row["reason"].startswith("stored bare (the database refused this dead letter")
-    [(payload,)] = conn.execute("SELECT payload FROM dead_letters").fetchall()
+    [(payload,)] = conn.execute(
+        "SELECT payload FROM dead_letters WHERE event_id IS NULL"
+    ).fetchall()
     assert json.loads(bytes(payload))["event_id"] == "refused"  # what an operator needs
     assert_audit_clean(conn, q)
