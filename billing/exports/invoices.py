@@ -202,6 +202,7 @@ def issue_statement(
         raise BillingError(f"format must be one of {', '.join(Format.ALL)}")
 
     def render(header: InvoiceHeader) -> tuple[bytes, Decimal]:
+        conn.execute(q["account_lock_share"], {"account_id": account_id})  # its zone stays
         st = statement_for(conn, q, account_id, period)
         if now < st.period_end + CLOSE_GRACE:
             raise BillingError(

@@ -448,7 +448,9 @@ def set_time_zone(
         ).fetchone()
         if current is None:
             raise UnknownAccount(f"no account {account_id!r}")
-        zone, last_issued = current
+        zone = current[0]
+        issued = conn.execute(q["last_issued_statement"], {"account_id": account_id}).fetchone()
+        last_issued = issued[0] if issued is not None else None
         if last_issued is not None and zone != (time_zone or "UTC"):
             raise BillingError(
                 f"{account_id}: statements were issued in {zone} (the last for {last_issued}); "

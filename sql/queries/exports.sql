@@ -154,13 +154,20 @@ ORDER BY g.account_id COLLATE "C", g.byok, g.member COLLATE "C" NULLS FIRST, g.m
          g.price_effective_from, g.service_tier <> 'standard', g.service_tier, l.ord
 
 -- name: account_time_zone_for_update
--- The zone periods are cut in now, and the last period a usage statement was issued for. The
--- row lock keeps a concurrent change out until this one commits.
-SELECT coalesce(a.time_zone, 'UTC') AS time_zone,
-       (SELECT max(i.period) FROM invoices i
-         WHERE i.kind = 'usage_statement' AND i.account_id = a.account_id) AS last_issued
-FROM accounts a WHERE a.account_id = %(account_id)s
-FOR UPDATE OF a
+-- The zone periods are cut in now. The row lock keeps a concurrent change, and an issue of a
+-- statement (account_lock_share), out until this one commits.
+SELECT coalesce(time_zone, 'UTC') FROM accounts WHERE account_id = %(account_id)s FOR UPDATE
+
+-- name: last_issued_statement
+-- The last period a usage statement was issued for. A statement of its own, after the lock
+-- above: at READ COMMITTED it then sees an issue that committed while the lock was awaited.
+SELECT max(period) FROM invoices
+WHERE kind = 'usage_statement' AND account_id = %(account_id)s
+
+-- name: account_lock_share
+-- Issuing a statement holds the account's row against a change of its zone until it commits
+-- (set_time_zone takes the row FOR UPDATE, then sees the invoice and refuses).
+SELECT 1 FROM accounts WHERE account_id = %(account_id)s FOR SHARE
 
 -- name: set_account_time_zone
 UPDATE accounts SET time_zone = %(time_zone)s WHERE account_id = %(account_id)s

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import threading
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -20,12 +21,13 @@ import openpyxl
 import psycopg
 import pytest
 
-from billing import wallets
+from billing import db, wallets
 from billing.db import Queries
 from billing.errors import BillingError
 from billing.exports import invoices as inv
 from billing.exports.formats import SUMMARY_COLUMNS, csv_bytes, statement_bytes, summary_record
 from billing.exports.statements import Period, set_time_zone, statement_for
+from billing.settings import Settings
 
 from .test_exports import backdated_credit
 
@@ -94,3 +96,32 @@ def test_time_zone_is_fixed_once_a_statement_was_issued(
     assert (zones["issued"], zones["fresh"]) == (None, "America/New_York")
     november = statement_for(conn, q, "issued", OCTOBER.next())
     assert november.opening == st.closing == Decimal("10")
+
+
+def test_a_zone_change_racing_an_issue_waits_for_it_then_refuses(
+    settings: Settings, conn: psycopg.Connection[Any], q: Queries
+) -> None:
+    """set_time_zone locked the account row, but issuing did not: a change could commit while
+    a statement in the old zone was being issued. Issuing now holds the row FOR SHARE."""
+    wallets.create_account(conn, q, "racer")
+    backdated_credit(conn, "racer", Decimal("10"), datetime(2025, 10, 5, tzinfo=UTC))
+    closed = statement_for(conn, q, "racer", OCTOBER).period_end + inv.CLOSE_GRACE
+    outcome: list[BaseException | None] = []
+
+    def change_zone() -> None:
+        with db.connect(settings) as other:
+            try:
+                set_time_zone(other, q, "racer", "America/New_York")
+                outcome.append(None)
+            except BillingError as exc:
+                outcome.append(exc)
+
+    with conn.transaction():  # the issue, not committed yet
+        inv.issue_statement(conn, q, "racer", OCTOBER, now=closed)
+        changer = threading.Thread(target=change_zone)
+        changer.start()
+        changer.join(timeout=1.0)
+        assert changer.is_alive(), "the zone change did not wait for the issue"
+    changer.join(timeout=10)
+    [error] = outcome
+    assert isinstance(error, BillingError) and "issued in UTC" in str(error)
