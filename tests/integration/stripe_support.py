@@ -253,6 +253,15 @@ def wallet_balance(conn: psycopg.Connection[Any], account_id: str) -> Decimal:
     return Decimal(row[0])
 
 
+def topup_books(conn: psycopg.Connection[Any], account_id: str) -> tuple[Decimal, ...]:
+    """(the wallet's balance, ``revenue:fees``, ``clearing:stripe``): what a top-up moves."""
+    return (
+        wallet_balance(conn, account_id),
+        ledger_balance(conn, "revenue:fees"),
+        ledger_balance(conn, "clearing:stripe"),
+    )
+
+
 def wait_for(predicate: Any, timeout: float = 20, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not predicate():

@@ -52,6 +52,7 @@ from .stripe_support import (  # noqa: F401  (fixtures)
     ledger_balance,
     localstripe_url,
     stripe_settings,
+    topup_books,
     wait_for,
     wallet_balance,
 )
@@ -132,9 +133,7 @@ def test_a_100_dollar_topup_charges_105_and_credits_100(
     [intent] = _intents_for(localstripe_url, topup_id)
     assert intent["amount"] == 10500 and intent["currency"] == "usd"
     assert intent["metadata"]["credit"] == "100.00" and intent["metadata"]["fee"] == "5.00"
-    assert wallet_balance(conn, "acme") == D(100)
-    assert ledger_balance(conn, "revenue:fees") == D(5)
-    assert ledger_balance(conn, "clearing:stripe") == D(-105)
+    assert topup_books(conn, "acme") == (D(100), D(5), D(-105))
     assert _outbox(conn, "wallet.replenished", "acme") == 1
     assert reconcile(conn, q, gateway, datetime.now(UTC) - timedelta(minutes=5)) == []
     assert_audit_clean(conn, q)
@@ -222,9 +221,7 @@ def test_refund_arriving_before_the_success_event_converges(
     assert "duplicate" not in process_stripe_event(conn, q, stripe_settings, success_id).text
     assert process_stripe_event(conn, q, stripe_settings, success_id).text.startswith("duplicate")
     # 2100 of 10500 refunded: credit part to_cents(21 * 100/105) = 20.00, fee part 1.00
-    assert wallet_balance(conn, "acme") == D(80)
-    assert ledger_balance(conn, "revenue:fees") == D(4)
-    assert ledger_balance(conn, "clearing:stripe") == D(-84)
+    assert topup_books(conn, "acme") == (D(80), D(4), D(-84))
     topup = get_topup(conn, q, created.topup.topup_id)
     assert (topup.refunded_credit, topup.refunded_fee) == (D(20), D(1))
     assert reconcile(conn, q, gateway, datetime.now(UTC) - timedelta(minutes=5)) == []
@@ -270,9 +267,7 @@ def test_partial_refunds_in_any_order_and_twice_claw_back_once(
         == 200
     )
     endpoint.dispatch.drain()
-    assert wallet_balance(conn, "acme") == 0
-    assert ledger_balance(conn, "revenue:fees") == 0
-    assert ledger_balance(conn, "clearing:stripe") == 0
+    assert topup_books(conn, "acme") == (0, 0, 0)
     assert reconcile(conn, q, gateway, datetime.now(UTC) - timedelta(minutes=5)) == []
     assert_audit_clean(conn, q)
 
@@ -324,13 +319,9 @@ def test_dispute_holds_and_freezes_then_releases_or_is_lost(
     assert _outbox(conn, FROZEN, "acme") == 1 and _outbox(conn, UNFROZEN, "acme") == 1
     assert ledger_balance(conn, "liability:dispute_holds") == 0
     if result == "won":
-        assert wallet_balance(conn, "acme") == D(100)
-        assert ledger_balance(conn, "revenue:fees") == D(5)
-        assert ledger_balance(conn, "clearing:stripe") == D(-105)
+        assert topup_books(conn, "acme") == (D(100), D(5), D(-105))
     else:
-        assert wallet_balance(conn, "acme") == 0
-        assert ledger_balance(conn, "revenue:fees") == 0
-        assert ledger_balance(conn, "clearing:stripe") == 0
+        assert topup_books(conn, "acme") == (0, 0, 0)
     assert_audit_clean(conn, q)
 
 
@@ -721,9 +712,7 @@ def test_a_failed_refund_gives_the_credit_and_fee_back_then_a_lost_dispute_takes
     for event in events + events:  # each delivered twice
         assert endpoint.post(event).status_code == 200
         endpoint.dispatch.drain()
-    assert wallet_balance(conn, "acme") == D(100)
-    assert ledger_balance(conn, "revenue:fees") == D(5)
-    assert ledger_balance(conn, "clearing:stripe") == D(-105)
+    assert topup_books(conn, "acme") == (D(100), D(5), D(-105))
     view = get_topup(conn, q, topup_id)
     assert (view.refunded_credit, view.refunded_fee) == (0, 0)
     assert_audit_clean(conn, q)
@@ -731,9 +720,7 @@ def test_a_failed_refund_gives_the_credit_and_fee_back_then_a_lost_dispute_takes
         dispute = dispute_object(topup.charge_id, topup.payment_intent_id, 10500, status, "du_rf")
         assert endpoint.post(envelope("charge.dispute.created", dispute)).status_code == 200
         endpoint.dispatch.drain()
-    assert wallet_balance(conn, "acme") == 0
-    assert ledger_balance(conn, "revenue:fees") == 0
-    assert ledger_balance(conn, "clearing:stripe") == 0
+    assert topup_books(conn, "acme") == (0, 0, 0)
     assert_audit_clean(conn, q)
 
 
