@@ -523,6 +523,17 @@ def _cents(amount: Decimal) -> int:
     return to_cents(amount)
 
 
+def _book_payment_first(
+    conn: psycopg.Connection[Any], q: Queries, topup: dict[str, Any], source: str
+) -> list[str]:
+    """A refund or dispute exists only on a successful charge: book the payment first if its
+    own event has not come yet. The outcome's notes so far (``credited``, or none)."""
+    if topup["status"] == TopupStatus.SUCCEEDED:
+        return []
+    _ensure_succeeded(conn, q, topup, amount_cents=None, currency=None, source=source)
+    return ["credited"]
+
+
 def _ensure_succeeded(
     conn: psycopg.Connection[Any],
     q: Queries,
@@ -912,13 +923,7 @@ def _on_refund(
         # know yet (a checkout top-up before checkout.session.completed). It waits, and gives
         # up after the window like other waiting events (listed, replayable).
         return _waiting(f"refund {refund.get('id')} (charge {charge})")
-    notes = []
-    if topup["status"] != TopupStatus.SUCCEEDED:
-        # A refund exists only on a successful charge: book the payment first.
-        _ensure_succeeded(
-            conn, q, topup, amount_cents=None, currency=None, source=f"refund {refund.get('id')}"
-        )
-        notes.append("credited")
+    notes = _book_payment_first(conn, q, topup, f"refund {refund.get('id')}")
     amount = int(refund.get("amount") or 0)
     if amount <= 0:
         return Outcome("ignored: refund without an amount")
@@ -945,13 +950,7 @@ def _on_dispute(conn: psycopg.Connection[Any], q: Queries, dispute: Mapping[str,
     topup = _lock_topup(conn, q, topup_id=_metadata_topup(dispute), pi=pi, charge=charge)
     if topup is None:
         return _waiting(f"dispute {dispute.get('id')} (charge {charge})")
-    notes = []
-    if topup["status"] != TopupStatus.SUCCEEDED:
-        # A dispute exists only on a successful charge: book the payment first.
-        _ensure_succeeded(
-            conn, q, topup, amount_cents=None, currency=None, source=f"dispute {dispute.get('id')}"
-        )
-        notes.append("credited")
+    notes = _book_payment_first(conn, q, topup, f"dispute {dispute.get('id')}")
     notes.append(_converge_dispute(conn, q, topup, dispute))
     return Outcome("; ".join(notes))
 
