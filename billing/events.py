@@ -23,7 +23,7 @@ import contextlib
 import hashlib
 import re
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -61,6 +61,7 @@ class Reason(StrEnum):
     UNPRICED = "unpriced"
     DATABASE_REJECTED = "database_rejected"
     PROVIDER_USAGE_CONFLICT = "provider_usage_conflict"
+    CONFLICTING_DUPLICATE = "conflicting_duplicate"
 
 
 class Usage(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -121,6 +122,62 @@ class _TypedEnvelope(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class _Probe(msgspec.Struct, frozen=True):
     schema: str | None = None
+
+
+# What an event_id stands for: who pays, for what, when. A resend of an event_id (a gateway
+# retry, a redelivery) must carry the same; one that differs in any of these is parked as
+# ``conflicting_duplicate`` rather than dropped as a duplicate. Reporting-only fields (latency,
+# ttft, hold_id, the provider's own cost) are not compared. The order is that of the query
+# ``recorded_billed_content``.
+BILLED_CONTENT_FIELDS = (
+    "$.occurred_at", "$.account_id", "$.api_key_id", "$.model", "$.provider", "$.byok",
+    "$.usage.input_tokens", "$.usage.cached_input_tokens", "$.usage.cache_write_tokens",
+    "$.usage.output_tokens", "$.usage.reasoning_tokens", "$.usage.image_count",
+    "$.usage.web_search_count", "$.usage.cache_write_1h_tokens", "$.usage.audio_input_tokens",
+    "$.usage.audio_output_tokens", "$.service_tier", "$.status", "$.provider_usage_format",
+)  # fmt: skip
+
+
+def billed_content(event: UsageEvent) -> tuple[Any, ...]:
+    """The values of ``BILLED_CONTENT_FIELDS`` (after any provider usage object is converted)."""
+    e, u = event, event.usage
+    return (
+        e.occurred_at, e.account_id, e.api_key_id, e.model, e.provider, e.byok,
+        u.input_tokens, u.cached_input_tokens, u.cache_write_tokens, u.output_tokens,
+        u.reasoning_tokens, u.image_count, u.web_search_count, u.cache_write_1h_tokens,
+        u.audio_input_tokens, u.audio_output_tokens,
+        (e.service_tier or ServiceTier.STANDARD).value, e.status.value,
+        None if e.provider_usage_format is None else e.provider_usage_format.value,
+    )  # fmt: skip
+
+
+def content_conflict(recorded: tuple[Any, ...], event: UsageEvent) -> tuple[str, str] | None:
+    """The first billed field in which ``event`` differs from the ``recorded`` content of its
+    event_id, as (JSON path, reason); None when it is the same event sent again."""
+    for path, was, now in zip(BILLED_CONTENT_FIELDS, recorded, billed_content(event), strict=True):
+        if was != now:
+            return path, (
+                f"event_id {event.event_id!r} is already recorded with {path} = {_shown(was)}; "
+                f"this copy has {_shown(now)}. The recorded copy stands: discard this one, or "
+                "have the gateway send it under a new event_id"
+            )
+    return None
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    return str(value)
+
+
+def conflict_dedup_key(event_id: str, payload: bytes) -> str:
+    """One parked row per conflicting content of an event_id (its redeliveries bump it). Never
+    the event_id itself: parked rows keyed by an event_id are resolved once it is recorded."""
+    return f"conflict:{hashlib.sha256(payload).hexdigest()[:32]}:{event_id}"
 
 
 @dataclass(frozen=True)

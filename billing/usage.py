@@ -7,7 +7,8 @@ when it happened, and records everything in one transaction:
    ``INSERT .. ON CONFLICT (event_id) DO NOTHING RETURNING``, keys in ``event_id`` order): only
    the keys of events never recorded come back, so redeliveries, gateway retries and replays
    debit nothing. A key another worker has claimed but not committed makes the claim wait for
-   that worker's commit, then skip it (the exactly-once step);
+   that worker's commit, then skip it (the exactly-once step). A copy whose billed content
+   differs from the recorded one is not a retry: it is parked as ``conflicting_duplicate``;
 2. COPY the claimed events straight into ``usage_events`` (partitioned by month); its insert
    trigger finds each row's key already claimed at the same ``recorded_at``;
 3. park rejected items (bad input, unknown account, no price) as dead letters, and resolve parked
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from decimal import Decimal
@@ -44,6 +45,9 @@ from billing.events import (
     Reason,
     Rejected,
     UsageEvent,
+    billed_content,
+    conflict_dedup_key,
+    content_conflict,
     decode_message,
     dedup_key_for,
     encode_event,
@@ -275,6 +279,7 @@ def record_batch(
     controls = BatchControls.read(conn, q, accounts)
     known = controls.payers
     unique: dict[str, PricedEvent] = {}
+    repeats: list[PricedEvent] = []
     for p in priced:
         if p.event.account_id not in known:
             rejected.append(
@@ -286,7 +291,7 @@ def record_batch(
                 )
             )
         elif p.event.event_id in unique:
-            result.duplicates += 1  # the same event twice in one batch
+            repeats.append(p)  # the same event_id twice in one batch
         else:
             unique[p.event.event_id] = p
 
@@ -295,7 +300,11 @@ def record_batch(
         ids = sorted(unique)
         claimed = claim_event_keys(conn, q, ids)
         new = [unique[event_id] for event_id in ids if event_id in claimed]
-        result.duplicates += len(ids) - len(new)
+        copies = [unique[event_id] for event_id in ids if event_id not in claimed] + repeats
+        if copies:
+            conflicts = resend_conflicts(conn, q, copies, unique, claimed)
+            result.duplicates += len(copies) - len(conflicts)
+            rejected += conflicts
         if new:
             data = "".join([copy_line(p, posting_id) for p in new]).encode()
             with conn.cursor() as cur, cur.copy(q["copy_usage_events"]) as copy:
@@ -338,6 +347,41 @@ def record_batch(
     return result
 
 
+def resend_conflicts(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    copies: Sequence[PricedEvent],
+    unique: Mapping[str, PricedEvent],
+    claimed: Set[str],
+) -> list[Rejected]:
+    """Of ``copies`` (events whose id is recorded already, or by this batch: ``claimed``, the
+    copy in ``unique``), those whose billed content differs from the recorded copy's: a gateway
+    that reused an id, or changed an event before resending it. Dropped as duplicates, they
+    would be lost without a trace; they are parked. The recorded copies are read only for a
+    batch that has such copies, in one query."""
+    earlier = sorted({p.event.event_id for p in copies} - claimed)
+    recorded: dict[str, tuple[Any, ...]] = {}
+    if earlier:
+        rows = conn.execute(q["recorded_billed_content"], {"event_ids": earlier})
+        recorded = {row[0]: tuple(row[1:]) for row in rows}
+    conflicts = []
+    for p in copies:
+        event_id = p.event.event_id
+        if event_id in claimed:
+            content: tuple[Any, ...] | None = billed_content(unique[event_id].event)
+        else:
+            content = recorded.get(event_id)  # None: its row is not found (compare nothing)
+        conflict = None if content is None else content_conflict(content, p.event)
+        if conflict is not None:
+            conflicts.append(conflicting_duplicate(p.event, conflict))
+    return conflicts
+
+
+def conflicting_duplicate(event: UsageEvent, conflict: tuple[str, str]) -> Rejected:
+    item = rejection_of(event, Reason.CONFLICTING_DUPLICATE, *conflict)
+    return replace(item, dedup_key=conflict_dedup_key(event.event_id, item.payload))
+
+
 def claim_event_keys(conn: psycopg.Connection[Any], q: Queries, event_ids: list[str]) -> set[str]:
     """Claim the idempotency keys of ``event_ids`` (sorted); the ids of those never claimed."""
     cursor = conn.execute(q["claim_event_keys"], {"event_ids": text_array(event_ids)})
@@ -347,7 +391,8 @@ def claim_event_keys(conn: psycopg.Connection[Any], q: Queries, event_ids: list[
 def park(
     conn: psycopg.Connection[Any], q: Queries, rejected: Sequence[Rejected], result: BatchResult
 ) -> None:
-    """Write dead letters, except for items whose event is already recorded (duplicates)."""
+    """Write dead letters, except for items whose event is already recorded (duplicates; a
+    copy whose billed content conflicts with the recorded one is parked all the same)."""
     rejected = [_storable(r) for r in rejected]
     ids = sorted({r.event_id for r in rejected if r.event_id is not None})
     recorded = (
@@ -357,7 +402,7 @@ def park(
     )
     by_key: dict[str, Rejected] = {}
     for item in rejected:
-        if item.event_id in recorded:
+        if item.event_id in recorded and item.reason_code is not Reason.CONFLICTING_DUPLICATE:
             result.duplicates += 1
             continue
         result.parked += 1

@@ -66,10 +66,14 @@ SELECT (SELECT coalesce(sum(debited), 0) FROM usage_events) AS events_total,
          WHERE a.code = 'revenue:usage') AS revenue_total
 
 -- name: audit_recorded_and_parked
--- An event is in exactly one state: recorded (debited or BYOK) or parked, never both.
+-- An event is in exactly one state: recorded (debited or BYOK) or parked, never both. A parked
+-- conflicting_duplicate is not the event but another content sent under its recorded id: its
+-- event must be recorded (the copy that stands).
 SELECT d.dead_letter_id, d.event_id, d.reason_code
-FROM dead_letters d JOIN usage_events u ON u.event_id = d.event_id
-WHERE d.status = 'parked'
+FROM dead_letters d
+WHERE d.status = 'parked' AND d.event_id IS NOT NULL
+  AND EXISTS (SELECT 1 FROM usage_events u WHERE u.event_id = d.event_id)
+      <> (d.reason_code = 'conflicting_duplicate')
 ORDER BY d.dead_letter_id
 
 -- name: audit_event_states

@@ -4,7 +4,8 @@
 -- name: audit_event_one_state
 -- Every accepted event is in exactly one state: recorded (debited or BYOK, in usage_events) or
 -- parked once (unpriced or another reason). A dead letter resolved as recorded must have its event
--- recorded (otherwise the event was lost), and an event is never parked twice.
+-- recorded (otherwise the event was lost), and an event is never parked twice (conflicting copies
+-- under a recorded id are not the event: each distinct one has its own dead letter).
 SELECT 'resolved but not recorded' AS problem, d.event_id, d.dead_letter_id, d.reason_code
 FROM dead_letters d
 WHERE d.status = 'resolved' AND d.event_id IS NOT NULL
@@ -12,7 +13,7 @@ WHERE d.status = 'resolved' AND d.event_id IS NOT NULL
 UNION ALL
 SELECT 'parked more than once', d.event_id, min(d.dead_letter_id), min(d.reason_code)
 FROM dead_letters d
-WHERE d.status = 'parked' AND d.event_id IS NOT NULL
+WHERE d.status = 'parked' AND d.event_id IS NOT NULL AND d.reason_code <> 'conflicting_duplicate'
 GROUP BY d.event_id
 HAVING count(*) > 1
 ORDER BY 2, 3

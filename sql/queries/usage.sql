@@ -30,6 +30,11 @@ COPY usage_events (
 -- The key table: one index, whatever the number of monthly partitions of usage_events.
 SELECT event_id FROM usage_event_keys WHERE event_id = ANY(%(event_ids)s)
 
+-- name: recorded_billed_content
+-- What recorded events were billed for (billing.events.BILLED_CONTENT_FIELDS, in that order),
+-- for comparing a resent copy with its recorded one; one index probe per id (migration 0013).
+SELECT * FROM billing_recorded_billed_content(%(event_ids)s)
+
 -- name: provider_cost_comparison
 -- Our price vs. the cost the provider reported (OpenRouter), per model and provider, for events
 -- recorded in [since, until). The reported cost is recorded for comparison and never billed.

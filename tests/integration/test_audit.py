@@ -82,6 +82,31 @@ def test_an_event_parked_twice_is_reported(
     assert (row["problem"], row["event_id"]) == ("parked more than once", "e-5")
 
 
+def test_a_recorded_event_may_be_parked_only_as_a_conflicting_copy(
+    books: None, conn: psycopg.Connection[Any], q: Queries
+) -> None:
+    conn.execute(
+        "INSERT INTO dead_letters (dedup_key, event_id, account_id, reason_code, field, reason,"
+        " payload, payload_bytes) VALUES ('k', 'e-1', 'acme', 'unpriced', '$', 'test', '', 0)"
+    )
+    [row] = failed(conn, q)["no event both recorded and parked"]
+    assert (row["event_id"], row["reason_code"]) == ("e-1", "unpriced")
+    conn.execute(
+        "UPDATE dead_letters SET reason_code = 'conflicting_duplicate' WHERE dedup_key = 'k'"
+    )
+    assert failed(conn, q) == {}  # another content under e-1's id, e-1 recorded: consistent
+
+
+def test_a_conflicting_copy_of_an_event_never_recorded_is_reported(
+    books: None, conn: psycopg.Connection[Any], q: Queries
+) -> None:
+    conn.execute(
+        "UPDATE dead_letters SET reason_code = 'conflicting_duplicate' WHERE event_id = 'e-5'"
+    )
+    [row] = failed(conn, q)["no event both recorded and parked"]
+    assert (row["event_id"], row["reason_code"]) == ("e-5", "conflicting_duplicate")
+
+
 def test_an_event_amount_that_never_reached_its_wallet_is_reported_per_wallet(
     books: None, conn: psycopg.Connection[Any], q: Queries
 ) -> None:

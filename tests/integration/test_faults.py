@@ -169,9 +169,10 @@ def test_worker_serves_metrics_health_and_readiness(
         base = f"http://127.0.0.1:{port}"
         wait_until(lambda: _ready(base), timeout=60)
         with broker.UsagePublisher(settings) as publisher:
-            publisher.publish_many([make_event(f"m-{i}") for i in range(25)], envelope_size=5)
+            events = [make_event(f"m-{i}") for i in range(25)]
+            publisher.publish_many(events, envelope_size=5)
             publisher.publish_raw(b"{not json")
-            publisher.publish(make_event("m-0"))  # a duplicate
+            publisher.publish(events[0])  # a duplicate
         wait_until(lambda: "billing_usage_events_parked_total" in _get(f"{base}/metrics")[1])
         wait_until(lambda: _metric(base, "billing_usage_events_duplicate_total") == 1)
         assert _metric(base, "billing_usage_events_debited_total") == 25

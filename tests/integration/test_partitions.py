@@ -79,17 +79,21 @@ def test_a_duplicate_of_an_event_recorded_in_an_earlier_month_debits_nothing(
     insert_historical_byok(conn, "ev-old", "acme", last_month)
     before = balances(conn)
 
-    # The same event_id again, now (this month's partition), as a paid event: still a duplicate.
+    # The same event again, found in last month's partition: a duplicate. The same event_id now
+    # as a paid event (this month's partition) is not billed either: its content conflicts with
+    # the recorded copy, so it is parked, never dropped in silence.
     old_byok = make_event("ev-old", occurred_at=last_month - timedelta(seconds=1), byok=True)
     paid = make_event("ev-old")
-    result = record(conn, q, settings, old_byok, paid, make_event("ev-new"))
-    assert (result.debited, result.duplicates) == (1, 2)
+    new = make_event("ev-new")
+    result = record(conn, q, settings, old_byok, paid, new)
+    assert (result.debited, result.duplicates, result.parked) == (1, 1, 1)
+    assert result.parked_reasons == {"conflicting_duplicate": 1}
     assert partition_of(conn, "ev-old") == [f"usage_events_y{last_month:%Y}m{last_month:%m}"]
     now = datetime.now(UTC)
     assert partition_of(conn, "ev-new") == [f"usage_events_y{now:%Y}m{now:%m}"]
     assert balances(conn)["acme"] < before["acme"]  # only ev-new was debited
-    again = record(conn, q, settings, paid, make_event("ev-new"))
-    assert (again.debited, again.duplicates) == (0, 2)
+    again = record(conn, q, settings, paid, new)
+    assert (again.debited, again.duplicates, again.parked) == (0, 1, 1)
     report = run_audit(conn, q)
     assert report.ok, [c for c in report.checks if not c.ok]
     assert report.states["debited"] == 1 and report.states["byok"] == 1
@@ -207,8 +211,15 @@ def test_two_writers_of_one_event_across_partitions_record_it_once(
     assert conn.execute("SELECT count(*) FROM usage_events").fetchone() == (1,)
     # The batch path (keys claimed with ON CONFLICT DO NOTHING) skips instead of failing.
     open_account(conn, q, "acme", "10")
-    result = record(conn, q, settings, make_event("ev-x"), make_event("ev-y"))
-    assert (result.debited, result.duplicates) == (1, 1)
+    copied = make_event(  # what COPY_ROW recorded
+        "ev-x",
+        occurred_at=datetime(2026, 1, 1, tzinfo=UTC),
+        byok=True,
+        input_tokens=1,
+        output_tokens=1,
+    )
+    result = record(conn, q, settings, copied, make_event("ev-y"))
+    assert (result.debited, result.duplicates, result.parked) == (1, 1, 0)
 
 
 def test_the_audit_finds_an_event_without_its_key(

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+import msgspec
 import psycopg
 import pytest
 from kombu import Queue
@@ -16,7 +17,7 @@ from kombu import Queue
 from billing import broker, catalog, db, deadletters, wallets
 from billing.audit import run_audit
 from billing.db import Queries
-from billing.events import Reason, decode_event, encode_event
+from billing.events import Reason, Usage, decode_event, encode_event
 from billing.settings import Settings
 from billing.usage import decode_and_price, record_batch, record_isolating
 
@@ -129,6 +130,68 @@ def test_same_event_published_three_times_debits_once(
         "SELECT count(*) FROM ledger_entries e JOIN wallets w USING (ledger_account_id) "
         "WHERE w.account_id = 'acme' AND e.amount < 0"
     ).fetchone() == (1,)
+    assert_audit_clean(conn, q)
+
+
+def test_a_resend_with_different_billed_content_is_parked_not_dropped(
+    settings: Settings, conn: psycopg.Connection[Any], q: Queries
+) -> None:
+    open_account(conn, q, "acme", "10")
+    original = make_event("req-reused", input_tokens=1000, output_tokens=1000)  # $0.0055
+    changed = msgspec.structs.replace(original, usage=Usage(input_tokens=1000, output_tokens=3000))
+    other_key = msgspec.structs.replace(original, api_key_id="key-2")
+    reported_only = msgspec.structs.replace(original, latency_ms=950, ttft_ms=80)
+    publish(settings, original)
+    drain(settings)
+    # A later batch: two conflicting copies (one of them twice: one dead letter), and a copy that
+    # differs only in reporting fields (the same event: a duplicate).
+    publish(settings, changed, reported_only, other_key, changed)
+    consumer = drain(settings)
+    assert (consumer.totals.duplicates, consumer.totals.parked) == (1, 3)
+    publish(settings, changed)  # redelivered later: the same dead letter
+    assert drain(settings).totals.parked == 1
+    letters = deadletters.list_dead_letters(conn, q, reason_code="conflicting_duplicate")
+    assert sorted((r["field"], r["attempts"]) for r in letters) == [
+        ("$.api_key_id", 1),
+        ("$.usage.output_tokens", 2),
+    ]
+    assert all(r["event_id"] == "req-reused" and r["account_id"] == "acme" for r in letters)
+    reason = next(r["reason"] for r in letters if r["field"] == "$.usage.output_tokens")
+    assert "$.usage.output_tokens = 1000; this copy has 3000" in reason
+    # The recorded copy stands, billed once.
+    assert conn.execute("SELECT output_tokens FROM usage_events").fetchall() == [(1000,)]
+    assert balances(conn)["acme"] == Decimal("10") - Decimal("0.0055")
+    assert_audit_clean(conn, q)  # two letters for one recorded id: each a different content
+
+    # Replay cannot make a conflict billable: it is parked again, nothing is debited.
+    cache = catalog.CatalogCache(q)
+    again = deadletters.replay(conn, q, cache, settings, datetime.now(UTC))
+    assert (again.debited, again.duplicates, again.parked) == (0, 0, 2)
+    assert len(deadletters.list_dead_letters(conn, q, reason_code="conflicting_duplicate")) == 2
+    ids = [r["dead_letter_id"] for r in letters]
+    assert deadletters.discard(conn, q, ids, reason="gateway bug #12", actor="ops") == ids
+    assert deadletters.list_dead_letters(conn, q) == []
+    assert balances(conn)["acme"] == Decimal("10") - Decimal("0.0055")
+    assert_audit_clean(conn, q)
+
+
+def test_within_one_batch_the_first_copy_is_recorded_and_a_conflicting_one_parked(
+    settings: Settings, conn: psycopg.Connection[Any], q: Queries
+) -> None:
+    open_account(conn, q, "acme", "10")
+    first = make_event("req-twice", input_tokens=1000, output_tokens=1000)
+    byok = msgspec.structs.replace(first, byok=True)
+    snap = catalog.snapshot(conn, q)
+    bodies = [encode_event(e) for e in (first, first, byok)]
+    priced, rejected = decode_and_price(bodies, snap, settings, datetime.now(UTC))
+    with conn.transaction():
+        result = record_batch(conn, q, priced, rejected)
+    assert (result.debited, result.duplicates, result.parked) == (1, 1, 1)
+    assert result.parked_reasons == {"conflicting_duplicate": 1}
+    (letter,) = deadletters.list_dead_letters(conn, q)
+    assert (letter["field"], letter["event_id"]) == ("$.byok", "req-twice")
+    assert "$.byok = false; this copy has true" in letter["reason"]
+    assert conn.execute("SELECT byok FROM usage_events").fetchall() == [(False,)]
     assert_audit_clean(conn, q)
 
 

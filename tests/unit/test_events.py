@@ -3,14 +3,29 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import jsonschema
+import msgspec
 import pytest
 
-from billing.events import MAX_STORED_DEPTH, Reason, Rejected, UsageEvent, decode_message, redact
+from billing.events import (
+    BILLED_CONTENT_FIELDS,
+    MAX_STORED_DEPTH,
+    Reason,
+    Rejected,
+    Usage,
+    UsageEvent,
+    billed_content,
+    content_conflict,
+    decode_message,
+    redact,
+)
+from billing.provider_usage import ProviderFormat
+from billing.request_status import RequestStatus
+from billing.service_tier import ServiceTier
 
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)
 SKEW = timedelta(minutes=5)
@@ -247,3 +262,54 @@ def test_redacting_a_stored_payload_again_gives_the_same_bytes() -> None:
     again = only_rejection(first.payload)
     assert json.loads(again.payload)["_redacted_fields"] == ["prompt"]
     assert again.payload == first.payload
+
+
+_BASE = UsageEvent(
+    schema="usage.v1",
+    event_id="req-1",
+    occurred_at=datetime(2026, 11, 21, 12, 0, 0, 123000, tzinfo=UTC),
+    account_id="acme",
+    api_key_id="key-1",
+    model="openai/o4-mini",
+    provider="openai",
+    byok=False,
+    usage=Usage(input_tokens=1000, output_tokens=500),
+)
+_CHANGES: dict[str, dict[str, Any]] = {
+    "$.occurred_at": {"occurred_at": _BASE.occurred_at + timedelta(microseconds=1)},
+    "$.account_id": {"account_id": "globex"},
+    "$.api_key_id": {"api_key_id": "key-2"},
+    "$.model": {"model": "openai/o3"},
+    "$.provider": {"provider": "azure"},
+    "$.byok": {"byok": True},
+    "$.service_tier": {"service_tier": ServiceTier.FLEX},
+    "$.status": {"status": RequestStatus.FAILED},
+    "$.provider_usage_format": {"provider_usage_format": ProviderFormat.OPENAI_CHAT},
+}
+
+
+@pytest.mark.parametrize("path", BILLED_CONTENT_FIELDS)
+def test_a_resend_differing_in_one_billed_field_names_that_field(path: str) -> None:
+    if path.startswith("$.usage."):
+        name = path.removeprefix("$.usage.")
+        usage = msgspec.structs.replace(_BASE.usage, **{name: getattr(_BASE.usage, name) + 1})
+        resent = msgspec.structs.replace(_BASE, usage=usage)
+    else:
+        resent = msgspec.structs.replace(_BASE, **_CHANGES[path])
+    conflict = content_conflict(billed_content(_BASE), resent)
+    assert conflict is not None
+    assert conflict[0] == path
+    assert "'req-1' is already recorded" in conflict[1]
+
+
+def test_a_resend_is_the_same_event_whatever_its_reporting_fields_and_zone() -> None:
+    resent = msgspec.structs.replace(
+        _BASE,
+        occurred_at=_BASE.occurred_at.astimezone(timezone(timedelta(hours=-5))),
+        latency_ms=1200,
+        ttft_ms=90,
+        hold_id="hold-9",
+        service_tier=ServiceTier.STANDARD,  # as sent explicitly; None means standard
+    )
+    assert content_conflict(billed_content(_BASE), resent) is None
+    assert content_conflict(billed_content(_BASE), _BASE) is None
