@@ -34,13 +34,16 @@ SELECT r.routing_key, r.payload
 FROM unnest(%(routing_keys)s::text[], %(payloads)s::jsonb[]) AS r(routing_key, payload)
 
 -- name: claim_outbox
--- SKIP LOCKED: several relays may run at once; each row is claimed by one.
+-- Several relays run at once (each usage worker after its batches, the beat's task), and they
+-- must publish in outbox order: a wallet's wallet.exhausted then wallet.replenished, never the
+-- other way round (the gateway keeps the last state it heard). So no SKIP LOCKED: a relay waits
+-- for rows another relay holds, then finds them published and goes on after them.
 SELECT outbox_id, routing_key, payload
 FROM outbox
 WHERE published_at IS NULL
 ORDER BY outbox_id
 LIMIT %(limit)s
-FOR UPDATE SKIP LOCKED
+FOR UPDATE
 
 -- name: mark_outbox_published
 UPDATE outbox SET published_at = now() WHERE outbox_id = ANY(%(ids)s)

@@ -458,6 +458,47 @@ def test_wallet_exhausted_is_published_once_per_crossing(
     assert conn.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL").fetchone() == (0,)
 
 
+def test_concurrent_relays_publish_a_wallets_crossings_in_order(
+    settings: Settings, conn: psycopg.Connection[Any], q: Queries
+) -> None:
+    """Relay A holds the wallet.exhausted row while its publish waits for the broker; a top-up
+    commits wallet.replenished meanwhile, and relay B (a worker's, beside the beat's) must not
+    publish it first: the gateway keeps the last state it heard."""
+    open_account(conn, q, "acme", "10")
+    wallets.relay_outbox(conn, q, lambda *a: None)
+    wallets.adjust(conn, q, "acme", Decimal("-20"), reason="usage", actor="t")  # exhausted
+    published: list[dict[str, Any]] = []
+    a_claimed, release_a = threading.Event(), threading.Event()
+
+    def slow_publish(routing_key: str, body: bytes, message_id: str) -> None:
+        a_claimed.set()
+        release_a.wait(10)
+        published.append(json.loads(body))
+
+    def relay_a() -> None:
+        with db.connect(settings) as c:
+            wallets.relay_outbox(c, q, slow_publish)
+
+    thread = threading.Thread(target=relay_a)
+    thread.start()
+    assert a_claimed.wait(10)
+    wallets.adjust(conn, q, "acme", Decimal("30"), reason="top-up", actor="t")  # replenished
+
+    def relay_b() -> None:
+        with db.connect(settings) as c:
+            wallets.relay_outbox(c, q, lambda rk, body, mid: published.append(json.loads(body)))
+
+    other = threading.Thread(target=relay_b)
+    other.start()
+    other.join(0.5)
+    assert other.is_alive(), "relay B must wait for the row relay A holds"
+    release_a.set()
+    thread.join(10)
+    other.join(10)
+    assert [p["type"] for p in published] == ["wallet.exhausted", "wallet.replenished"]
+    assert published[-1]["state"] == "active"
+
+
 def test_a_row_the_database_refuses_is_parked_and_the_rest_of_the_batch_goes_on(
     settings: Settings, conn: psycopg.Connection[Any], q: Queries
 ) -> None:
