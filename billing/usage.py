@@ -382,6 +382,20 @@ def conflicting_duplicate(event: UsageEvent, conflict: tuple[str, str]) -> Rejec
     return replace(item, dedup_key=conflict_dedup_key(event.event_id, item.payload))
 
 
+def refused_copy(item: Rejected, event_id: str) -> Rejected:
+    """``item`` (refused as unknown_account, unpriced, invalid...) under a recorded event_id."""
+    return replace(
+        item,
+        reason_code=Reason.CONFLICTING_DUPLICATE,
+        reason=(
+            f"event_id {event_id!r} is already recorded; this copy is not it sent again, since "
+            f"it was refused ({item.reason_code.value}: {item.reason}). The recorded copy "
+            "stands: discard this one, or have the gateway send it under a new event_id"
+        ),
+        dedup_key=conflict_dedup_key(event_id, item.payload),
+    )
+
+
 def claim_event_keys(conn: psycopg.Connection[Any], q: Queries, event_ids: list[str]) -> set[str]:
     """Claim the idempotency keys of ``event_ids`` (sorted); the ids of those never claimed."""
     cursor = conn.execute(q["claim_event_keys"], {"event_ids": text_array(event_ids)})
@@ -391,8 +405,9 @@ def claim_event_keys(conn: psycopg.Connection[Any], q: Queries, event_ids: list[
 def park(
     conn: psycopg.Connection[Any], q: Queries, rejected: Sequence[Rejected], result: BatchResult
 ) -> None:
-    """Write dead letters, except for items whose event is already recorded (duplicates; a
-    copy whose billed content conflicts with the recorded one is parked all the same)."""
+    """Write dead letters. An item whose event_id is recorded is a copy of another content: the
+    recorded copy passed every check this one failed (accounts are never deleted, price versions
+    never backdated), so it is parked as ``conflicting_duplicate``, never counted a duplicate."""
     rejected = [_storable(r) for r in rejected]
     ids = sorted({r.event_id for r in rejected if r.event_id is not None})
     recorded = (
@@ -402,9 +417,10 @@ def park(
     )
     by_key: dict[str, Rejected] = {}
     for item in rejected:
-        if item.event_id in recorded and item.reason_code is not Reason.CONFLICTING_DUPLICATE:
-            result.duplicates += 1
-            continue
+        event_id = item.event_id
+        if event_id in recorded and item.reason_code is not Reason.CONFLICTING_DUPLICATE:
+            assert event_id is not None
+            item = refused_copy(item, event_id)
         result.parked += 1
         result.parked_reasons[item.reason_code] = result.parked_reasons.get(item.reason_code, 0) + 1
         by_key.setdefault(item.dedup_key, item)

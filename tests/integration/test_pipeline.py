@@ -175,6 +175,29 @@ def test_a_resend_with_different_billed_content_is_parked_not_dropped(
     assert_audit_clean(conn, q)
 
 
+def test_a_resend_refused_on_its_own_under_a_recorded_id_is_a_conflicting_copy(
+    settings: Settings, conn: psycopg.Connection[Any], q: Queries
+) -> None:
+    """A copy that fails a check its recorded copy passed (an account that does not exist, a model
+    without a price) cannot be that event sent again: parked, not counted as a duplicate."""
+    open_account(conn, q, "acme", "10")
+    publish(settings, make_event("e-1"), make_event("e-2"))
+    drain(settings)
+    publish(
+        settings, make_event("e-1", "acme-typo"), make_event("e-2", model="acme/not-in-catalog")
+    )
+    consumer = drain(settings)
+    assert (consumer.totals.duplicates, consumer.totals.parked) == (0, 2)
+    letters = deadletters.list_dead_letters(conn, q)
+    assert sorted((r["event_id"], r["reason_code"], r["field"]) for r in letters) == [
+        ("e-1", "conflicting_duplicate", "$.account_id"),
+        ("e-2", "conflicting_duplicate", "$.model"),
+    ]
+    assert all("is already recorded" in r["reason"] for r in letters)
+    assert conn.execute("SELECT count(*) FROM usage_events").fetchone() == (2,)
+    assert_audit_clean(conn, q)
+
+
 def test_within_one_batch_the_first_copy_is_recorded_and_a_conflicting_one_parked(
     settings: Settings, conn: psycopg.Connection[Any], q: Queries
 ) -> None:
