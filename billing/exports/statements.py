@@ -432,16 +432,17 @@ def statement_for(
 def set_time_zone(
     conn: psycopg.Connection[Any], q: Queries, account_id: str, time_zone: str | None
 ) -> None:
-    """Set the zone an account's periods are cut in (None = UTC), checked against PostgreSQL's.
+    """Set the zone an account's periods are cut in (None = UTC): a zone of pg_timezone_names
+    that PostgreSQL does not also read as a fixed-offset abbreviation (CET: migration 0014).
 
     Refused once a usage statement was issued in another zone: the month after it would be cut
     in the new zone, and the hours between the two zones' month boundaries would fall in no
     statement (or in two), so an issued closing balance would no longer open the next one.
     """
     if time_zone is not None:
-        row = conn.execute(q["time_zone_exists"], {"time_zone": time_zone}).fetchone()
-        if row is None or not row[0]:
-            raise BillingError(f"unknown time zone {time_zone!r} (see pg_timezone_names)")
+        row = conn.execute(q["time_zone_problem"], {"time_zone": time_zone}).fetchone()
+        if row is not None and row[0] is not None:
+            raise BillingError(str(row[0]))
     with conn.transaction():
         current = conn.execute(
             q["account_time_zone_for_update"], {"account_id": account_id}

@@ -173,8 +173,9 @@ SELECT 1 FROM accounts WHERE account_id = %(account_id)s FOR SHARE
 UPDATE accounts SET time_zone = %(time_zone)s WHERE account_id = %(account_id)s
 RETURNING account_id
 
--- name: time_zone_exists
-SELECT EXISTS (SELECT 1 FROM pg_timezone_names WHERE name = %(time_zone)s)
+-- name: time_zone_problem
+-- NULL when the zone can cut an account's periods (migration 0014); otherwise why not.
+SELECT billing_time_zone_problem(%(time_zone)s)
 
 -- name: insert_issuer
 INSERT INTO invoice_issuers (issuer, legal_name, address, prefix)

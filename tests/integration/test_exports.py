@@ -333,6 +333,12 @@ def test_account_time_zone_cuts_the_period_and_is_validated(
         set_time_zone(conn, q, "globex", "Mars/Olympus_Mons")
     with pytest.raises(psycopg.errors.CheckViolation):  # the database refuses it too
         conn.execute("UPDATE accounts SET time_zone = 'Nowhere/Else' WHERE account_id = 'acme'")
+    # Listed in pg_timezone_names, but read by PostgreSQL as a fixed UTC+01:00 abbreviation: a
+    # July would start at 01:00 of CEST, its first hour on June's statement.
+    with pytest.raises(BillingError, match="fixed-offset abbreviation"):
+        set_time_zone(conn, q, "globex", "CET")
+    with pytest.raises(psycopg.errors.CheckViolation, match="Europe/Paris"):
+        conn.execute("UPDATE accounts SET time_zone = 'WET' WHERE account_id = 'acme'")
     with pytest.raises(UnknownAccount):
         statement_for(conn, q, "nobody", scenario.period)
 
