@@ -202,11 +202,11 @@ def line_records(st: Statement) -> list[dict[str, Any]]:
                 "events": u.events if u else None,
                 # the fee is shown per line, rounded on its own (it is not part of the wallet sum)
                 # BYOK: the amount is the notional provider cost; nothing charged, fee waived
-                "fee": _line_fee_cents(m.fee) if m and m.fee else (0 if byok else None),
-                "charged": _line_fee_cents(m.charged) if m and m.fee else (0 if byok else None),
+                "fee": _line_fee_cents(m.fee) if m and m.by_card else (0 if byok else None),
+                "charged": _line_fee_cents(m.charged) if m and m.by_card else (0 if byok else None),
                 "amount": line.cents,
                 "amount_exact": line.amount,
-                "fee_exact": m.fee if m and m.fee else None,
+                "fee_exact": m.fee if m and m.by_card else None,
             }
         )
     return records
@@ -492,8 +492,8 @@ def statement_html(st: Statement, header: InvoiceHeader | None = None) -> bytes:
         for line in moves:
             m = line.movement
             assert m is not None
-            fee = _money(_line_fee_cents(m.fee)) if m.fee else ""
-            charged = _money(_line_fee_cents(m.charged)) if m.fee else ""
+            fee = _money(_line_fee_cents(m.fee)) if m.by_card else ""
+            charged = _money(_line_fee_cents(m.charged)) if m.by_card else ""
             body.append(
                 f"<tr><td>{_e(m.created_at.astimezone(zone).strftime('%Y-%m-%d'))}</td>"
                 f"<td>{_e(line.description)}"

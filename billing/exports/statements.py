@@ -108,6 +108,9 @@ MOVEMENT_SECTIONS = (
 )
 
 
+_CARD_KINDS = frozenset({"topup", "topup_refund"})
+
+
 @dataclass(frozen=True)
 class Movement:
     """One wallet ledger entry other than usage: a top-up, refund, dispute or adjustment.
@@ -129,6 +132,12 @@ class Movement:
     @property
     def section(self) -> Section:
         return _SECTION_OF_KIND.get(self.kind, Section.OTHER)
+
+    @property
+    def by_card(self) -> bool:
+        """A card payment or its return: its fee and charged columns are printed, 0 included (a
+        refund too small to return any fee, or a top-up at a 0% fee rate, still moved money)."""
+        return self.kind in _CARD_KINDS or bool(self.fee)
 
     @property
     def charged(self) -> Decimal:

@@ -28,6 +28,7 @@ from billing.exports.formats import (
     receipt_html,
     safe_name,
     statement_bytes,
+    statement_html,
     summary_record,
 )
 from billing.exports.statements import (
@@ -156,6 +157,29 @@ def test_line_records_carry_fee_and_charged_for_topups() -> None:
     byok = [r for r in records if r["section"] == "byok"]
     assert len(byok) == 1 and byok[0]["amount_exact"] == Decimal("0.333333333333")
     assert (byok[0]["charged"], byok[0]["fee"]) == (0, 0)
+
+
+def test_a_card_movement_without_a_fee_still_shows_what_the_card_paid() -> None:
+    """A 10-cent refund of a $100 + $5 top-up returns no fee (split_refund), and a top-up at a 0%
+    fee rate has none: what the card paid or got back is printed all the same."""
+    st = statement(
+        "0",
+        [
+            movement("topup", "100"),
+            movement("topup_refund", "-0.10"),
+            movement("adjustment", "-1", memo="goodwill"),
+        ],
+        [],
+    )
+    records = {r["kind"]: r for r in line_records(st) if r["kind"]}
+    assert (records["topup"]["fee"], records["topup"]["charged"]) == (0, 10_000)
+    assert (records["topup_refund"]["fee"], records["topup_refund"]["charged"]) == (0, -10)
+    assert records["topup_refund"]["fee_exact"] == 0
+    assert (records["adjustment"]["fee"], records["adjustment"]["charged"]) == (None, None)
+    html = statement_html(st).decode()
+    assert (
+        '<td class="num">$0.00</td><td class="num">-$0.10</td><td class="num">-$0.10</td>' in html
+    )
 
 
 def test_csv_and_parquet_keep_exact_decimals() -> None:
