@@ -264,3 +264,32 @@ def test_lapsed_granted_credit_is_not_available_before_the_expiry_task(
     denied = authorizer.authorize(conn, request, later)
     assert (denied.allowed, denied.reason) == (False, Decision.INSUFFICIENT_CREDITS)
     assert_audit_clean(conn, q)
+
+
+def test_granted_credit_backs_a_hold_only_if_it_outlives_the_hold(
+    settings: Settings, conn: psycopg.Connection[Any], q: Queries
+) -> None:
+    """A grant lapsing before the hold ends would leave the hold's usage debited from nothing:
+    the expiry task takes the credit out while the hold still stands."""
+    from billing.holds import AuthorizationRequest, Authorizer, Decision
+
+    open_account(conn, q, "acme", "0")
+    grants.grant_credit(conn, q, account_id="acme", amount=D("0.0055"), reason="promo",
+                        expires_at=NOW + settings.hold_ttl - timedelta(seconds=1),
+                        actor="tests", now=NOW)  # fmt: skip
+    authorizer = Authorizer(q, settings.hold_ttl)
+    request = AuthorizationRequest(
+        account_id="acme",
+        api_key_id="k",
+        model="openai/o4-mini",
+        provider="openai",
+        input_tokens=1000,
+        max_tokens=1000,  # worst case 0.0055
+    )
+    denied = authorizer.authorize(conn, request, NOW)
+    assert (denied.allowed, denied.reason) == (False, Decision.INSUFFICIENT_CREDITS)
+    grants.grant_credit(conn, q, account_id="acme", amount=D("0.0055"), reason="promo",
+                        expires_at=NOW + settings.hold_ttl + timedelta(seconds=1),
+                        actor="tests", now=NOW, grant_id="outlives")  # fmt: skip
+    assert authorizer.authorize(conn, request, NOW).allowed
+    assert_audit_clean(conn, q)
