@@ -45,7 +45,8 @@ def add_member(
     if limit is not None and limit < 0:
         raise BillingError("a limit must not be negative")
     with conn.transaction():
-        known = {r[0] for r in conn.execute(q["known_accounts"], {"accounts": [org, member]})}
+        accounts = {"accounts": [org, member]}
+        known = {r[0] for r in conn.execute(q["lock_member_accounts"], accounts)}
         for account in (org, member):
             if account not in known:
                 raise UnknownAccount(f"no account {account!r}")

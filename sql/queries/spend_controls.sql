@@ -107,6 +107,14 @@ LEFT JOIN account_members m ON m.member_account_id = a.account_id
 CROSS JOIN LATERAL (SELECT coalesce(m.org_account_id, a.account_id) AS payer) p
 WHERE a.account_id = ANY(string_to_array(%(accounts)s, E'\n'))
 
+-- name: lock_member_accounts
+-- Both accounts of a membership change, locked in id order: the one-level rule below reads other
+-- rows (NOT EXISTS), which a concurrent add would not see before it commits; two adds that could
+-- form a cycle or a chain share an account, so they run one after the other.
+SELECT account_id FROM accounts WHERE account_id = ANY(%(accounts)s)
+ORDER BY account_id
+FOR NO KEY UPDATE
+
 -- name: upsert_member
 -- A member of exactly one organisation; an organisation is never a member and vice versa.
 INSERT INTO account_members (member_account_id, org_account_id, limit_amount, limit_period,

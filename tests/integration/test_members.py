@@ -211,3 +211,34 @@ def test_the_usage_report_puts_a_members_paid_usage_where_the_statement_does(
     assert build_report(settings, period, "org").spend == 2 * D("0.0033")
     assert build_report(settings, period, "alice").spend == 0
     assert build_report(settings, period).spend == 2 * D("0.0033")  # fleet-wide: each once
+
+
+def test_two_concurrent_adds_cannot_make_a_cycle(
+    settings: Settings, conn: psycopg.Connection[Any], q: Queries
+) -> None:
+    """`members add b a` (uncommitted) and `members add a b` at once: without a lock neither saw
+    the other's row, and a paid for b while b paid for a."""
+    open_account(conn, q, "a", "10")
+    open_account(conn, q, "b", "10")
+    errors: list[BaseException] = []
+
+    def second_operator() -> None:
+        with db.connect(settings) as other:
+            try:
+                members.add_member(other, q, org="a", member="b", actor="op2")
+            except BillingError as exc:
+                errors.append(exc)
+
+    with db.connect(settings) as first, first.transaction():
+        members.add_member(first, q, org="b", member="a", actor="op1")
+        thread = threading.Thread(target=second_operator)
+        thread.start()
+        thread.join(timeout=1.0)
+        assert thread.is_alive(), "the second add must wait for the first"
+    thread.join(timeout=30)
+    assert [str(e) for e in errors] == [
+        "'b' cannot join 'a': it is an organisation or another's member, or 'a' is itself a member"
+    ]
+    assert conn.execute(
+        "SELECT member_account_id, org_account_id FROM account_members"
+    ).fetchall() == [("a", "b")]
