@@ -7,14 +7,14 @@ refuses a request whose worst case would take it over (``key_limit_exceeded``). 
 ``count_byok`` a BYOK request of the key is held (against the limit only, never the wallet) and
 its notional cost counts.
 
-Usage that never went through an authorization is billed to the wallet as always but does not
-count toward a key limit: the gateway authorizes every request of a limited key.
+Every recorded event of the key counts toward its period, authorized or not (the usage batch
+adds each event's cost; setting a limit counts what the key already spent in the period).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
 from typing import Any
@@ -75,12 +75,20 @@ def set_limit(
     time_zone: str = "UTC",
     count_byok: bool = False,
     actor: str,
+    now: datetime | None = None,
 ) -> None:
-    """Set (or change) a key's limit. A key belongs to one account."""
+    """Set (or change) a key's limit. A key belongs to one account.
+
+    What the key already spent in the current period counts at once: its spend is rebuilt from
+    its recorded events (a limit set mid-month, or moved to another zone or period, used to start
+    from 0). Under the paying wallet's lock, so no usage batch adds to it meanwhile; a batch that
+    read the limits before this commits, and commits after, does not count its events (one batch).
+    """
     if amount < 0:
         raise BillingError("a limit must not be negative")
     with conn.transaction():
         require_account(conn, q, account_id)
+        conn.execute(q["lock_paying_wallet"], {"account_id": account_id})
         try:
             row = conn.execute(
                 q["set_key_limit"],
@@ -98,6 +106,8 @@ def set_limit(
             raise BillingError(str(exc).splitlines()[0]) from None
         if row is None:
             raise BillingError(f"key {api_key_id!r} has a limit on another account")
+        now = now or datetime.now(UTC)
+        conn.execute(q["rebuild_key_spend"], {"api_key_id": api_key_id, "now": now})
 
 
 def remove_limit(conn: psycopg.Connection[Any], q: Queries, api_key_id: str) -> None:

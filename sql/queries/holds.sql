@@ -64,6 +64,38 @@ SET amount = excluded.amount, period = excluded.period, time_zone = excluded.tim
 WHERE key_limits.account_id = excluded.account_id
 RETURNING api_key_id
 
+-- name: lock_paying_wallet
+-- The wallet that pays an account's usage (its own, or its organisation's), locked: a usage batch
+-- adds to key_spend while it holds that lock, so a rebuild under it loses no batch's spend.
+SELECT w.account_id FROM wallets w
+WHERE w.account_id = coalesce(
+    (SELECT m.org_account_id FROM account_members m WHERE m.member_account_id = %(account_id)s),
+    %(account_id)s)
+FOR UPDATE
+
+-- name: rebuild_key_spend
+-- A key's spend in its current period, from its recorded events: what the usage batches add
+-- event by event (the debit, and the notional cost of BYOK events when they count), but also for
+-- events recorded before the limit existed or was cut this way (another period or zone). An event
+-- occurred at most the clock skew before it was recorded, so a day's margin on recorded_at finds
+-- every event of the period through the (account_id, recorded_at) index.
+WITH l AS (
+    SELECT l.*, billing_limit_period_start(l.period, l.time_zone, %(now)s) AS period_start
+    FROM key_limits l WHERE l.api_key_id = %(api_key_id)s
+)
+INSERT INTO key_spend (api_key_id, period_start, spent)
+SELECT l.api_key_id, l.period_start,
+       coalesce(sum(u.debited + CASE WHEN l.count_byok AND u.byok THEN u.amount ELSE 0 END), 0)
+FROM l
+LEFT JOIN usage_events u
+       ON u.account_id = l.account_id AND u.api_key_id = l.api_key_id
+      AND u.recorded_at >= l.period_start - interval '1 day'
+      AND u.occurred_at >= l.period_start
+      AND billing_limit_period_start(l.period, l.time_zone, u.occurred_at) = l.period_start
+GROUP BY l.api_key_id, l.period_start
+ON CONFLICT (api_key_id, period_start) DO UPDATE SET spent = excluded.spent
+RETURNING spent
+
 -- name: remove_key_limit
 DELETE FROM key_limits WHERE api_key_id = %(api_key_id)s RETURNING api_key_id
 

@@ -319,6 +319,32 @@ def test_usage_without_a_hold_counts_toward_the_key_limit_and_the_audit_checks_i
     assert failed == ["each limited key's period spend equals the cost of its events"]
 
 
+def test_a_limit_set_mid_period_or_moved_to_another_zone_counts_what_the_key_spent(
+    conn: psycopg.Connection[Any], q: Queries, authorizer: Authorizer
+) -> None:
+    """The key's spend was only added to while a limit existed, and kept per period start of the
+    limit's zone: a limit set mid-month started from 0, and one moved to another zone too."""
+    open_account(conn, q, "acme", "100")
+    at = datetime(2026, 3, 15, 12, tzinfo=UTC)
+    for i in range(3):
+        record(conn, q, f"before-{i}", None, occurred_at=at)  # 3 x 0.0033 = 0.0099, no limit yet
+    record(conn, q, "other-key", None, key="key-2", occurred_at=at)
+    record(conn, q, "february", None, occurred_at=datetime(2026, 2, 27, tzinfo=UTC))
+    limits.set_limit(conn, q, account_id="acme", api_key_id="key-1", amount=Decimal("0.01"),
+                     period=limits.Period.MONTH, actor="tests", now=at)  # fmt: skip
+    assert limits.show_limits(conn, q, at, api_key_id="key-1")[0].used == Decimal("0.0099")
+    denied = authorizer.authorize(conn, request(hold_id="h1"), at)
+    assert (denied.allowed, denied.reason) == (False, Decision.KEY_LIMIT_EXCEEDED)
+    limits.set_limit(conn, q, account_id="acme", api_key_id="key-1", amount=Decimal("0.01"),
+                     period=limits.Period.MONTH, time_zone="Europe/Paris", actor="tests",
+                     now=at)  # fmt: skip
+    assert limits.show_limits(conn, q, at, api_key_id="key-1")[0].used == Decimal("0.0099")
+    denied = authorizer.authorize(conn, request(hold_id="h2"), at)
+    assert (denied.allowed, denied.reason) == (False, Decision.KEY_LIMIT_EXCEEDED)
+    record(conn, q, "after", None, occurred_at=at)  # counted on top by the batch, as before
+    assert limits.show_limits(conn, q, at, api_key_id="key-1")[0].used == Decimal("0.0132")
+
+
 def test_key_limit_counts_byok_only_when_asked(
     conn: psycopg.Connection[Any], q: Queries, authorizer: Authorizer
 ) -> None:
