@@ -14,7 +14,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -36,8 +36,11 @@ def add_member(
     limit: Decimal | None = None,
     period: Period | None = None,
     time_zone: str = "UTC",
+    now: datetime | None = None,
 ) -> None:
-    """Make ``member`` a sub-account of ``org`` (or change its limit)."""
+    """Make ``member`` a sub-account of ``org`` (or change its limit). A limit counts what the
+    member already spent in the current period, rebuilt from its recorded events under the
+    organisation's wallet lock (as ``billing.limits.set_limit`` does for a key)."""
     if org == member:
         raise BillingError("an account cannot be its own member")
     if (limit is None) != (period is None):
@@ -69,6 +72,10 @@ def add_member(
                 f"{member!r} cannot join {org!r}: it is an organisation or another's member, "
                 f"or {org!r} is itself a member"
             )
+        if limit is not None:
+            conn.execute(q["lock_paying_wallet"], {"account_id": member})
+            now = now or datetime.now(UTC)
+            conn.execute(q["rebuild_member_spend"], {"member": member, "now": now})
 
 
 def remove_member(conn: psycopg.Connection[Any], q: Queries, *, org: str, member: str) -> None:

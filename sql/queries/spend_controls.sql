@@ -128,6 +128,29 @@ SET limit_amount = excluded.limit_amount, limit_period = excluded.limit_period,
 WHERE account_members.org_account_id = excluded.org_account_id
 RETURNING member_account_id
 
+-- name: rebuild_member_spend
+-- A limited member's spend in its current period, from its recorded events that an organisation
+-- paid (usage_attributions), as the usage batches count it: for usage before the limit existed,
+-- or in another zone or period. The caller holds the paying wallet's lock (holds.sql
+-- lock_paying_wallet): a batch adds to member_spend while it holds it.
+WITH m AS (
+    SELECT m.*, billing_limit_period_start(m.limit_period, m.time_zone, %(now)s) AS period_start
+    FROM account_members m
+    WHERE m.member_account_id = %(member)s AND m.limit_amount IS NOT NULL
+)
+INSERT INTO member_spend (member_account_id, period_start, spent)
+SELECT m.member_account_id, m.period_start, coalesce(sum(u.debited), 0)
+FROM m
+LEFT JOIN usage_events u
+       ON u.account_id = m.member_account_id AND NOT u.byok AND u.debited > 0
+      AND u.recorded_at >= m.period_start - interval '1 day'
+      AND u.occurred_at >= m.period_start
+      AND billing_limit_period_start(m.limit_period, m.time_zone, u.occurred_at) = m.period_start
+      AND EXISTS (SELECT 1 FROM usage_attributions a
+                  WHERE a.posting_id = u.posting_id AND a.member_account_id = u.account_id)
+GROUP BY m.member_account_id, m.period_start
+ON CONFLICT (member_account_id, period_start) DO UPDATE SET spent = excluded.spent
+
 -- name: remove_member
 DELETE FROM account_members WHERE member_account_id = %(member)s AND org_account_id = %(org)s
 RETURNING member_account_id

@@ -142,6 +142,26 @@ def test_a_member_limit_resets_each_period(
     assert_audit_clean(conn, q)
 
 
+def test_a_member_limit_set_mid_period_counts_what_the_member_spent(
+    conn: psycopg.Connection[Any], q: Queries, settings: Settings
+) -> None:
+    open_account(conn, q, "org", "100")
+    open_account(conn, q, "m1", "1")
+    day = datetime(2026, 5, 4, 12, tzinfo=UTC)
+    record(conn, q, "own", "m1", occurred_at=day)  # paid by m1 itself: not the org's to limit
+    members.add_member(conn, q, org="org", member="m1", actor="tests")
+    record(conn, q, "paid-1", "m1", occurred_at=day)  # 0.0033 each, paid by the org
+    record(conn, q, "paid-2", "m1", occurred_at=day)
+    record(conn, q, "byok", "m1", byok=True, occurred_at=day)  # no money: never counts
+    members.add_member(conn, q, org="org", member="m1", actor="tests", limit=D("0.01"),
+                       period=LimitPeriod.DAY, now=day)  # fmt: skip
+    listed = members.list_members(conn, q, day, "org")
+    assert [(m["member_account_id"], m["used"]) for m in listed] == [("m1", D("0.0066"))]
+    denied = Authorizer(q, settings.hold_ttl).authorize(conn, req("m1", "h1"), day)
+    assert (denied.allowed, denied.reason) == (False, Decision.MEMBER_LIMIT_EXCEEDED)
+    assert_audit_clean(conn, q)
+
+
 def test_membership_rules(conn: psycopg.Connection[Any], q: Queries) -> None:
     for a in ("org", "org2", "m1"):
         open_account(conn, q, a, "0")
