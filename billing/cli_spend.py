@@ -146,11 +146,17 @@ def limits_group() -> None:
 @click.option(
     "--period",
     type=click.Choice([p.value for p in limits.Period]),
-    default="month",
-    show_default=True,
+    default=None,
+    help="Default: the limit's current period; month for a new limit.",
 )
-@click.option("--time-zone", default="UTC", show_default=True, help="Where the period resets.")
-@click.option("--count-byok/--no-count-byok", default=False, show_default=True)
+@click.option(
+    "--time-zone", default=None, help="Where the period resets. Default: current; UTC for new."
+)
+@click.option(
+    "--count-byok/--no-count-byok",
+    default=None,
+    help="Count BYOK requests' notional cost. Default: current; not for a new limit.",
+)
 @click.pass_context
 @handles_errors
 def limits_set(
@@ -158,25 +164,26 @@ def limits_set(
     account_id: str,
     api_key_id: str,
     amount: str,
-    period: str,
-    time_zone: str,
-    count_byok: bool,
+    period: str | None,
+    time_zone: str | None,
+    count_byok: bool | None,
 ) -> None:
-    """Limit API_KEY_ID of ACCOUNT_ID to AMOUNT USD per period."""
+    """Limit API_KEY_ID of ACCOUNT_ID to AMOUNT USD per period (options not given are kept)."""
     settings = settings_of(ctx)
     with db.connect(settings) as conn:
-        limits.set_limit(
+        rule = limits.set_limit(
             conn,
             db.queries(settings),
             account_id=account_id,
             api_key_id=api_key_id,
             amount=parse_amount(amount),
-            period=limits.Period(period),
+            period=None if period is None else limits.Period(period),
             time_zone=time_zone,
             count_byok=count_byok,
             actor=current_actor(),
         )
-    click.echo(f"{api_key_id}: {amount} USD per {period} ({time_zone})")
+    byok = ", BYOK counted" if rule.count_byok else ""
+    click.echo(f"{api_key_id}: {amount} USD per {rule.period} ({rule.time_zone}{byok})")
 
 
 @limits_group.command("remove")

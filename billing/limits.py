@@ -71,13 +71,15 @@ def set_limit(
     account_id: str,
     api_key_id: str,
     amount: Decimal,
-    period: Period,
-    time_zone: str = "UTC",
-    count_byok: bool = False,
+    period: Period | None = None,
+    time_zone: str | None = None,
+    count_byok: bool | None = None,
     actor: str,
     now: datetime | None = None,
-) -> None:
-    """Set (or change) a key's limit. A key belongs to one account.
+) -> KeyLimitRule:
+    """Set (or change) a key's limit; returns the rule now in force. A key belongs to one
+    account. ``period``, ``time_zone`` and ``count_byok`` left at None keep the limit's current
+    ones (a new limit: month, UTC, BYOK not counted), so changing the amount changes only that.
 
     What the key already spent in the current period counts at once: its spend is rebuilt from
     its recorded events (a limit set mid-month, or moved to another zone or period, used to start
@@ -96,7 +98,7 @@ def set_limit(
                     "api_key_id": api_key_id,
                     "account_id": account_id,
                     "amount": amount,
-                    "period": period.value,
+                    "period": None if period is None else period.value,
                     "time_zone": time_zone,
                     "count_byok": count_byok,
                     "actor": actor,
@@ -108,6 +110,16 @@ def set_limit(
             raise BillingError(f"key {api_key_id!r} has a limit on another account")
         now = now or datetime.now(UTC)
         conn.execute(q["rebuild_key_spend"], {"api_key_id": api_key_id, "now": now})
+    return KeyLimitRule(Period(row[1]), row[2], row[3])
+
+
+@dataclass(frozen=True)
+class KeyLimitRule:
+    """How a key's limit is counted: its period, the zone it resets in, and BYOK or not."""
+
+    period: Period
+    time_zone: str
+    count_byok: bool
 
 
 def remove_limit(conn: psycopg.Connection[Any], q: Queries, api_key_id: str) -> None:

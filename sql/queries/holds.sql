@@ -55,14 +55,18 @@ SET amount = excluded.amount, updated_at = now(), updated_by = excluded.updated_
 SELECT model, amount, updated_at, updated_by FROM hold_ceilings ORDER BY model
 
 -- name: set_key_limit
+-- A period, zone or BYOK rule not given (NULL) keeps the limit's current one; a new limit gets
+-- the defaults (month, UTC, BYOK not counted).
 INSERT INTO key_limits (api_key_id, account_id, amount, period, time_zone, count_byok, updated_by)
-VALUES (%(api_key_id)s, %(account_id)s, %(amount)s, %(period)s, %(time_zone)s, %(count_byok)s,
-        %(actor)s)
+VALUES (%(api_key_id)s, %(account_id)s, %(amount)s, coalesce(%(period)s, 'month'),
+        coalesce(%(time_zone)s, 'UTC'), coalesce(%(count_byok)s, false), %(actor)s)
 ON CONFLICT (api_key_id) DO UPDATE
-SET amount = excluded.amount, period = excluded.period, time_zone = excluded.time_zone,
-    count_byok = excluded.count_byok, updated_at = now(), updated_by = excluded.updated_by
+SET amount = excluded.amount, period = coalesce(%(period)s, key_limits.period),
+    time_zone = coalesce(%(time_zone)s, key_limits.time_zone),
+    count_byok = coalesce(%(count_byok)s, key_limits.count_byok),
+    updated_at = now(), updated_by = excluded.updated_by
 WHERE key_limits.account_id = excluded.account_id
-RETURNING api_key_id
+RETURNING api_key_id, period, time_zone, count_byok
 
 -- name: lock_paying_wallet
 -- The wallet that pays an account's usage (its own, or its organisation's), locked: a usage batch

@@ -345,6 +345,30 @@ def test_a_limit_set_mid_period_or_moved_to_another_zone_counts_what_the_key_spe
     assert limits.show_limits(conn, q, at, api_key_id="key-1")[0].used == Decimal("0.0132")
 
 
+def test_changing_only_a_limits_amount_keeps_its_period_zone_and_byok_rule(
+    conn: psycopg.Connection[Any], q: Queries
+) -> None:
+    """`billing limits set ACCOUNT KEY 20` used to reset the period to month, the zone to UTC and
+    BYOK counting to off, silently, whenever an operator changed only the amount."""
+    open_account(conn, q, "acme", "100")
+    new = limits.set_limit(conn, q, account_id="acme", api_key_id="key-1", amount=Decimal("5"),
+                           actor="tests")  # fmt: skip
+    assert new == limits.KeyLimitRule(limits.Period.MONTH, "UTC", False)
+    set_ = limits.set_limit(conn, q, account_id="acme", api_key_id="key-1", amount=Decimal("5"),
+                            period=limits.Period.DAY, time_zone="Europe/Paris", count_byok=True,
+                            actor="tests")  # fmt: skip
+    assert set_ == limits.KeyLimitRule(limits.Period.DAY, "Europe/Paris", True)
+    kept = limits.set_limit(conn, q, account_id="acme", api_key_id="key-1", amount=Decimal("20"),
+                            actor="tests")  # fmt: skip
+    assert kept == set_
+    shown = limits.show_limits(conn, q, datetime.now(UTC), api_key_id="key-1")[0]
+    assert (shown.amount, shown.period, shown.time_zone) == (
+        Decimal("20"),
+        limits.Period.DAY,
+        "Europe/Paris",
+    )
+
+
 def test_key_limit_counts_byok_only_when_asked(
     conn: psycopg.Connection[Any], q: Queries, authorizer: Authorizer
 ) -> None:
