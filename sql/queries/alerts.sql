@@ -14,9 +14,13 @@ RETURNING a.account_id, a.threshold, a.below, c.balance,
 
 -- name: set_balance_alert
 -- A new threshold starts in the state of the current balance: no alert for being already below.
+-- Under the wallet's lock: a usage batch in flight flips thresholds with the balance it commits,
+-- and would not see this row; read before its commit, the balance would leave a new threshold
+-- "above" under a balance already below it, and its alert would never come.
 INSERT INTO balance_alerts (account_id, threshold, below, created_by)
 SELECT w.account_id, %(threshold)s, w.balance < %(threshold)s, %(actor)s
 FROM wallets w WHERE w.account_id = %(account_id)s
+FOR UPDATE
 ON CONFLICT (account_id, threshold) DO NOTHING
 RETURNING account_id
 

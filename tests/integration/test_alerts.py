@@ -73,6 +73,33 @@ def test_a_new_threshold_already_crossed_does_not_alert(
     assert low_balance_rows(conn) == []
 
 
+def test_a_threshold_set_while_a_batch_debits_starts_from_the_committed_balance(
+    settings: Settings, conn: psycopg.Connection[Any], q: Queries
+) -> None:
+    """A batch holds the wallet and is about to commit a balance under the new threshold: the
+    threshold set meanwhile must start "below" (the batch never saw it), not "above" for ever."""
+    open_account(conn, q, "acme", "1")
+    snap = snapshot(conn, q)
+    done = threading.Event()
+    with db.connect(settings) as batch, batch.transaction():
+        priced, _ = price_events([make_event("big", input_tokens=900_000)], snap)  # $0.99
+        record_isolating(batch, q, priced, [])  # its savepoint is released; the lock is held
+
+        def operator() -> None:
+            with db.connect(settings) as c:
+                alerts.set_alert(c, q, "acme", D("0.50"), "tests")
+            done.set()
+
+        thread = threading.Thread(target=operator)
+        thread.start()
+        assert not done.wait(0.5), "setting a threshold must wait for the batch's commit"
+    thread.join(10)
+    listed = alerts.list_alerts(conn, q, "acme")
+    assert [(r["threshold"], r["below"], r["balance"]) for r in listed] == [
+        (D("0.50"), True, D("0.01"))
+    ]
+
+
 def test_with_auto_topup_the_alert_triggers_a_check(
     settings: Settings, conn: psycopg.Connection[Any], q: Queries
 ) -> None:
