@@ -99,8 +99,9 @@ class Settings:
     """Everything the code reads from the environment, in one place."""
 
     data_dir: Path = Path(".billing")
-    database_url: str = EMBEDDED
-    broker_url: str = EMBEDDED
+    # URLs carry passwords: kept out of repr() too, like the secrets below.
+    database_url: str = field(default=EMBEDDED, repr=False)
+    broker_url: str = field(default=EMBEDDED, repr=False)
     usage_exchange: str = "billing.usage"
     usage_queue: str = "billing.usage"
     wallet_events_exchange: str = "billing.wallet-events"

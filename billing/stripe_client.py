@@ -289,9 +289,11 @@ def verify_webhook(
 
 
 def _signed_timestamp(header: str) -> int:
+    """The header's ``t``, read as Stripe's own parser reads it (the first key exactly ``t``): a
+    decoy `` t=`` before it must not be the time the age check sees."""
     for item in header.split(","):
         key, _, value = item.partition("=")
-        if key.strip() == "t":
+        if key == "t":
             try:
                 return int(value)
             except ValueError:

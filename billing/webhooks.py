@@ -100,7 +100,9 @@ def serve(settings: Settings, dispatch: Dispatch, host: str, port: int) -> None:
             host=host,
             port=port,
             log_level="info",
-            proxy_headers=True,
+            # The client address decides whether a token-less authorization is allowed
+            # (loopback only): never taken from X-Forwarded-For, whatever FORWARDED_ALLOW_IPS says.
+            proxy_headers=False,
             server_header=False,
         )
     finally:

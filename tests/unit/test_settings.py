@@ -40,5 +40,12 @@ def test_spend_control_settings() -> None:
     s = Settings.from_env({"BILLING_HOLD_TTL_S": "60", "BILLING_AUTHORIZE_TOKEN": "secret"})
     assert s.hold_ttl == timedelta(seconds=60)
     assert "secret" not in repr(s)  # never logged
+    urls = Settings.from_env(
+        {
+            "BILLING_DATABASE_URL": "postgresql://billing:DbPw@db/billing",
+            "BILLING_BROKER_URL": "amqp://billing:MqPw@mq//",
+        }
+    )
+    assert "DbPw" not in repr(urls) and "MqPw" not in repr(urls)
     with pytest.raises(ConfigError, match="BILLING_HOLD_TTL_S"):
         Settings.from_env({"BILLING_HOLD_TTL_S": "0"})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from decimal import Decimal
 
 import pytest
@@ -124,3 +125,17 @@ def test_verify_webhook_reasons() -> None:
     header = stripe.WebhookSignature.generate_signature_header(bad.decode(), "whsec_a")
     with pytest.raises(WebhookRejected, match="malformed body"):
         verify_webhook(bad, header, ["whsec_a"], 300)
+
+
+def test_a_decoy_timestamp_does_not_hide_a_future_one() -> None:
+    """Stripe's parser signs and checks the first key exactly `t`; the future-time check must read
+    that one too, not a ` t=` placed before it."""
+    import stripe
+
+    body = b'{"id": "evt_1", "object": "event", "type": "x", "data": {"object": {}}}'
+    future = int(time.time()) + 365 * 86_400
+    signed = stripe.WebhookSignature.generate_signature_header(body.decode(), "whsec_a", future)
+    with pytest.raises(WebhookRejected, match="in the future"):
+        verify_webhook(body, signed, ["whsec_a"], 300)
+    with pytest.raises(WebhookRejected, match="in the future"):
+        verify_webhook(body, " t=1," + signed, ["whsec_a"], 300)
