@@ -87,6 +87,8 @@ def routes(settings: Settings, pool: ConnectionPool) -> list[Route]:
         except Transient as exc:
             log.warning("authorization failed: %s", exc)
             return JSONResponse({"error": "billing unavailable, retry"}, status_code=503)
+        except BillingError as exc:  # refused for its data (never retried as if transient)
+            return JSONResponse({"error": str(exc)}, status_code=400)
         return JSONResponse(result.as_json(), status_code=STATUS[result.reason])
 
     def do_release(hold_id: str) -> str:
@@ -97,6 +99,10 @@ def routes(settings: Settings, pool: ConnectionPool) -> list[Route]:
         if not permitted(request):
             return JSONResponse({"error": "missing or wrong bearer token"}, status_code=401)
         hold_id = request.path_params["hold_id"]
+        try:
+            holds.check_hold_id(hold_id)
+        except InvalidEvent as exc:
+            return JSONResponse({"error": exc.reason, "field": exc.field}, status_code=400)
         try:
             amount = await run_in_threadpool(do_release, hold_id)
         except Transient:

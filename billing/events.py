@@ -346,6 +346,11 @@ def _reject(code: Reason, field: str, reason: str, payload: bytes) -> Rejected:
     )
 
 
+def is_identifier(value: str) -> bool:
+    """Visible ASCII, no space: what an id, a model or a provider may be (on every edge)."""
+    return value.isascii() and value.isprintable() and " " not in value
+
+
 def _bad_identifier(event: UsageEvent) -> str | None:
     joined = "".join(
         (event.event_id, event.account_id, event.api_key_id, event.model, event.provider)
@@ -353,8 +358,7 @@ def _bad_identifier(event: UsageEvent) -> str | None:
     if joined.isascii() and joined.isprintable() and " " not in joined:
         return None  # the common case: one pass over all five
     for name in _IDENT_FIELDS:
-        value: str = getattr(event, name)
-        if not (value.isascii() and value.isprintable()) or " " in value:
+        if not is_identifier(getattr(event, name)):
             return name
     return None
 

@@ -36,7 +36,7 @@ import psycopg
 from billing.catalog import Catalog, snapshot
 from billing.db import Queries, fetch_dicts, map_error
 from billing.errors import BillingError, InvalidEvent, Unpriced
-from billing.events import Count, Ident, Usage
+from billing.events import Count, Ident, Usage, is_identifier
 from billing.money import ZERO, exact, format_usd
 from billing.pricing import price
 from billing.service_tier import ServiceTier
@@ -113,13 +113,27 @@ _decode_request = msgspec.json.Decoder(AuthorizationRequest).decode
 def decode_request(body: bytes) -> AuthorizationRequest:
     """Parse an authorization request; a bad one raises ``InvalidEvent`` naming the field."""
     try:
-        return _decode_request(body)
+        request = _decode_request(body)
     except msgspec.ValidationError as exc:
         text = str(exc)
         path = text.rsplit(" - at `", 1)[1].rstrip("`") if " - at `" in text else "$"
         raise InvalidEvent(text.split(" - at `")[0], field=path) from None
     except msgspec.DecodeError as exc:
         raise InvalidEvent(f"malformed JSON: {exc}") from None
+    for name in ("account_id", "api_key_id", "model", "provider", "hold_id"):
+        value = getattr(request, name)
+        if value is not None and not is_identifier(value):
+            raise InvalidEvent(_NOT_AN_IDENTIFIER, field=f"$.{name}")
+    return request
+
+
+_NOT_AN_IDENTIFIER = "must be visible ASCII characters without spaces, as in usage events"
+
+
+def check_hold_id(hold_id: str) -> None:
+    """A hold id from a URL path, held to the request body's rule."""
+    if not 1 <= len(hold_id) <= 200 or not is_identifier(hold_id):
+        raise InvalidEvent(_NOT_AN_IDENTIFIER, field="hold_id")
 
 
 def worst_case(request: AuthorizationRequest, catalog: Catalog, at: datetime) -> Decimal:

@@ -422,6 +422,12 @@ def test_http_authorize_and_release(
             assert extra.status_code == 400 and "prompt" in extra.json()["error"]
             unpriced = client.post("/v1/authorize", json={**body, "model": "x/y"}, headers=auth)
             assert unpriced.status_code == 400 and unpriced.json()["field"] == "$.model"
+            # ids with a NUL or a control character: a 400 naming the field, never a 500
+            for field, value in (("account_id", "a\u0000b"), ("hold_id", "h\n\x1b[31m")):
+                weird = client.post("/v1/authorize", json={**body, field: value}, headers=auth)
+                assert (weird.status_code, weird.json()["field"]) == (400, f"$.{field}")
+            nul = client.post("/v1/holds/a%00b/release", headers=auth)
+            assert (nul.status_code, nul.json()["field"]) == (400, "hold_id")
             rel = client.post(f"/v1/holds/{held['hold_id']}/release", headers=auth)
             assert rel.json() == {"released": held["hold_id"], "amount": "0.0055"}
             assert (
