@@ -52,6 +52,7 @@ STATUS = {
     Decision.WALLET_FROZEN: 403,
     Decision.UNKNOWN_ACCOUNT: 404,
     Decision.NO_CEILING: 400,
+    Decision.HOLD_CLOSED: 409,
 }
 
 

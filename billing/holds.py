@@ -54,6 +54,7 @@ class Decision(StrEnum):
 
     HELD = "held"  # allowed, the worst case is reserved
     EXISTING = "existing"  # allowed: a retried call, the hold made the first time
+    HOLD_CLOSED = "hold_closed"  # refused: that hold_id was settled, released or expired
     BYOK = "byok"  # allowed, nothing to reserve
     INSUFFICIENT_CREDITS = "insufficient_credits"
     KEY_LIMIT_EXCEEDED = "key_limit_exceeded"

@@ -176,6 +176,11 @@ def test_release_and_retry_and_byok_and_frozen(
     with pytest.raises(Exception, match="released, not active"):
         holds.release(conn, q, "r1", NOW, "again")
     assert authorizer.authorize(conn, request(hold_id="r2"), NOW).allowed
+    # r1 is released and r2 holds the whole balance: r1 again reserves nothing, so it is refused
+    closed = authorizer.authorize(conn, request(hold_id="r1"), NOW)
+    assert (closed.allowed, closed.reason) == (False, Decision.HOLD_CLOSED)
+    expired = authorizer.authorize(conn, request(hold_id="r2"), NOW + timedelta(hours=1))
+    assert (expired.allowed, expired.reason) == (False, Decision.HOLD_CLOSED)
     byok = authorizer.authorize(conn, request(hold_id="r3", byok=True), NOW)
     assert (byok.allowed, byok.reason, byok.hold_id) == (True, Decision.BYOK, None)
     conn.execute("UPDATE wallets SET frozen = true WHERE account_id = 'acme'")
@@ -433,6 +438,9 @@ def test_http_authorize_and_release(
             assert (
                 client.post(f"/v1/holds/{held['hold_id']}/release", headers=auth).status_code == 409
             )
+            again = client.post("/v1/authorize", json={**body, "hold_id": held["hold_id"]},
+                                headers=auth)  # fmt: skip
+            assert (again.status_code, again.json()["reason"]) == (409, "hold_closed")
             assert client.post("/v1/authorize", json=body, headers=auth).status_code == 200
     finally:
         pool.close()
