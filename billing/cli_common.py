@@ -14,8 +14,10 @@ from functools import wraps
 from typing import Any, TypeVar
 
 import click
+import psycopg
 from rich.console import Console
 
+from billing.db import map_error
 from billing.errors import BillingError
 from billing.settings import Settings
 
@@ -33,14 +35,16 @@ def current_actor() -> str:
 
 
 def handles_errors(fn: F) -> F:
-    """A ``BillingError`` prints one line on stderr and exits 2 (no traceback)."""
+    """A ``BillingError`` prints one line on stderr and exits 2 (no traceback); so does a
+    database error, mapped to one (``billing.db.map_error``)."""
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except BillingError as exc:
-            err_console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+        except (BillingError, psycopg.Error) as exc:
+            error = map_error(exc) if isinstance(exc, psycopg.Error) else exc
+            err_console.print(f"[red]error:[/red] {error}", markup=True, highlight=False)
             sys.exit(2)
 
     return wrapper  # type: ignore[return-value]

@@ -16,6 +16,9 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
 from billing.errors import ConfigError
 
 EMBEDDED = "embedded"
@@ -94,6 +97,23 @@ def _deploy_settings(env: Mapping[str, str], base: Settings) -> dict[str, Any]:
     }
 
 
+def _database_url(url: str) -> str:
+    """``url``, checked here so that libpq never has to say what is wrong with it: its messages
+    quote the offending text (a password with a bad %-escape, or cut at an unescaped ``@``)."""
+    if url == EMBEDDED:
+        return url
+    try:
+        parts = conninfo_to_dict(url)
+    except psycopg.Error:
+        parts = {"host": "@"}
+    if "@" in str(parts.get("host") or ""):
+        raise ConfigError(
+            "BILLING_DATABASE_URL is not a valid PostgreSQL URL or conninfo (not repeated here: "
+            "it may hold a password); percent-encode @, %, / and : in the user and password"
+        )
+    return url
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the code reads from the environment, in one place."""
@@ -166,7 +186,7 @@ class Settings:
         return replace(
             base,
             data_dir=data_dir,
-            database_url=env.get("BILLING_DATABASE_URL", "") or EMBEDDED,
+            database_url=_database_url(env.get("BILLING_DATABASE_URL", "") or EMBEDDED),
             broker_url=env.get("BILLING_BROKER_URL", "") or EMBEDDED,
             usage_exchange=env.get("BILLING_USAGE_EXCHANGE", base.usage_exchange),
             usage_queue=env.get("BILLING_USAGE_QUEUE", base.usage_queue),

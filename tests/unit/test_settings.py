@@ -49,3 +49,20 @@ def test_spend_control_settings() -> None:
     assert "DbPw" not in repr(urls) and "MqPw" not in repr(urls)
     with pytest.raises(ConfigError, match="BILLING_HOLD_TTL_S"):
         Settings.from_env({"BILLING_HOLD_TTL_S": "0"})
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://billing:S3cret%zzPW@127.0.0.1:5432/billing",  # a bad %-escape
+        "postgresql://billing:S3cret@PW@127.0.0.1:5432/billing",  # an unescaped @
+        "postgresql://billing:S3cretPW@[::1:5432/billing",  # a broken IPv6 host
+    ],
+)
+def test_a_malformed_database_url_is_refused_without_repeating_it(url: str) -> None:
+    """libpq's own messages quote the offending text, password included."""
+    with pytest.raises(ConfigError, match="BILLING_DATABASE_URL") as error:
+        Settings.from_env({"BILLING_DATABASE_URL": url})
+    assert "S3cret" not in str(error.value) and "PW" not in str(error.value)
+    good = "postgresql://billing:p%40ss@127.0.0.1:5432/billing"
+    assert Settings.from_env({"BILLING_DATABASE_URL": good}).database_url == good
