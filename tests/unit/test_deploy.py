@@ -8,6 +8,7 @@ from __future__ import annotations
 import glob
 import json
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -47,6 +48,7 @@ VALIDATED = {
     ),
     "k8s/schemas/README.md": "documentation",
     "k8s/kustomization.yaml": "test_kustomization_lists_every_manifest",
+    "k8s/rabbitmq-definitions.json": "test_kustomize_reads_definitions_from_inside_its_folder",
 }
 
 
@@ -100,7 +102,9 @@ def test_compose_runs_the_whole_fleet_with_health_checks() -> None:
             continue
         assert "test" in service.get("healthcheck", {}), f"{name} has no health check"
     assert services["beat"]["deploy"]["replicas"] == 1
-    assert services["usage-worker"]["command"] == ["worker", "--no-migrate"]
+    # exports run on the general workers (300 s to finish on shutdown), not between batches
+    usage_command = services["usage-worker"]["command"]
+    assert usage_command == ["worker", "--no-migrate", "-X", "billing.exports"]
     assert "--no-usage" in services["general-worker"]["command"]
     assert "9808/readyz" in " ".join(services["usage-worker"]["healthcheck"]["test"])
     # longer than a batch plus the 60 s the worker waits for the consumer to drain on SIGTERM
@@ -183,6 +187,9 @@ def test_kubernetes_fleet_shape() -> None:
     assert {"name": "metrics", "containerPort": 9808} in container["ports"]
     # longer than a batch plus the 60 s the worker waits for the consumer to drain on SIGTERM
     assert usage["terminationGracePeriodSeconds"] > 60
+    assert container["args"] == ["worker", "--no-migrate", "-X", "billing.exports"]
+    # KEDA owns the count: a replica count here would reset the fleet on every apply
+    assert "replicas" not in deployments["billing-usage-worker"]["spec"]
     general = deployments["billing-general-worker"]["spec"]["template"]["spec"]["containers"][0]
     assert general["readinessProbe"]["httpGet"]["path"] == "/readyz"
     beat = deployments["billing-beat"]["spec"]
@@ -453,3 +460,22 @@ def test_dockerfile_runs_the_cli_with_the_sql_it_needs() -> None:
         if line.startswith("COPY ") and "--from" not in line:
             for source in line.split()[1:-1]:
                 assert (ROOT / source).exists(), f"COPY of a missing path: {source}"
+
+
+def test_kustomize_reads_definitions_from_inside_its_folder() -> None:
+    """kustomize refuses files outside the kustomization's folder: its copy of the RabbitMQ
+    definitions must stay the same bytes as deploy/rabbitmq/definitions.json."""
+    kustomization = yaml.safe_load((DEPLOY / "k8s" / "kustomization.yaml").read_text())
+    files = [f for g in kustomization["configMapGenerator"] for f in g["files"]]
+    assert files == ["definitions.json=rabbitmq-definitions.json"]
+    copy = DEPLOY / "k8s" / "rabbitmq-definitions.json"
+    assert copy.read_bytes() == (DEPLOY / "rabbitmq" / "definitions.json").read_bytes()
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def test_kubectl_kustomize_renders_the_fleet() -> None:
+    rendered = subprocess.run(
+        ["kubectl", "kustomize", str(DEPLOY / "k8s")], capture_output=True, text=True, check=True
+    ).stdout
+    kinds = [d["kind"] for d in yaml.safe_load_all(rendered) if d]
+    assert kinds.count("Deployment") == 4 and "ConfigMap" in kinds
