@@ -16,7 +16,8 @@ bootstep on a thread of its own (see ``workers.app``). The loop is single-thread
 
 Failures: a transient database error is retried with exponential, capped, jittered backoff
 (``billing.backoff``) while the messages stay unacknowledged (the broker hands them to no one
-else); nothing is parked for a transient reason. After ``MAX_ATTEMPTS`` the messages are requeued;
+else; AMQP heartbeats go on during the waits); nothing is parked for a transient reason. After
+``TRANSIENT_RETRY_S`` of failures, or ``MAX_ATTEMPTS`` unexpected errors, the messages are requeued;
 the backoff is kept across batches and reset only by a commit, so a database that stays down is
 polled at most every ``BACKOFF_MAX_S``, never in a tight loop. A stop request interrupts the wait
 (the batch is requeued). Metrics are observed once per batch (``billing.metrics``);
@@ -61,7 +62,11 @@ from workers import amqp_reads
 
 log = logging.getLogger("billing.usage_consumer")
 
-MAX_ATTEMPTS = 6
+MAX_ATTEMPTS = 6  # unexpected errors (a bug, not an outage): then requeued, toward the DLQ
+# Transient failures (the database down, a missing partition) are retried this long with the
+# batch unacknowledged, then requeued. Each requeue counts toward the quorum queue's delivery
+# limit (20): an outage has to last hours, not minutes, before a batch reaches the DLQ.
+TRANSIENT_RETRY_S = 1800.0
 BACKOFF_START_S = 0.2
 BACKOFF_MAX_S = 10.0
 LOOP = "usage-consumer"
@@ -208,28 +213,27 @@ class UsageConsumer(ConsumerMixin):
         if not messages:
             return
         started = time.monotonic()
-        for attempt in range(1, MAX_ATTEMPTS + 1):
+        attempt = unexpected = 0
+        while True:
+            attempt += 1
             try:
                 result = self._record(batch)
                 break
             except Transient as exc:
                 metrics.observe_failure("transient")
-                log.warning(
-                    "batch of %d failed (attempt %d/%d): %s",
-                    len(batch),
-                    attempt,
-                    MAX_ATTEMPTS,
-                    exc,
-                )
+                log.warning("batch of %d failed (attempt %d): %s", len(batch), attempt, exc)
             except Exception:
+                unexpected += 1
                 metrics.observe_failure("unexpected")
                 log.exception(
-                    "batch of %d failed unexpectedly (attempt %d/%d)",
+                    "batch of %d failed unexpectedly (attempt %d, %d/%d unexpected)",
                     len(batch),
                     attempt,
+                    unexpected,
                     MAX_ATTEMPTS,
                 )
-            if not self._pause(self.backoff.next_delay()) or attempt == MAX_ATTEMPTS:
+            given_up = unexpected == MAX_ATTEMPTS or time.monotonic() - started >= TRANSIENT_RETRY_S
+            if not self._pause(self.backoff.next_delay()) or given_up:
                 log.error(
                     "requeueing %d messages after %d failed attempts%s",
                     len(messages),
@@ -272,7 +276,8 @@ class UsageConsumer(ConsumerMixin):
             raise Transient(f"database unavailable: {exc}") from exc
 
     def _pause(self, seconds: float) -> bool:
-        """Wait out a backoff delay, still beating; False if a stop was requested meanwhile."""
+        """Wait out a backoff delay, still beating (liveness and AMQP heartbeats, so the broker
+        keeps the connection and the batch's messages ours); False if a stop was requested."""
         end = time.monotonic() + seconds
         while not self.should_stop:
             left = end - time.monotonic()
@@ -280,6 +285,8 @@ class UsageConsumer(ConsumerMixin):
                 return True
             if self.health is not None:
                 self.health.beat(LOOP)
+            if self.live_connection is not None:
+                self.live_connection.heartbeat_check()
             time.sleep(min(left, 0.1))
         return False
 

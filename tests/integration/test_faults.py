@@ -27,6 +27,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,40 @@ def test_a_transient_failure_backs_off_and_retries_without_parking_good_events(
     assert conn.execute("SELECT count(*) FROM dead_letters").fetchone() == (0,)
     assert conn.execute("SELECT last_value FROM insert_attempts").fetchone() == (4,)
     assert_audit_clean(conn, q)
+
+
+def test_an_outage_longer_than_the_unexpected_error_budget_keeps_the_batch_unacked(
+    settings: Settings, conn: psycopg.Connection[Any], q: Any
+) -> None:
+    """Guards: transient failures do not count toward MAX_ATTEMPTS. A requeue counts toward the
+    quorum queue's delivery limit, so requeueing after 6 transient failures sent the batches of
+    a long outage to the DLQ; the batch now stays unacknowledged (with AMQP heartbeats) and
+    commits when the database is back, without a redelivery."""
+    from workers import usage_consumer
+
+    open_account(conn, q, "acme", "10")
+    _fail_first_inserts(conn, usage_consumer.MAX_ATTEMPTS + 3, "57P03")  # cannot_connect_now
+    with broker.UsagePublisher(settings) as publisher:
+        publisher.publish_many([make_event(f"out-{i}") for i in range(20)], envelope_size=20)
+    requeued = metrics.value("billing_usage_batches_requeued_total")
+    pool = db.make_pool(settings, min_size=1, max_size=2)
+    try:
+        with broker.connect(settings) as bconn:
+            consumer = UsageConsumer(settings, pool, bconn)
+            consumer.backoff = replace(consumer.backoff, start=0.01, cap=0.05)
+            thread = threading.Thread(target=consumer.run, daemon=True)
+            thread.start()
+            wait_until(lambda: consumer.totals.debited == 20, timeout=60)
+            consumer.should_stop = True
+            thread.join(timeout=30)
+    finally:
+        pool.close()
+    assert metrics.value("billing_usage_batches_requeued_total") == requeued
+    assert conn.execute("SELECT last_value FROM insert_attempts").fetchone() == (
+        usage_consumer.MAX_ATTEMPTS + 4,
+    )
+    assert conn.execute("SELECT count(*) FROM usage_events").fetchone() == (20,)
+    assert consumer.totals.duplicates == 0  # billed from the first delivery, not a redelivery
 
 
 def test_a_stop_during_backoff_requeues_the_batch_promptly(
