@@ -17,6 +17,7 @@ from typing import Any
 
 from celery import Celery, bootsteps
 from kombu import Exchange, Queue
+from psycopg_pool import ConnectionPool
 
 from billing import broker
 from billing.db import make_pool
@@ -83,6 +84,7 @@ class UsageConsumerStep(bootsteps.StartStopStep):
         self.consumer: UsageConsumer | None = None
         self.thread: threading.Thread | None = None
         self.server: HealthServer | None = None
+        self.pool: ConnectionPool | None = None  # a general worker's, for /readyz only
 
     def start(self, parent: Any) -> None:
         health = Health()
@@ -97,6 +99,9 @@ class UsageConsumerStep(bootsteps.StartStopStep):
                     exc,
                 )
         if not settings.usage_consumer_enabled:
+            # /readyz of a general worker: its tasks need the database (Celery keeps the broker)
+            self.pool = make_pool(settings, min_size=0, max_size=1)
+            add_database_check(health, self.pool)
             return
         pool = make_pool(settings, min_size=1, max_size=settings.db_pool_size)
         self.consumer = UsageConsumer(settings, pool, broker.connect(settings), health)
@@ -115,6 +120,8 @@ class UsageConsumerStep(bootsteps.StartStopStep):
     def stop(self, parent: Any) -> None:
         if self.server is not None:
             self.server.close()
+        if self.pool is not None:
+            self.pool.close()
         if self.consumer is None or self.thread is None:
             return
         self.consumer.should_stop = True
@@ -137,13 +144,19 @@ def add_readiness_checks(health: Health, consumer: UsageConsumer) -> None:
         live = consumer.live_connection
         return live is not None and bool(live.connected), ""
 
+    health.add_check("consumer", consuming)
+    health.add_check("broker", broker_up)
+    add_database_check(health, consumer.pool)
+
+
+def add_database_check(health: Health, pool: ConnectionPool) -> None:
+    """/readyz: the database answers within a second."""
+
     def database() -> tuple[bool, str]:
-        with consumer.pool.connection(timeout=1.0) as conn:
+        with pool.connection(timeout=1.0) as conn:
             conn.execute("SELECT 1")
         return True, ""
 
-    health.add_check("consumer", consuming)
-    health.add_check("broker", broker_up)
     health.add_check("database", database)
 
 

@@ -40,7 +40,7 @@ from billing.health import Health, HealthServer
 from billing.settings import Settings
 from billing.stripe_client import StripeGateway
 from billing.topups import create_topup, get_topup, process_stripe_event
-from workers.app import add_readiness_checks
+from workers.app import add_database_check, add_readiness_checks
 from workers.usage_consumer import UsageConsumer
 
 from .conftest import worker_env
@@ -253,6 +253,14 @@ def test_readiness_and_liveness_fail_when_their_checks_do(settings: Settings) ->
             status, body = _get(f"http://127.0.0.1:{server.port}/readyz")
             assert status == 503
             assert "consumer: failed" in body and "database: failed" in body, body
+        general = Health()  # a general worker's /readyz: the database only
+        add_database_check(general, pool)
+        general_server = HealthServer(general, 0, host="127.0.0.1")
+        try:
+            status, body = _get(f"http://127.0.0.1:{general_server.port}/readyz")
+            assert status == 503 and "database: failed" in body, body
+        finally:
+            general_server.close()
         health.beat("usage-consumer")
         assert _get(f"http://127.0.0.1:{server.port}/healthz")[0] == 200
         time.sleep(0.4)
