@@ -1,11 +1,19 @@
--- An authorization counts granted credit only if it outlives the hold it would back.
+-- Two rules of billing_authorize, 0005's function with two changes (the rest as it was).
 --
--- Why: the available balance was balance - held - billing_grants_lapsed(payer, now), so promo
--- credit expiring a second later still backed a hold that lasts BILLING_HOLD_TTL (15 minutes).
--- The expiry task then took that credit out of the wallet, and the usage the hold had allowed
--- was debited from nothing: the balance went below zero although every request went through a
--- hold and stayed within it. Now the credit of grants that lapse before now + ttl is left out,
--- as lapsed credit already was. Only this one expression changes; the rest is 0005's function.
+-- 1. Granted credit backs a hold only if it outlives the hold. The available balance was
+--    balance - held - billing_grants_lapsed(payer, now), so promo credit expiring a second later
+--    still backed a hold that lasts BILLING_HOLD_TTL (15 minutes). The expiry task then took
+--    that credit out of the wallet, and the usage the hold had allowed was debited from nothing:
+--    the balance went below zero although every request went through a hold and stayed within
+--    it. Now the credit of grants that lapse before now + ttl is left out, as lapsed credit
+--    already was.
+-- 2. A retried authorization returns its hold only while that hold is active. A call with a
+--    hold_id already used answered allowed / 'existing' whatever the hold had become. Settled,
+--    released or expired, the hold reserves nothing: a gateway that sent a request id again (a
+--    late retry after a release, or an id reused) was told to dispatch with no credit held,
+--    past the insufficient-credits check, so concurrent holds could exceed the balance. Such a
+--    call now answers allowed = false, 'hold_closed' (HTTP 409); the gateway authorizes the new
+--    attempt under a new hold_id.
 
 CREATE OR REPLACE FUNCTION billing_authorize(
     p_hold_id text, p_account text, p_key text, p_model text, p_provider text, p_byok boolean,
@@ -76,6 +84,12 @@ BEGIN
            OR v_old.api_key_id <> p_key THEN
             RAISE EXCEPTION 'hold % belongs to another account or key', p_hold_id
                 USING ERRCODE = 'unique_violation';
+        END IF;
+        IF v_old.status <> 'active' OR v_old.expires_at <= p_now THEN
+            -- settled, released or expired: it reserves nothing any more
+            RETURN QUERY SELECT false, 'hold_closed'::text, v_old.hold_id, v_old.amount,
+                NULL::numeric, NULL::numeric, v_old.expires_at;
+            RETURN;
         END IF;
         RETURN QUERY SELECT true, 'existing'::text, v_old.hold_id, v_old.amount,
             NULL::numeric, NULL::numeric, v_old.expires_at;
