@@ -9,9 +9,10 @@ from typing import Any
 
 import psycopg
 
-from billing import db, grants, wallets
+from billing import db, grants, holds, wallets
 from billing.catalog import snapshot
 from billing.db import Queries
+from billing.holds import AuthorizationRequest, Authorizer, Decision
 from billing.settings import Settings
 from billing.usage import price_events, record_isolating
 
@@ -19,6 +20,15 @@ from .helpers import assert_audit_clean, make_event, open_account
 
 D = Decimal
 NOW = datetime.now(UTC)
+# o4-mini, 1000 input tokens and at most 1000 output: a worst case of 0.0055
+WORST_0055 = AuthorizationRequest(
+    account_id="acme",
+    api_key_id="k",
+    model="openai/o4-mini",
+    provider="openai",
+    input_tokens=1000,
+    max_tokens=1000,
+)
 
 
 def spend(conn: psycopg.Connection[Any], q: Queries, event_id: str, account: str = "acme") -> D:
@@ -242,21 +252,11 @@ def test_cli_grants(settings: Settings, conn: psycopg.Connection[Any], q: Querie
 def test_lapsed_granted_credit_is_not_available_before_the_expiry_task(
     settings: Settings, conn: psycopg.Connection[Any], q: Queries
 ) -> None:
-    from billing import holds
-    from billing.holds import AuthorizationRequest, Authorizer, Decision
-
     open_account(conn, q, "acme", "0.001")
     grants.grant_credit(conn, q, account_id="acme", amount=D("0.01"), reason="promo",
                         expires_at=NOW + timedelta(hours=1), actor="tests", now=NOW)  # fmt: skip
     authorizer = Authorizer(q, settings.hold_ttl)
-    request = AuthorizationRequest(
-        account_id="acme",
-        api_key_id="k",
-        model="openai/o4-mini",
-        provider="openai",
-        input_tokens=1000,
-        max_tokens=1000,
-    )
+    request = WORST_0055
     assert authorizer.authorize(conn, request, NOW).allowed  # 0.0055 of 0.011
     later = NOW + timedelta(hours=1)  # the grant lapsed, the task has not run
     a = holds.availability(conn, q, "acme", later)
@@ -271,21 +271,13 @@ def test_granted_credit_backs_a_hold_only_if_it_outlives_the_hold(
 ) -> None:
     """A grant lapsing before the hold ends would leave the hold's usage debited from nothing:
     the expiry task takes the credit out while the hold still stands."""
-    from billing.holds import AuthorizationRequest, Authorizer, Decision
 
     open_account(conn, q, "acme", "0")
     grants.grant_credit(conn, q, account_id="acme", amount=D("0.0055"), reason="promo",
                         expires_at=NOW + settings.hold_ttl - timedelta(seconds=1),
                         actor="tests", now=NOW)  # fmt: skip
     authorizer = Authorizer(q, settings.hold_ttl)
-    request = AuthorizationRequest(
-        account_id="acme",
-        api_key_id="k",
-        model="openai/o4-mini",
-        provider="openai",
-        input_tokens=1000,
-        max_tokens=1000,  # worst case 0.0055
-    )
+    request = WORST_0055
     denied = authorizer.authorize(conn, request, NOW)
     assert (denied.allowed, denied.reason) == (False, Decision.INSUFFICIENT_CREDITS)
     grants.grant_credit(conn, q, account_id="acme", amount=D("0.0055"), reason="promo",
