@@ -3,9 +3,10 @@
 * consuming: a kombu ``Consumer`` draining 300-byte messages with py-amqp's own socket reads
   (three ``recv`` calls and two timeout changes per frame, three frames per message) vs. the
   usage consumer's read-ahead (``workers/amqp_reads.py``, ``BILLING_AMQP_READ_AHEAD``);
-* publishing: kombu's ``Producer.publish`` vs. the benchmark's simulated gateway
-  (``bench.throughput.FastPublisher``: py-amqp's ``basic_publish``, no poll for a
-  ``connection.blocked`` notice), persistent, no confirms.
+* publishing, three ways: kombu's ``Producer.publish``; py-amqp's ``basic_publish`` with no poll
+  for a ``connection.blocked`` notice (``bench.throughput.FastPublisher``'s ``pyamqp`` framing,
+  the simulated gateway until the tenth session); and the simulated gateway's frames encoded once,
+  one socket write per message (``FastPublisher``'s default). Persistent, no confirms.
 
 CPU is this process's (user + system) per message; the rate is wall clock, RabbitMQ on the same
 cores.
@@ -22,7 +23,7 @@ from dataclasses import replace
 from kombu import Connection, Consumer, Producer
 from kombu.message import Message
 
-from bench.throughput import BROKER_URL, FastPublisher
+from bench.throughput import BROKER_URL, FastPublisher, GatewayFraming
 from billing import broker
 from billing.settings import Settings
 from workers import amqp_reads
@@ -39,15 +40,25 @@ def _settings() -> Settings:
     )
 
 
-def publish(settings: Settings, messages: int, *, kombu: bool) -> tuple[float, float]:
-    """(CPU us per message, messages/s) publishing ``messages`` persistent messages."""
-    gateway = FastPublisher(settings)  # declares the queue
+PUBLISHERS: dict[str, GatewayFraming | None] = {
+    "kombu Producer.publish": None,
+    "py-amqp basic_publish": "pyamqp",
+    "frames encoded once": "frames",
+}
+
+
+def publish(
+    settings: Settings, messages: int, framing: GatewayFraming | None
+) -> tuple[float, float]:
+    """(CPU us per message, messages/s) publishing ``messages`` persistent messages; ``framing``
+    None: kombu's ``Producer.publish``, else ``FastPublisher`` with that framing."""
+    gateway = FastPublisher(settings, framing or "pyamqp")  # declares the queue
     try:
         producer = Producer(gateway.conn.channel(), exchange=broker.usage_exchange(settings))
         key = broker.usage_routing_key(settings, "")
         cpu, wall = time.process_time(), time.perf_counter()
         for _ in range(messages):
-            if kombu:
+            if framing is None:
                 producer.publish(BODY, routing_key=key, **broker.PERSISTENT_JSON)
             else:
                 gateway.raw(BODY)
@@ -94,11 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     n = args.messages
     try:
         for round_ in range(1, args.rounds + 1):
-            for kombu in (True, False):
-                us, rate = publish(settings, n, kombu=kombu)
-                label = "kombu Producer.publish" if kombu else "FastPublisher.raw"
+            for i, (label, framing) in enumerate(PUBLISHERS.items()):
+                us, rate = publish(settings, n, framing)
                 print(f"round {round_} publish  {label:<28} {us:6.1f} us/message {rate:>9,.0f}/s")
-                read_ahead = not kombu  # drain what was just published, each way in turn
+                # drain what was just published, each way in turn
+                read_ahead = (round_ * len(PUBLISHERS) + i) % 2 == 1
                 us, rate = consume(settings, n, read_ahead=read_ahead)
                 label = "read-ahead" if read_ahead else "py-amqp reads"
                 print(f"round {round_} consume  {label:<28} {us:6.1f} us/message {rate:>9,.0f}/s")

@@ -46,6 +46,7 @@ import multiprocessing
 import os
 import random
 import re
+import struct
 import subprocess
 import sys
 import threading
@@ -89,6 +90,10 @@ ENVELOPE_PREFETCH = 200  # messages: BILLING_PREFETCH for the envelope scenarios
 ROOT = Path(__file__).resolve().parent.parent
 HotSet = Literal["first", "scattered"]  # where the busiest accounts fall in the lock order
 HOT_SETS: tuple[HotSet, ...] = ("first", "scattered")
+GatewayFraming = Literal["frames", "pyamqp"]  # how the simulated gateway writes (FastPublisher)
+GATEWAY_FRAMINGS: tuple[GatewayFraming, ...] = ("frames", "pyamqp")
+FRAME_OVERHEAD = 8  # an AMQP frame's type, channel and size (7 bytes), and its end octet
+FRAME_END = b"\xce"
 
 
 @dataclass(frozen=True)
@@ -460,33 +465,61 @@ class FastPublisher:
     """The simulated gateway: pre-loads the queue, then publishes the latency phase.
 
     Persistent messages with the properties ``broker.UsagePublisher`` sets, cut as it cuts them
-    (``broker.envelopes``), but with no per-message confirm wait and through py-amqp's
-    ``basic_publish`` directly: the gateway is not what is measured, yet it shares the 2 cores,
-    and kombu's ``Producer.publish`` costs more CPU per message (``bench.amqp_client``).
+    (``broker.envelopes``), but with no per-message confirm wait. The gateway is not what is
+    measured, yet it shares the 2 cores, so by default (``framing="frames"``) each message is one
+    socket write of its three AMQP frames, built from encodings made once: the ``basic.publish``
+    method per routing key (py-amqp's ``dumps``) and the content properties (py-amqp's
+    ``Message``). That costs a few us per message where py-amqp's ``basic_publish``, which
+    re-encodes both every time (``framing="pyamqp"``, the simulated gateway before the tenth
+    session), costs about 30, and kombu's ``Producer.publish`` more (``bench.amqp_client``).
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, framing: GatewayFraming = "frames") -> None:
         self.conn = Connection(settings.broker_url)
         self.settings = settings
+        self.framing = framing
         channel = self.conn.channel()
         for queue in broker.usage_queues(settings):
             queue(channel).declare()
         self.channel = self.conn.channel()
         self.exchange = broker.usage_exchange(settings).name
+        connection = self.conn.connection
         # py-amqp polls the socket for a connection.blocked notice before every publish (a
         # zero-timeout read: three system calls); this publisher never reads, so skip the poll
-        properties = self.conn.connection.client_properties  # this connection's own copy
+        properties = connection.client_properties  # this connection's own copy
         properties["capabilities"] = {
             **properties.get("capabilities", {}),
             "connection.blocked": False,
         }
+        self._write = connection.transport.write  # sendall, or the connection is marked lost
+        self._body_frame_max = connection.frame_max - FRAME_OVERHEAD
+        self._properties = amqp.Message(b"", **broker.PERSISTENT_JSON)._serialize_properties()
+        self._publish_frames: dict[str, bytes] = {}  # routing key -> its basic.publish frame
 
     def raw(self, body: bytes, account_id: str = "") -> None:
-        self.channel.basic_publish(
-            amqp.Message(body, **broker.PERSISTENT_JSON),
-            exchange=self.exchange,
-            routing_key=broker.usage_routing_key(self.settings, account_id),
-        )
+        routing_key = broker.usage_routing_key(self.settings, account_id)
+        if self.framing == "pyamqp":
+            self.channel.basic_publish(
+                amqp.Message(body, **broker.PERSISTENT_JSON),
+                exchange=self.exchange,
+                routing_key=routing_key,
+            )
+            return
+        method = self._publish_frames.get(routing_key)
+        if method is None:
+            args = amqp.serialization.dumps("Bssbb", (0, self.exchange, routing_key, False, False))
+            method = self._frame(1, struct.pack(">HH", *amqp.spec.Basic.Publish) + args)
+            self._publish_frames[routing_key] = method
+        header = struct.pack(">HHQ", amqp.spec.Basic.Publish[0], 0, len(body)) + self._properties
+        parts = [method, self._frame(2, header)]
+        step = self._body_frame_max
+        parts += [self._frame(3, body[i : i + step]) for i in range(0, len(body), step)]
+        self._write(b"".join(parts))
+
+    def _frame(self, frame_type: int, payload: bytes) -> bytes:
+        """An AMQP 0-9-1 frame on this publisher's channel: type, channel, size, payload, end."""
+        head = struct.pack(">BHI", frame_type, self.channel.channel_id, len(payload))
+        return head + payload + FRAME_END
 
     def events(self, events: list[UsageEvent], per_message: int) -> None:
         for body, account_id, _ in broker.usage_messages(
@@ -547,14 +580,16 @@ def run_fleet(
     worker_env: dict[str, str],
     partitions: int = 1,
     curve: Sequence[tuple[float, list[UsageEvent]]] = (),
+    gateway_framing: GatewayFraming = "frames",
 ) -> Result:
     """Our fleet; ``partitions`` > 1: each worker consumes a group of partitions (by traffic);
-    ``curve``: latency phases at other fractions of the rate (``measure``)."""
+    ``curve``: latency phases at other fractions of the rate (``measure``);
+    ``gateway_framing``: how the simulated gateway writes its messages (``FastPublisher``)."""
     scenario = re.split(r"[@\[#]", name)[0]  # the label without accounts, variant or round
     fleet_env = {**worker_env, "BILLING_USAGE_PARTITIONS": str(partitions)}
     # the simulated gateway reads the settings the workers get (partitions, a variant's linger)
     settings = Settings.from_env(env_for(scenario_settings(scenario), **fleet_env))
-    publisher = FastPublisher(settings)
+    publisher = FastPublisher(settings, gateway_framing)
     publisher.events(events, per_message)
     command = [sys.executable, "-m", "billing.cli", "worker", "--loglevel=WARNING", "--no-migrate"]
     envs = []
@@ -931,6 +966,7 @@ class Variant:
     workers: int | None = None
     partitions: int | None = None  # envelope100_hash only
     hot_set: HotSet | None = None  # --hot-set
+    gateway: GatewayFraming | None = None  # how the simulated gateway writes (FastPublisher)
 
 
 def ranked_accounts(accounts: list[str], hot_set: HotSet) -> list[str]:
@@ -961,22 +997,25 @@ def parse_fractions(text: str) -> tuple[float, ...]:
 
 
 def parse_variant(text: str) -> Variant:
-    """``w3:workers=3,partitions=8,hot=scattered,BILLING_BATCH_EVENTS=2000`` -> a ``Variant``."""
+    """``w3:workers=3,partitions=8,hot=scattered,gateway=pyamqp,BILLING_BATCH_EVENTS=2000`` ->
+    a ``Variant``."""
     name, _, assignments = text.partition(":")
     pairs = [item.split("=", 1) for item in assignments.split(",") if "=" in item]
     env = tuple((k, v) for k, v in pairs if k.startswith("BILLING_"))
     counts = {k: v for k, v in pairs if k in ("workers", "partitions")}
     hot = [v for k, v in pairs if k == "hot"]  # checked against HOT_SETS below
+    gateway = [v for k, v in pairs if k == "gateway"]  # and GATEWAY_FRAMINGS
     if (
         not name
         or not pairs
-        or len(env) + len(counts) + len(hot) != len(pairs)
+        or len(env) + len(counts) + len(hot) + len(gateway) != len(pairs)
         or not all(v.isdigit() and int(v) >= 1 for v in counts.values())
         or not all(v in HOT_SETS for v in hot)
+        or not all(v in GATEWAY_FRAMINGS for v in gateway)
     ):
         raise SystemExit(
             f"--variant {text!r}: expected NAME:SETTING[,SETTING...], each workers=N, "
-            "partitions=N, hot=first|scattered or BILLING_VAR=VALUE"
+            "partitions=N, hot=first|scattered, gateway=frames|pyamqp or BILLING_VAR=VALUE"
         )
     workers, partitions = counts.get("workers"), counts.get("partitions")
     return Variant(
@@ -985,6 +1024,7 @@ def parse_variant(text: str) -> Variant:
         int(workers) if workers else None,
         int(partitions) if partitions else None,
         cast("HotSet", hot[-1]) if hot else None,
+        cast("GatewayFraming", gateway[-1]) if gateway else None,
     )
 
 
@@ -1027,6 +1067,14 @@ def main(argv: list[str] | None = None) -> int:
         help="which accounts get the Zipf-like hot set's traffic: the first ids (acct-00000 is "
         "the busiest; its wallet is locked first in a batch's account order, the longest hold) "
         "or accounts at seeded random positions in that order",
+    )
+    parser.add_argument(
+        "--gateway",
+        choices=GATEWAY_FRAMINGS,
+        default="frames",
+        help="how the simulated gateway writes a message: one socket write of frames encoded "
+        "once (default), or py-amqp's basic_publish (the gateway of runs before the tenth "
+        "session; it costs the shared cores ~30 us of CPU per message)",
     )
     parser.add_argument("--batch-events", type=int, default=5_000)
     parser.add_argument("--latency-seconds", type=float, default=8.0)
@@ -1076,6 +1124,7 @@ def main(argv: list[str] | None = None) -> int:
         label += f"#{round_}" if args.rounds > 1 and name in FLEET_SCENARIOS else ""
         env = {**worker_env, **dict(variant.env)}
         workers = variant.workers or args.workers
+        framing = variant.gateway or args.gateway
         print(f"running {label} ...", flush=True)
         if name == "baseline":
             lat = make("blat", max(50, int(600 * lat_seconds)))
@@ -1084,7 +1133,11 @@ def main(argv: list[str] | None = None) -> int:
             lat = make("slat", max(200, int(8_000 * lat_seconds)))
             curve = [(f, make(f"slat{f:g}-", len(lat))) for f in args.load_curve]
             events = make("single", fleet_events)
-            results.append(run_fleet(label, events, lat, snap, 1, workers, env, curve=curve))
+            results.append(
+                run_fleet(
+                    label, events, lat, snap, 1, workers, env, curve=curve, gateway_framing=framing
+                )
+            )
         elif name.startswith("envelope100"):
             lat = make("elat", max(1_000, int(25_000 * lat_seconds)))
             curve = [(f, make(f"elat{f:g}-", len(lat))) for f in args.load_curve]
@@ -1094,7 +1147,18 @@ def main(argv: list[str] | None = None) -> int:
             # sets one: the default 4,000 is for single events
             env = {"BILLING_PREFETCH": str(ENVELOPE_PREFETCH), **env}
             results.append(
-                run_fleet(label, events, lat, snap, 100, workers, env, partitions, curve=curve)
+                run_fleet(
+                    label,
+                    events,
+                    lat,
+                    snap,
+                    100,
+                    workers,
+                    env,
+                    partitions,
+                    curve=curve,
+                    gateway_framing=framing,
+                )
             )
         else:
             events = make("sql", fleet_events)
