@@ -65,6 +65,13 @@ def test_a_variant_can_scatter_the_hot_set() -> None:
         parse_variant("s:hot=middle")
 
 
+def test_a_variant_can_choose_how_the_simulated_gateway_writes() -> None:
+    assert parse_variant("old:gateway=pyamqp").gateway == "pyamqp"
+    assert parse_variant("w3:workers=3").gateway is None
+    with pytest.raises(SystemExit):
+        parse_variant("k:gateway=kombu")
+
+
 def test_the_scattered_hot_set_is_a_seeded_shuffle_of_the_same_accounts() -> None:
     accounts = [f"acct-{i:05d}" for i in range(1_000)]
     scattered = ranked_accounts(accounts, "scattered")
