@@ -492,6 +492,7 @@ class FastPublisher:
             "connection.blocked": False,
         }
         self._write = connection.transport.write  # sendall, or the connection is marked lost
+        self._write_lock = threading.Lock()  # a linger thread may publish too: no torn frames
         self._body_frame_max = connection.frame_max - FRAME_OVERHEAD
         self._properties = amqp.Message(b"", **broker.PERSISTENT_JSON)._serialize_properties()
         self._publish_frames: dict[str, bytes] = {}  # routing key -> its basic.publish frame
@@ -514,7 +515,8 @@ class FastPublisher:
         parts = [method, self._frame(2, header)]
         step = self._body_frame_max
         parts += [self._frame(3, body[i : i + step]) for i in range(0, len(body), step)]
-        self._write(b"".join(parts))
+        with self._write_lock:
+            self._write(b"".join(parts))
 
     def _frame(self, frame_type: int, payload: bytes) -> bytes:
         """An AMQP 0-9-1 frame on this publisher's channel: type, channel, size, payload, end."""
