@@ -22,7 +22,8 @@ import pytest
 import yaml
 
 from billing import broker
-from billing.settings import Settings
+from billing.errors import ConfigError
+from billing.settings import PLACEHOLDER, SECRET_VARIABLES, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -291,18 +292,38 @@ def test_every_variable_the_code_reads_is_deployed() -> None:
     assert not undocumented, f"not in the README configuration table: {undocumented}"
 
 
-def test_the_deployed_configuration_is_valid() -> None:
-    settings = Settings.from_env(env_example("billing.env.example"))
-    assert settings.usage_queue_type == "quorum"
-    k8s_env = {
+def k8s_env() -> dict[str, str]:
+    return {
         **by_kind("ConfigMap")["billing-config"]["data"],
         **by_kind("Secret")["billing-secrets"]["stringData"],
     }
+
+
+def filled_in(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with its placeholders replaced, as an operator does before deploying."""
+    return {k: v.replace(PLACEHOLDER, "filled-in") for k, v in env.items()}
+
+
+def test_the_deployed_configuration_is_valid() -> None:
+    settings = Settings.from_env(filled_in(env_example("billing.env.example")))
+    assert settings.usage_queue_type == "quorum"
     # the same settings apart from the hosts of the two services
-    k8s = Settings.from_env(k8s_env)
+    k8s = Settings.from_env(filled_in(k8s_env()))
     assert replace(k8s, database_url="", broker_url="") == replace(
         settings, database_url="", broker_url=""
     )
+
+
+@pytest.mark.parametrize("example", ["billing.env.example", "k8s billing-secrets"])
+def test_the_examples_placeholders_stop_every_process(example: str) -> None:
+    """Each secret of the examples holds CHANGE_ME and Settings refuses every one of them: a
+    deployment that forgot to fill one in does not start."""
+    env = env_example(example) if example.endswith(".example") else k8s_env()
+    placeholders = {name for name, value in env.items() if PLACEHOLDER in value}
+    assert placeholders == set(SECRET_VARIABLES)
+    for name in placeholders:
+        with pytest.raises(ConfigError, match=f"{name} still holds"):
+            Settings.from_env({**filled_in(env), name: env[name]})
 
 
 # --- RabbitMQ -------------------------------------------------------------------------------
@@ -314,7 +335,7 @@ def definitions() -> dict[str, Any]:
 def test_rabbitmq_definitions_match_the_code_topology() -> None:
     """A queue declared with other arguments than the broker has is refused (406), so the
     definitions and billing.broker must agree exactly."""
-    settings = Settings.from_env(env_example("billing.env.example"))
+    settings = Settings.from_env(filled_in(env_example("billing.env.example")))
     defs = definitions()
     queues = {q["name"]: q for q in defs["queues"]}
     exchanges = {e["name"]: e for e in defs["exchanges"]}
