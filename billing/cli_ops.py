@@ -12,7 +12,9 @@ import click
 
 from billing import broker, db
 from billing.cli_common import console, handles_errors, settings_of
+from billing.errors import ConfigError
 from billing.partitions import ensure_partitions, list_partitions, purge_payloads
+from billing.settings import PLACEHOLDER
 
 
 @click.group()
@@ -112,6 +114,11 @@ def broker_declare(ctx: click.Context) -> None:
 @handles_errors
 def broker_import_definitions(file: Path, url: str, user: str, password: str, wait: int) -> None:
     """Import a RabbitMQ definitions file (vhosts, exchanges, queues, bindings); idempotent."""
+    if PLACEHOLDER in password:
+        raise ConfigError(
+            f"RABBITMQ_DEFAULT_PASS (--password) still holds the {PLACEHOLDER} placeholder of the "
+            "deploy examples (not repeated here): set the real password"
+        )
     broker.import_definitions(url, user, password, file.read_bytes(), wait_s=wait)
     console.print(f"imported {file.name} into {url}")
 

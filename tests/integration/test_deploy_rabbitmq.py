@@ -13,9 +13,11 @@ from pathlib import Path
 
 import amqp
 import pytest
+from click.testing import CliRunner
 from kombu import Exchange, Queue
 
 from billing import broker
+from billing.cli import main
 from billing.errors import BillingError
 from billing.settings import Settings
 
@@ -86,3 +88,14 @@ def test_definitions_import_and_the_code_declares_against_them(vhost: str) -> No
 def test_refused_definitions_are_a_clear_error(management: None) -> None:
     with pytest.raises(BillingError, match="RabbitMQ refused the definitions"):
         broker.import_definitions(MANAGEMENT, "guest", "wrong", b"{}", wait_s=5)
+
+
+def test_a_placeholder_administrator_password_is_refused(tmp_path: Path) -> None:
+    """The definitions one-shot refuses the examples' CHANGE_ME as it refuses it everywhere."""
+    (tmp_path / "definitions.json").write_text("{}")
+    env = {"RABBITMQ_DEFAULT_USER": "admin", "RABBITMQ_DEFAULT_PASS": "S3cret_CHANGE_ME"}
+    args = ["broker", "import-definitions", str(tmp_path / "definitions.json")]
+    result = CliRunner(env=env).invoke(main, [*args, "--url", "http://127.0.0.1:1", "--wait", "0"])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 2 and "RABBITMQ_DEFAULT_PASS" in output, output
+    assert "S3cret" not in output
