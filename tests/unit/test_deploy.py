@@ -43,6 +43,7 @@ VALIDATED = {
     "rabbitmq/enabled_plugins": "test_rabbitmq_enabled_plugins",
     "prometheus/prometheus.yml": "test_prometheus_config_scrapes_the_workers",
     "prometheus/alerts.yml": "test_alert_rules_are_valid_promql",
+    "prometheus/kubernetes.yml": "test_the_worker_alerts_select_the_workers_of_both_scrape_configs",
     "k8s/schemas/keda.sh_v1alpha1_scaledobject.json": "test_kubernetes_manifests_match_schemas",
     "k8s/schemas/keda.sh_v1alpha1_triggerauthentication.json": (
         "test_kubernetes_manifests_match_schemas"
@@ -411,6 +412,162 @@ def test_prometheus_config_scrapes_the_workers() -> None:
     mounted = " ".join(services["prometheus"]["volumes"])
     assert "prometheus.yml:/etc/prometheus/prometheus.yml" in mounted
     assert "alerts.yml:/etc/prometheus/alerts.yml" in mounted
+
+
+WORKERS = ("usage-worker", "general-worker")
+
+
+def prometheus_config(name: str) -> dict[str, Any]:
+    config: dict[str, Any] = yaml.safe_load((DEPLOY / "prometheus" / name).read_text())
+    return config
+
+
+def relabel(labels: dict[str, str], rules: list[dict[str, Any]]) -> dict[str, str] | None:
+    """Prometheus' target relabelling (the actions these configs use): the target's labels, or
+    None if it is dropped."""
+    labels = dict(labels)
+    for rule in rules:
+        action = rule.get("action", "replace")
+        raw = rule.get("regex", "(.*)")
+        regex = re.compile(str(raw).lower() if isinstance(raw, bool) else str(raw))
+        replacement = re.sub(r"\$\{?(\w+)\}?", r"\\g<\1>", str(rule.get("replacement", "$1")))
+        if action == "labelmap":
+            for name, value in list(labels.items()):
+                if m := regex.fullmatch(name):
+                    labels[m.expand(replacement)] = value
+            continue
+        source = rule.get("separator", ";").join(
+            labels.get(n, "") for n in rule.get("source_labels", [])
+        )
+        m = regex.fullmatch(source)
+        if (action == "keep" and not m) or (action == "drop" and m):
+            return None
+        if action == "replace" and m:
+            labels[rule["target_label"]] = m.expand(replacement)
+        assert action in ("keep", "drop", "replace"), f"relabel action {action} not simulated"
+    labels.setdefault("instance", labels["__address__"])
+    return {k: v for k, v in labels.items() if v and not k.startswith("__")}
+
+
+def sanitized(name: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9_]", "_", name)
+
+
+def compose_targets(job: dict[str, Any]) -> list[tuple[str, dict[str, str]]]:
+    """(the compose service, its discovered labels) of every target of ``job``."""
+    found = []
+    for sd in job.get("dns_sd_configs", []):
+        for name in sd["names"]:
+            address = f"172.18.0.7:{sd['port']}"
+            found.append((name, {"__address__": address, "__meta_dns_name": name}))
+    for static in job.get("static_configs", []):
+        for target in static["targets"]:
+            found.append(
+                (target.split(":")[0], {"__address__": target, **static.get("labels", {})})
+            )
+    return found
+
+
+def kubernetes_targets(job: dict[str, Any]) -> list[tuple[str, dict[str, str]]]:
+    """(the pod's component label, its discovered labels) of every target Kubernetes service
+    discovery gives ``job`` for the pods of deploy/k8s: one per container port."""
+    found = []
+    for sd in job.get("kubernetes_sd_configs", []):
+        assert sd["role"] == "pod"
+        for kind in ("Deployment", "Job"):
+            for name, doc in by_kind(kind).items():
+                namespace = doc["metadata"]["namespace"]
+                if namespace not in sd.get("namespaces", {}).get("names", [namespace]):
+                    continue
+                meta = doc["spec"]["template"]["metadata"]
+                pod = {
+                    "__meta_kubernetes_namespace": namespace,
+                    "__meta_kubernetes_pod_name": f"{name}-5d8f7c9b6-x2x4q",
+                    "__meta_kubernetes_pod_ip": "10.1.2.3",
+                }
+                for key, value in meta.get("labels", {}).items():
+                    pod[f"__meta_kubernetes_pod_label_{sanitized(key)}"] = value
+                for key, value in meta.get("annotations", {}).items():
+                    pod[f"__meta_kubernetes_pod_annotation_{sanitized(key)}"] = value
+                ports = [
+                    p["containerPort"]
+                    for c in doc["spec"]["template"]["spec"]["containers"]
+                    for p in c.get("ports", [])
+                ]
+                addresses = [f"10.1.2.3:{port}" for port in ports] or ["10.1.2.3"]
+                component = meta["labels"]["app.kubernetes.io/component"]
+                found += [(component, {**pod, "__address__": a}) for a in addresses]
+    return found
+
+
+def scraped_series(config: dict[str, Any]) -> list[tuple[str, dict[str, str]]]:
+    """(where from, the labels of its `up` series) of every target a scrape config keeps."""
+    series = []
+    for job in config["scrape_configs"]:
+        for origin, discovered in compose_targets(job) + kubernetes_targets(job):
+            labels = relabel({"job": job["job_name"], **discovered}, job.get("relabel_configs", []))
+            if labels is not None:
+                series.append((origin, labels))
+    return series
+
+
+def selects(matchers: list[promql_parser.Matcher], labels: dict[str, str]) -> bool:
+    for m in matchers:
+        value = labels.get(m.name, "")
+        if m.op == promql_parser.MatchOp.Equal and value != m.value:
+            return False
+        if m.op == promql_parser.MatchOp.NotEqual and value == m.value:
+            return False
+        if m.op == promql_parser.MatchOp.Re and not re.fullmatch(m.value, value):
+            return False
+        if m.op == promql_parser.MatchOp.NotRe and re.fullmatch(m.value, value):
+            return False
+    return True
+
+
+def up_selectors() -> dict[str, list[list[promql_parser.Matcher]]]:
+    """Every alert's selectors of the ``up`` series (the scrape health of a target)."""
+    found: dict[str, list[list[promql_parser.Matcher]]] = {}
+    for group in prometheus_config("alerts.yml")["groups"]:
+        for rule in group["rules"]:
+
+            def visit(node: promql_parser.Expr, alert: str = rule["alert"]) -> bool:
+                if isinstance(node, promql_parser.VectorSelector) and node.name == "up":
+                    matchers = [m for m in node.matchers.matchers if m.name != "__name__"]
+                    found.setdefault(alert, []).append(matchers)
+                return True
+
+            promql_parser.walk(promql_parser.parse(rule["expr"]), visit)
+    return found
+
+
+def test_the_worker_alerts_select_the_workers_of_both_scrape_configs() -> None:
+    """The worker-down alerts match the same workers whether Prometheus scrapes the compose
+    services (prometheus.yml) or the Kubernetes pods (kubernetes.yml): a selector on a label
+    only one of them sets (a job name) would never fire on the other."""
+    selectors = up_selectors()
+    assert set(selectors) == {"BillingWorkerDown", "BillingNoUsageWorker"}
+    compose_series = scraped_series(prometheus_config("prometheus.yml"))
+    k8s_series = scraped_series(prometheus_config("kubernetes.yml"))
+    # both configs scrape each worker (and only the pods that serve /metrics)
+    assert {origin for origin, _ in compose_series} >= set(WORKERS)
+    assert {origin for origin, _ in k8s_series} == set(WORKERS) | {"rabbitmq.billing.svc"}
+    for alert, matcher_lists in selectors.items():
+        for matchers in matcher_lists:
+            on_compose = {o for o, labels in compose_series if selects(matchers, labels)}
+            on_k8s = {o for o, labels in k8s_series if selects(matchers, labels)}
+            assert on_compose, f"{alert} selects no compose worker"
+            assert on_compose <= set(WORKERS), f"{alert} selects {on_compose}"
+            assert on_k8s == on_compose, f"{alert}: Kubernetes {on_k8s}, compose {on_compose}"
+    no_usage_worker = selectors["BillingNoUsageWorker"][0]
+    assert {o for o, labels in k8s_series if selects(no_usage_worker, labels)} == {"usage-worker"}
+    # the old selector by job name: the check can fail
+    by_job = [promql_parser.Matcher(promql_parser.MatchOp.Equal, "job", "usage-worker")]
+    assert not any(selects(by_job, labels) for _, labels in k8s_series)
+    assert {o for o, labels in compose_series if selects(by_job, labels)} == {"usage-worker"}
+    # a relabelled k8s series looks like a scraped pod
+    usage = next(labels for o, labels in k8s_series if o == "usage-worker")
+    assert usage["instance"] == "10.1.2.3:9808" and usage["namespace"] == "billing"
 
 
 RULE_SCHEMA = {
