@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import glob
 import json
+import posixpath
 import re
 import shutil
 import subprocess
@@ -638,6 +639,76 @@ def test_dockerfile_runs_the_cli_with_the_sql_it_needs() -> None:
         if line.startswith("COPY ") and "--from" not in line:
             for source in line.split()[1:-1]:
                 assert (ROOT / source).exists(), f"COPY of a missing path: {source}"
+
+
+def dockerignore_pattern(pattern: str) -> re.Pattern[str]:
+    """A .dockerignore pattern as Docker compiles it (moby/patternmatcher): ``*`` and ``?`` stop
+    at ``/``, ``**`` crosses directories, and a pattern is anchored at the context's root."""
+    pattern = posixpath.normpath(pattern).lstrip("/")
+    regex, i = "", 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            regex, i = regex + "(.*/)?", i + 3
+        elif pattern.startswith("**", i):
+            regex, i = regex + ".*", i + 2
+        elif pattern[i] == "*":
+            regex, i = regex + "[^/]*", i + 1
+        elif pattern[i] == "?":
+            regex, i = regex + "[^/]", i + 1
+        elif pattern[i] == "[":
+            end = pattern.index("]", i)
+            regex, i = regex + pattern[i : end + 1], end + 1
+        else:
+            regex, i = regex + re.escape(pattern[i]), i + 1
+    return re.compile(regex)
+
+
+def dockerignored(path: str, lines: list[str]) -> bool:
+    """Whether Docker leaves ``path`` (relative to the context) out: the last pattern matching it
+    or one of its parent directories decides."""
+    parts = path.split("/")
+    candidates = ["/".join(parts[:n]) for n in range(1, len(parts) + 1)]
+    ignored = False
+    for line in lines:
+        negated = line.startswith("!")
+        regex = dockerignore_pattern(line.removeprefix("!"))
+        if any(regex.fullmatch(c) for c in candidates):
+            ignored = not negated
+    return ignored
+
+
+def test_dockerignore_keeps_what_the_image_copies_and_nothing_local() -> None:
+    context = (DEPLOY / compose()["x-billing"]["build"]["context"]).resolve()
+    assert context == ROOT, "the .dockerignore must be at the root of the build context"
+    lines = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    left_out = [
+        ".git/HEAD", ".venv/bin/python", ".mypy_cache/3.11/billing/settings.data.json",
+        ".ruff_cache/0.8.0/123", ".pytest_cache/v/cache/lastfailed",
+        "billing/__pycache__/settings.cpython-311.pyc", "workers/__pycache__/app.cpython-311.pyc",
+        "tests/unit/__pycache__/test_deploy.cpython-311.pyc", "gateway_billing.egg-info/PKG-INFO",
+        "bench/results/gateway-frames-run-ah.json", ".billing/pg/PG_VERSION",
+        "deploy/billing.env", "deploy/rabbitmq.env", "deploy/k8s/secret.yaml",
+    ]  # fmt: skip
+    kept_anyway = [p for p in left_out if not dockerignored(p, lines)]
+    assert not kept_anyway, f"sent to the Docker daemon: {kept_anyway}"
+    copied: list[str] = []
+    for line in (DEPLOY / "Dockerfile").read_text().splitlines():
+        if line.startswith("COPY ") and "--from" not in line:
+            for source in line.split()[1:-1]:
+                path = ROOT / source
+                files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+                copied += [str(f.relative_to(ROOT)) for f in files if "__pycache__" not in f.parts]
+    assert {"pyproject.toml", "billing/settings.py", "workers/app.py"} <= set(copied)
+    assert any(c.startswith("sql/") for c in copied)
+    missing = [c for c in copied if dockerignored(c, lines)]
+    assert not missing, f"the Dockerfile copies files .dockerignore leaves out: {missing}"
+    # Docker's rules, not .gitignore's: a bare name only matches at the root
+    assert not dockerignored("billing/__pycache__/x.pyc", ["__pycache__"])
+    assert dockerignored("__pycache__/x.pyc", ["__pycache__"])
 
 
 def test_kustomize_reads_definitions_from_inside_its_folder() -> None:
