@@ -231,6 +231,11 @@ def test_every_referenced_config_map_and_secret_exists() -> None:
                 for ref_kind in ("configMapRef", "secretRef"):
                     if ref_kind in source:
                         referenced.append((ref_kind, source[ref_kind]["name"]))
+            for var in container.get("env", []):
+                if "secretKeyRef" in var.get("valueFrom", {}):
+                    ref = var["valueFrom"]["secretKeyRef"]
+                    assert ref["key"] in by_kind("Secret")[ref["name"]]["stringData"]
+                    referenced.append(("secretRef", ref["name"]))
         for volume in pod.get("volumes", []):
             if "configMap" in volume:
                 referenced.append(("configMapRef", volume["configMap"]["name"]))
@@ -245,6 +250,38 @@ def test_every_referenced_config_map_and_secret_exists() -> None:
         if "billing-rabbitmq-admin" in json.dumps(doc)
     }
     assert users == {"billing-rabbitmq-definitions"}
+
+
+def test_the_definitions_job_creates_the_user_the_billing_processes_log_in_as() -> None:
+    """No RabbitMQ on Kubernetes is booted with the billing user (compose's is, rabbitmq.env):
+    the Job creates the user of BILLING_BROKER_URL, and reads no other secret of the fleet."""
+    job = by_kind("Job")["billing-rabbitmq-definitions"]["spec"]["template"]["spec"]
+    container = job["containers"][0]
+    assert container["args"][:2] == ["broker", "import-definitions"]
+    assert "--create-broker-user" in container["args"]
+    assert container["env"] == [
+        {
+            "name": "BILLING_BROKER_URL",
+            "valueFrom": {"secretKeyRef": {"name": "billing-secrets", "key": "BILLING_BROKER_URL"}},
+        }
+    ]
+    assert container["envFrom"] == [{"secretRef": {"name": "billing-rabbitmq-admin"}}]
+    # the user it creates is not the administrator it logs in as (that one would be refused)
+    secrets = by_kind("Secret")
+    user, _, vhost = broker.broker_login(
+        secrets["billing-secrets"]["stringData"]["BILLING_BROKER_URL"]
+    )
+    assert user != secrets["billing-rabbitmq-admin"]["stringData"]["RABBITMQ_DEFAULT_USER"]
+    assert vhost in {v["name"] for v in definitions()["vhosts"]}
+    # compose: the RabbitMQ container boots with the user of billing.env as its default user
+    # (an administrator, which --create-broker-user would refuse)
+    services = compose()["services"]
+    assert "--create-broker-user" not in services["rabbitmq-definitions"]["command"]
+    compose_url = env_example("billing.env.example")["BILLING_BROKER_URL"]
+    compose_user, _, compose_vhost = broker.broker_login(compose_url)
+    rabbitmq_env = env_example("rabbitmq.env.example")
+    assert rabbitmq_env["RABBITMQ_DEFAULT_USER"] == compose_user
+    assert rabbitmq_env["RABBITMQ_DEFAULT_VHOST"] == compose_vhost
 
 
 def test_kustomization_lists_every_manifest() -> None:
