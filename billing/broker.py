@@ -31,6 +31,7 @@ import logging
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -654,13 +655,73 @@ def import_definitions(
     Retried while the API is not up yet (a node still booting); a refusal (bad credentials, an
     invalid file, a queue redeclared with other arguments) is a ``BillingError`` with the answer.
     """
+    login = (url, user, password)
+    _management(*login, "POST", "/api/definitions", definitions, wait_s, "definitions")
+
+
+def broker_login(broker_url: str, admin: str | None = None) -> tuple[str, str, str]:
+    """(user, password, vhost) of an ``amqp://user:password@host:port/vhost`` URL, decoded as
+    kombu decodes them (no path: the vhost ``/``). Errors name the variable, never the URL. With
+    ``admin``: the billing processes must not log in as that RabbitMQ administrator."""
+    try:
+        parts = urllib.parse.urlsplit(broker_url)
+    except ValueError:  # a broken IPv6 host
+        parts = urllib.parse.urlsplit("")
+    if not parts.scheme.startswith(("amqp", "pyamqp")) or not parts.username or not parts.password:
+        raise ConfigError(
+            "BILLING_BROKER_URL must be amqp://USER:PASSWORD@HOST:PORT/VHOST with a user and a "
+            "password (not repeated here)"
+        )
+    user, vhost = urllib.parse.unquote(parts.username), urllib.parse.unquote(parts.path[1:]) or "/"
+    if user == admin:
+        raise ConfigError(
+            f"BILLING_BROKER_URL logs in as the RabbitMQ administrator {admin!r}: give the billing "
+            "processes a user of their own"
+        )
+    return user, urllib.parse.unquote(parts.password), vhost
+
+
+def ensure_user(
+    url: str, admin: str, admin_password: str, broker_url: str, wait_s: float = 120
+) -> str:
+    """Create (or update) the RabbitMQ user of ``broker_url`` with its password, no management
+    tags, and every permission on its vhost, through the management API; returns its name.
+
+    Idempotent: run on every release, it also applies a rotated password. The administrator's
+    own user is refused (updating it would drop its administrator tag)."""
+    user, password, vhost = broker_login(broker_url, admin)
+    quoted = urllib.parse.quote(user, safe="")
+    body = {"password": password, "tags": ""}
+    grant = {"configure": ".*", "write": ".*", "read": ".*"}
+    login = (url, admin, admin_password)
+    users_path = f"/api/users/{quoted}"
+    _management(*login, "PUT", users_path, orjson.dumps(body), wait_s, f"user {user!r}", password)
+    permissions_path = f"/api/permissions/{urllib.parse.quote(vhost, safe='')}/{quoted}"
+    what = f"permissions of {user!r} on vhost {vhost!r}"
+    _management(*login, "PUT", permissions_path, orjson.dumps(grant), wait_s, what)
+    return user
+
+
+def _management(
+    url: str,
+    user: str,
+    password: str,
+    method: str,
+    path: str,
+    body: bytes,
+    wait_s: float,
+    what: str,
+    secret: str = "",
+) -> None:
+    """One call of RabbitMQ's management API, retried while it is unreachable. A refusal is a
+    ``BillingError`` with RabbitMQ's answer (``secret``, if it appears there, masked)."""
     if not url.startswith(("http://", "https://")):
         raise ConfigError(f"management URL must be http(s)://..., got {url!r}")
     token = base64.b64encode(f"{user}:{password}".encode()).decode()
     request = urllib.request.Request(  # noqa: S310 (http/https checked above)
-        url.rstrip("/") + "/api/definitions",
-        data=definitions,
-        method="POST",
+        url.rstrip("/") + path,
+        data=body,
+        method=method,
         headers={"Content-Type": "application/json", "Authorization": f"Basic {token}"},
     )
     deadline = time.monotonic() + wait_s
@@ -670,7 +731,9 @@ def import_definitions(
                 return
         except urllib.error.HTTPError as exc:
             detail = exc.read()[:500].decode(errors="replace")
-            raise BillingError(f"RabbitMQ refused the definitions ({exc.code}): {detail}") from None
+            if secret:
+                detail = detail.replace(secret, "***")
+            raise BillingError(f"RabbitMQ refused the {what} ({exc.code}): {detail}") from None
         except OSError as exc:
             if time.monotonic() > deadline:
                 raise BillingError(f"RabbitMQ management API unreachable at {url}: {exc}") from None

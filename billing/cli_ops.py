@@ -12,7 +12,9 @@ import click
 
 from billing import broker, db
 from billing.cli_common import console, handles_errors, settings_of
+from billing.errors import ConfigError
 from billing.partitions import ensure_partitions, list_partitions, purge_payloads
+from billing.settings import EMBEDDED, PLACEHOLDER
 
 
 @click.group()
@@ -109,11 +111,39 @@ def broker_declare(ctx: click.Context) -> None:
     "--password", envvar="RABBITMQ_DEFAULT_PASS", required=True, help="Env: RABBITMQ_DEFAULT_PASS."
 )
 @click.option("--wait", default=120, show_default=True, help="Seconds to wait for the API.")
+@click.option(
+    "--create-broker-user",
+    is_flag=True,
+    help="Also create the user of BILLING_BROKER_URL with its password and every permission on "
+    "its vhost (a broker not booted with it as its default user, e.g. on Kubernetes).",
+)
+@click.pass_context
 @handles_errors
-def broker_import_definitions(file: Path, url: str, user: str, password: str, wait: int) -> None:
+def broker_import_definitions(
+    ctx: click.Context,
+    file: Path,
+    url: str,
+    user: str,
+    password: str,
+    wait: int,
+    create_broker_user: bool,
+) -> None:
     """Import a RabbitMQ definitions file (vhosts, exchanges, queues, bindings); idempotent."""
+    if PLACEHOLDER in password:
+        raise ConfigError(
+            f"RABBITMQ_DEFAULT_PASS (--password) still holds the {PLACEHOLDER} placeholder of the "
+            "deploy examples (not repeated here): set the real password"
+        )
+    broker_url = settings_of(ctx).broker_url if create_broker_user else ""
+    if create_broker_user and broker_url == EMBEDDED:
+        raise ConfigError("--create-broker-user: BILLING_BROKER_URL is not set")
+    if broker_url:
+        broker.broker_login(broker_url, user)  # refused before anything changes
     broker.import_definitions(url, user, password, file.read_bytes(), wait_s=wait)
     console.print(f"imported {file.name} into {url}")
+    if broker_url:
+        created = broker.ensure_user(url, user, password, broker_url, wait_s=wait)
+        console.print(f"user {created} can log in with the password of BILLING_BROKER_URL")
 
 
 @broker_group.command("assign")

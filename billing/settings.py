@@ -23,6 +23,19 @@ from billing.errors import ConfigError
 
 EMBEDDED = "embedded"
 
+# The deploy examples (deploy/*.env.example, deploy/k8s/secret.example.yaml) hold this
+# placeholder in every secret; a deployment that forgot to replace one must not start.
+PLACEHOLDER = "CHANGE_ME"
+# The settings that carry credentials: passwords inside the two URLs, the Stripe key, the webhook
+# signing secret(s), the gateway's bearer token.
+SECRET_VARIABLES = (
+    "BILLING_DATABASE_URL",
+    "BILLING_BROKER_URL",
+    "BILLING_STRIPE_API_KEY",
+    "BILLING_STRIPE_WEBHOOK_SECRET",
+    "BILLING_AUTHORIZE_TOKEN",
+)
+
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
     raw = env.get(name)
@@ -95,6 +108,17 @@ def _deploy_settings(env: Mapping[str, str], base: Settings) -> dict[str, Any]:
         "payload_retention_days": _int(env, "BILLING_PAYLOAD_RETENTION_DAYS", 90),
         "db_pool_size": _int(env, "BILLING_DB_POOL_SIZE", base.db_pool_size),
     }
+
+
+def _no_placeholders(env: Mapping[str, str]) -> None:
+    """Refuse secrets still holding the deploy examples' placeholder, naming the variables only
+    (a value may be a URL with a real user or host, or half a real secret)."""
+    left = [name for name in SECRET_VARIABLES if PLACEHOLDER in env.get(name, "")]
+    if left:
+        raise ConfigError(
+            f"{', '.join(left)} still {'holds' if len(left) == 1 else 'hold'} the {PLACEHOLDER} "
+            "placeholder of the deploy examples (values not repeated here): set the real secret"
+        )
 
 
 def _database_url(url: str) -> str:
@@ -181,6 +205,7 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
+        _no_placeholders(env)
         data_dir = Path(env.get("BILLING_DATA_DIR", ".billing")).resolve()
         base = cls()
         return replace(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import glob
 import json
+import posixpath
 import re
 import shutil
 import subprocess
@@ -22,7 +23,8 @@ import pytest
 import yaml
 
 from billing import broker
-from billing.settings import Settings
+from billing.errors import ConfigError
+from billing.settings import PLACEHOLDER, SECRET_VARIABLES, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -42,6 +44,7 @@ VALIDATED = {
     "rabbitmq/enabled_plugins": "test_rabbitmq_enabled_plugins",
     "prometheus/prometheus.yml": "test_prometheus_config_scrapes_the_workers",
     "prometheus/alerts.yml": "test_alert_rules_are_valid_promql",
+    "prometheus/kubernetes.yml": "test_the_worker_alerts_select_the_workers_of_both_scrape_configs",
     "k8s/schemas/keda.sh_v1alpha1_scaledobject.json": "test_kubernetes_manifests_match_schemas",
     "k8s/schemas/keda.sh_v1alpha1_triggerauthentication.json": (
         "test_kubernetes_manifests_match_schemas"
@@ -228,6 +231,11 @@ def test_every_referenced_config_map_and_secret_exists() -> None:
                 for ref_kind in ("configMapRef", "secretRef"):
                     if ref_kind in source:
                         referenced.append((ref_kind, source[ref_kind]["name"]))
+            for var in container.get("env", []):
+                if "secretKeyRef" in var.get("valueFrom", {}):
+                    ref = var["valueFrom"]["secretKeyRef"]
+                    assert ref["key"] in by_kind("Secret")[ref["name"]]["stringData"]
+                    referenced.append(("secretRef", ref["name"]))
         for volume in pod.get("volumes", []):
             if "configMap" in volume:
                 referenced.append(("configMapRef", volume["configMap"]["name"]))
@@ -242,6 +250,38 @@ def test_every_referenced_config_map_and_secret_exists() -> None:
         if "billing-rabbitmq-admin" in json.dumps(doc)
     }
     assert users == {"billing-rabbitmq-definitions"}
+
+
+def test_the_definitions_job_creates_the_user_the_billing_processes_log_in_as() -> None:
+    """No RabbitMQ on Kubernetes is booted with the billing user (compose's is, rabbitmq.env):
+    the Job creates the user of BILLING_BROKER_URL, and reads no other secret of the fleet."""
+    job = by_kind("Job")["billing-rabbitmq-definitions"]["spec"]["template"]["spec"]
+    container = job["containers"][0]
+    assert container["args"][:2] == ["broker", "import-definitions"]
+    assert "--create-broker-user" in container["args"]
+    assert container["env"] == [
+        {
+            "name": "BILLING_BROKER_URL",
+            "valueFrom": {"secretKeyRef": {"name": "billing-secrets", "key": "BILLING_BROKER_URL"}},
+        }
+    ]
+    assert container["envFrom"] == [{"secretRef": {"name": "billing-rabbitmq-admin"}}]
+    # the user it creates is not the administrator it logs in as (that one would be refused)
+    secrets = by_kind("Secret")
+    user, _, vhost = broker.broker_login(
+        secrets["billing-secrets"]["stringData"]["BILLING_BROKER_URL"]
+    )
+    assert user != secrets["billing-rabbitmq-admin"]["stringData"]["RABBITMQ_DEFAULT_USER"]
+    assert vhost in {v["name"] for v in definitions()["vhosts"]}
+    # compose: the RabbitMQ container boots with the user of billing.env as its default user
+    # (an administrator, which --create-broker-user would refuse)
+    services = compose()["services"]
+    assert "--create-broker-user" not in services["rabbitmq-definitions"]["command"]
+    compose_url = env_example("billing.env.example")["BILLING_BROKER_URL"]
+    compose_user, _, compose_vhost = broker.broker_login(compose_url)
+    rabbitmq_env = env_example("rabbitmq.env.example")
+    assert rabbitmq_env["RABBITMQ_DEFAULT_USER"] == compose_user
+    assert rabbitmq_env["RABBITMQ_DEFAULT_VHOST"] == compose_vhost
 
 
 def test_kustomization_lists_every_manifest() -> None:
@@ -291,18 +331,38 @@ def test_every_variable_the_code_reads_is_deployed() -> None:
     assert not undocumented, f"not in the README configuration table: {undocumented}"
 
 
-def test_the_deployed_configuration_is_valid() -> None:
-    settings = Settings.from_env(env_example("billing.env.example"))
-    assert settings.usage_queue_type == "quorum"
-    k8s_env = {
+def k8s_env() -> dict[str, str]:
+    return {
         **by_kind("ConfigMap")["billing-config"]["data"],
         **by_kind("Secret")["billing-secrets"]["stringData"],
     }
+
+
+def filled_in(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with its placeholders replaced, as an operator does before deploying."""
+    return {k: v.replace(PLACEHOLDER, "filled-in") for k, v in env.items()}
+
+
+def test_the_deployed_configuration_is_valid() -> None:
+    settings = Settings.from_env(filled_in(env_example("billing.env.example")))
+    assert settings.usage_queue_type == "quorum"
     # the same settings apart from the hosts of the two services
-    k8s = Settings.from_env(k8s_env)
+    k8s = Settings.from_env(filled_in(k8s_env()))
     assert replace(k8s, database_url="", broker_url="") == replace(
         settings, database_url="", broker_url=""
     )
+
+
+@pytest.mark.parametrize("example", ["billing.env.example", "k8s billing-secrets"])
+def test_the_examples_placeholders_stop_every_process(example: str) -> None:
+    """Each secret of the examples holds CHANGE_ME and Settings refuses every one of them: a
+    deployment that forgot to fill one in does not start."""
+    env = env_example(example) if example.endswith(".example") else k8s_env()
+    placeholders = {name for name, value in env.items() if PLACEHOLDER in value}
+    assert placeholders == set(SECRET_VARIABLES)
+    for name in placeholders:
+        with pytest.raises(ConfigError, match=f"{name} still holds"):
+            Settings.from_env({**filled_in(env), name: env[name]})
 
 
 # --- RabbitMQ -------------------------------------------------------------------------------
@@ -314,7 +374,7 @@ def definitions() -> dict[str, Any]:
 def test_rabbitmq_definitions_match_the_code_topology() -> None:
     """A queue declared with other arguments than the broker has is refused (406), so the
     definitions and billing.broker must agree exactly."""
-    settings = Settings.from_env(env_example("billing.env.example"))
+    settings = Settings.from_env(filled_in(env_example("billing.env.example")))
     defs = definitions()
     queues = {q["name"]: q for q in defs["queues"]}
     exchanges = {e["name"]: e for e in defs["exchanges"]}
@@ -392,6 +452,162 @@ def test_prometheus_config_scrapes_the_workers() -> None:
     assert "alerts.yml:/etc/prometheus/alerts.yml" in mounted
 
 
+WORKERS = ("usage-worker", "general-worker")
+
+
+def prometheus_config(name: str) -> dict[str, Any]:
+    config: dict[str, Any] = yaml.safe_load((DEPLOY / "prometheus" / name).read_text())
+    return config
+
+
+def relabel(labels: dict[str, str], rules: list[dict[str, Any]]) -> dict[str, str] | None:
+    """Prometheus' target relabelling (the actions these configs use): the target's labels, or
+    None if it is dropped."""
+    labels = dict(labels)
+    for rule in rules:
+        action = rule.get("action", "replace")
+        raw = rule.get("regex", "(.*)")
+        regex = re.compile(str(raw).lower() if isinstance(raw, bool) else str(raw))
+        replacement = re.sub(r"\$\{?(\w+)\}?", r"\\g<\1>", str(rule.get("replacement", "$1")))
+        if action == "labelmap":
+            for name, value in list(labels.items()):
+                if m := regex.fullmatch(name):
+                    labels[m.expand(replacement)] = value
+            continue
+        source = rule.get("separator", ";").join(
+            labels.get(n, "") for n in rule.get("source_labels", [])
+        )
+        m = regex.fullmatch(source)
+        if (action == "keep" and not m) or (action == "drop" and m):
+            return None
+        if action == "replace" and m:
+            labels[rule["target_label"]] = m.expand(replacement)
+        assert action in ("keep", "drop", "replace"), f"relabel action {action} not simulated"
+    labels.setdefault("instance", labels["__address__"])
+    return {k: v for k, v in labels.items() if v and not k.startswith("__")}
+
+
+def sanitized(name: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9_]", "_", name)
+
+
+def compose_targets(job: dict[str, Any]) -> list[tuple[str, dict[str, str]]]:
+    """(the compose service, its discovered labels) of every target of ``job``."""
+    found = []
+    for sd in job.get("dns_sd_configs", []):
+        for name in sd["names"]:
+            address = f"172.18.0.7:{sd['port']}"
+            found.append((name, {"__address__": address, "__meta_dns_name": name}))
+    for static in job.get("static_configs", []):
+        for target in static["targets"]:
+            found.append(
+                (target.split(":")[0], {"__address__": target, **static.get("labels", {})})
+            )
+    return found
+
+
+def kubernetes_targets(job: dict[str, Any]) -> list[tuple[str, dict[str, str]]]:
+    """(the pod's component label, its discovered labels) of every target Kubernetes service
+    discovery gives ``job`` for the pods of deploy/k8s: one per container port."""
+    found = []
+    for sd in job.get("kubernetes_sd_configs", []):
+        assert sd["role"] == "pod"
+        for kind in ("Deployment", "Job"):
+            for name, doc in by_kind(kind).items():
+                namespace = doc["metadata"]["namespace"]
+                if namespace not in sd.get("namespaces", {}).get("names", [namespace]):
+                    continue
+                meta = doc["spec"]["template"]["metadata"]
+                pod = {
+                    "__meta_kubernetes_namespace": namespace,
+                    "__meta_kubernetes_pod_name": f"{name}-5d8f7c9b6-x2x4q",
+                    "__meta_kubernetes_pod_ip": "10.1.2.3",
+                }
+                for key, value in meta.get("labels", {}).items():
+                    pod[f"__meta_kubernetes_pod_label_{sanitized(key)}"] = value
+                for key, value in meta.get("annotations", {}).items():
+                    pod[f"__meta_kubernetes_pod_annotation_{sanitized(key)}"] = value
+                ports = [
+                    p["containerPort"]
+                    for c in doc["spec"]["template"]["spec"]["containers"]
+                    for p in c.get("ports", [])
+                ]
+                addresses = [f"10.1.2.3:{port}" for port in ports] or ["10.1.2.3"]
+                component = meta["labels"]["app.kubernetes.io/component"]
+                found += [(component, {**pod, "__address__": a}) for a in addresses]
+    return found
+
+
+def scraped_series(config: dict[str, Any]) -> list[tuple[str, dict[str, str]]]:
+    """(where from, the labels of its `up` series) of every target a scrape config keeps."""
+    series = []
+    for job in config["scrape_configs"]:
+        for origin, discovered in compose_targets(job) + kubernetes_targets(job):
+            labels = relabel({"job": job["job_name"], **discovered}, job.get("relabel_configs", []))
+            if labels is not None:
+                series.append((origin, labels))
+    return series
+
+
+def selects(matchers: list[promql_parser.Matcher], labels: dict[str, str]) -> bool:
+    for m in matchers:
+        value = labels.get(m.name, "")
+        if m.op == promql_parser.MatchOp.Equal and value != m.value:
+            return False
+        if m.op == promql_parser.MatchOp.NotEqual and value == m.value:
+            return False
+        if m.op == promql_parser.MatchOp.Re and not re.fullmatch(m.value, value):
+            return False
+        if m.op == promql_parser.MatchOp.NotRe and re.fullmatch(m.value, value):
+            return False
+    return True
+
+
+def up_selectors() -> dict[str, list[list[promql_parser.Matcher]]]:
+    """Every alert's selectors of the ``up`` series (the scrape health of a target)."""
+    found: dict[str, list[list[promql_parser.Matcher]]] = {}
+    for group in prometheus_config("alerts.yml")["groups"]:
+        for rule in group["rules"]:
+
+            def visit(node: promql_parser.Expr, alert: str = rule["alert"]) -> bool:
+                if isinstance(node, promql_parser.VectorSelector) and node.name == "up":
+                    matchers = [m for m in node.matchers.matchers if m.name != "__name__"]
+                    found.setdefault(alert, []).append(matchers)
+                return True
+
+            promql_parser.walk(promql_parser.parse(rule["expr"]), visit)
+    return found
+
+
+def test_the_worker_alerts_select_the_workers_of_both_scrape_configs() -> None:
+    """The worker-down alerts match the same workers whether Prometheus scrapes the compose
+    services (prometheus.yml) or the Kubernetes pods (kubernetes.yml): a selector on a label
+    only one of them sets (a job name) would never fire on the other."""
+    selectors = up_selectors()
+    assert set(selectors) == {"BillingWorkerDown", "BillingNoUsageWorker"}
+    compose_series = scraped_series(prometheus_config("prometheus.yml"))
+    k8s_series = scraped_series(prometheus_config("kubernetes.yml"))
+    # both configs scrape each worker (and only the pods that serve /metrics)
+    assert {origin for origin, _ in compose_series} >= set(WORKERS)
+    assert {origin for origin, _ in k8s_series} == set(WORKERS) | {"rabbitmq.billing.svc"}
+    for alert, matcher_lists in selectors.items():
+        for matchers in matcher_lists:
+            on_compose = {o for o, labels in compose_series if selects(matchers, labels)}
+            on_k8s = {o for o, labels in k8s_series if selects(matchers, labels)}
+            assert on_compose, f"{alert} selects no compose worker"
+            assert on_compose <= set(WORKERS), f"{alert} selects {on_compose}"
+            assert on_k8s == on_compose, f"{alert}: Kubernetes {on_k8s}, compose {on_compose}"
+    no_usage_worker = selectors["BillingNoUsageWorker"][0]
+    assert {o for o, labels in k8s_series if selects(no_usage_worker, labels)} == {"usage-worker"}
+    # the old selector by job name: the check can fail
+    by_job = [promql_parser.Matcher(promql_parser.MatchOp.Equal, "job", "usage-worker")]
+    assert not any(selects(by_job, labels) for _, labels in k8s_series)
+    assert {o for o, labels in compose_series if selects(by_job, labels)} == {"usage-worker"}
+    # a relabelled k8s series looks like a scraped pod
+    usage = next(labels for o, labels in k8s_series if o == "usage-worker")
+    assert usage["instance"] == "10.1.2.3:9808" and usage["namespace"] == "billing"
+
+
 RULE_SCHEMA = {
     "type": "object",
     "required": ["groups"],
@@ -460,6 +676,76 @@ def test_dockerfile_runs_the_cli_with_the_sql_it_needs() -> None:
         if line.startswith("COPY ") and "--from" not in line:
             for source in line.split()[1:-1]:
                 assert (ROOT / source).exists(), f"COPY of a missing path: {source}"
+
+
+def dockerignore_pattern(pattern: str) -> re.Pattern[str]:
+    """A .dockerignore pattern as Docker compiles it (moby/patternmatcher): ``*`` and ``?`` stop
+    at ``/``, ``**`` crosses directories, and a pattern is anchored at the context's root."""
+    pattern = posixpath.normpath(pattern).lstrip("/")
+    regex, i = "", 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            regex, i = regex + "(.*/)?", i + 3
+        elif pattern.startswith("**", i):
+            regex, i = regex + ".*", i + 2
+        elif pattern[i] == "*":
+            regex, i = regex + "[^/]*", i + 1
+        elif pattern[i] == "?":
+            regex, i = regex + "[^/]", i + 1
+        elif pattern[i] == "[":
+            end = pattern.index("]", i)
+            regex, i = regex + pattern[i : end + 1], end + 1
+        else:
+            regex, i = regex + re.escape(pattern[i]), i + 1
+    return re.compile(regex)
+
+
+def dockerignored(path: str, lines: list[str]) -> bool:
+    """Whether Docker leaves ``path`` (relative to the context) out: the last pattern matching it
+    or one of its parent directories decides."""
+    parts = path.split("/")
+    candidates = ["/".join(parts[:n]) for n in range(1, len(parts) + 1)]
+    ignored = False
+    for line in lines:
+        negated = line.startswith("!")
+        regex = dockerignore_pattern(line.removeprefix("!"))
+        if any(regex.fullmatch(c) for c in candidates):
+            ignored = not negated
+    return ignored
+
+
+def test_dockerignore_keeps_what_the_image_copies_and_nothing_local() -> None:
+    context = (DEPLOY / compose()["x-billing"]["build"]["context"]).resolve()
+    assert context == ROOT, "the .dockerignore must be at the root of the build context"
+    lines = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    left_out = [
+        ".git/HEAD", ".venv/bin/python", ".mypy_cache/3.11/billing/settings.data.json",
+        ".ruff_cache/0.8.0/123", ".pytest_cache/v/cache/lastfailed",
+        "billing/__pycache__/settings.cpython-311.pyc", "workers/__pycache__/app.cpython-311.pyc",
+        "tests/unit/__pycache__/test_deploy.cpython-311.pyc", "gateway_billing.egg-info/PKG-INFO",
+        "bench/results/gateway-frames-run-ah.json", ".billing/pg/PG_VERSION",
+        "deploy/billing.env", "deploy/rabbitmq.env", "deploy/k8s/secret.yaml",
+    ]  # fmt: skip
+    kept_anyway = [p for p in left_out if not dockerignored(p, lines)]
+    assert not kept_anyway, f"sent to the Docker daemon: {kept_anyway}"
+    copied: list[str] = []
+    for line in (DEPLOY / "Dockerfile").read_text().splitlines():
+        if line.startswith("COPY ") and "--from" not in line:
+            for source in line.split()[1:-1]:
+                path = ROOT / source
+                files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+                copied += [str(f.relative_to(ROOT)) for f in files if "__pycache__" not in f.parts]
+    assert {"pyproject.toml", "billing/settings.py", "workers/app.py"} <= set(copied)
+    assert any(c.startswith("sql/") for c in copied)
+    missing = [c for c in copied if dockerignored(c, lines)]
+    assert not missing, f"the Dockerfile copies files .dockerignore leaves out: {missing}"
+    # Docker's rules, not .gitignore's: a bare name only matches at the root
+    assert not dockerignored("billing/__pycache__/x.pyc", ["__pycache__"])
+    assert dockerignored("__pycache__/x.pyc", ["__pycache__"])
 
 
 def test_kustomize_reads_definitions_from_inside_its_folder() -> None:

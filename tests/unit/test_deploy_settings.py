@@ -148,3 +148,31 @@ def test_partitions_are_assigned_to_workers_by_their_traffic() -> None:
     assert broker.assign_partitions(traffic, 10, 3) == groups  # deterministic
     with pytest.raises(ConfigError, match="cannot split 2 partition"):
         broker.assign_partitions({}, 2, 3)
+
+
+def test_broker_login_decodes_the_url_as_kombu_does() -> None:
+    url = "amqp://billing:p%40ss%2Fw%3Ard@mq.internal:5672/billing"
+    assert broker.broker_login(url) == ("billing", "p@ss/w:rd", "billing")
+    assert broker.broker_login("amqps://u:p@mq:5671//")[2] == "/"
+    assert broker.broker_login("amqp://u:p@mq:5672")[2] == "/"
+    assert broker.broker_login("amqp://u:p@mq/a%2Fb")[2] == "a/b"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "amqp://S3cret@rabbit.internal:5672/billing",  # no password
+        "amqp://rabbit.internal:5672/billing",
+        "S3cret",
+        "amqp://u:S3cret@[::1/internal",  # a broken IPv6 host
+    ],
+)
+def test_broker_login_needs_a_user_and_password_and_never_repeats_the_url(url: str) -> None:
+    with pytest.raises(ConfigError, match="BILLING_BROKER_URL") as error:
+        broker.broker_login(url)
+    assert "S3cret" not in str(error.value) and "internal" not in str(error.value)
+
+
+def test_ensure_user_refuses_the_administrator_before_calling_the_api() -> None:
+    with pytest.raises(ConfigError, match="administrator 'billing'"):
+        broker.ensure_user("http://127.0.0.1:1", "billing", "x", "amqp://billing:pw@mq/billing")

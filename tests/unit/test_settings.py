@@ -66,3 +66,31 @@ def test_a_malformed_database_url_is_refused_without_repeating_it(url: str) -> N
     assert "S3cret" not in str(error.value) and "PW" not in str(error.value)
     good = "postgresql://billing:p%40ss@127.0.0.1:5432/billing"
     assert Settings.from_env({"BILLING_DATABASE_URL": good}).database_url == good
+
+
+SECRETS = {
+    "BILLING_DATABASE_URL": "postgresql://billing:S3cretPW@db.internal:5432/billing",
+    "BILLING_BROKER_URL": "amqp://billing:S3cretPW@mq.internal:5672/billing",
+    "BILLING_STRIPE_API_KEY": "sk_live_S3cretPW",
+    "BILLING_STRIPE_WEBHOOK_SECRET": "whsec_S3cretPW,whsec_S3cretOLD",
+    "BILLING_AUTHORIZE_TOKEN": "S3cretPW",
+}
+
+
+@pytest.mark.parametrize("name", sorted(SECRETS))
+def test_a_placeholder_left_in_a_secret_is_refused_without_repeating_it(name: str) -> None:
+    """The deploy examples hold CHANGE_ME in every secret: a deployment that forgot one stops."""
+    Settings.from_env(SECRETS)  # the real ones are accepted
+    value = SECRETS[name].replace("S3cretPW", "S3cret_CHANGE_ME", 1)
+    with pytest.raises(ConfigError, match=f"{name} still holds the CHANGE_ME placeholder") as error:
+        Settings.from_env({**SECRETS, name: value})
+    assert "S3cret" not in str(error.value) and "internal" not in str(error.value)
+
+
+def test_every_placeholder_left_is_named_at_once() -> None:
+    env = {name: "CHANGE_ME" for name in SECRETS}
+    with pytest.raises(ConfigError) as error:
+        Settings.from_env(env)
+    assert all(name in str(error.value) for name in SECRETS)
+    # not a secret: the check leaves other settings alone
+    assert Settings.from_env({"BILLING_USAGE_QUEUE": "CHANGE_ME"}).usage_queue == "CHANGE_ME"
