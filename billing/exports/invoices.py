@@ -8,7 +8,11 @@
   (unique indexes). Issuing again returns the invoice already issued, unchanged.
 * **Immutable**: the rendered bytes are stored with their SHA-256 (checked by a constraint and by
   ``billing audit``); the table is append-only (trigger). Rendering is deterministic (no
-  embedded "now"), so ``render_again`` rebuilds identical bytes from the ledger.
+  embedded "now"), so ``render_again`` rebuilds identical bytes from the ledger, as long as the
+  rendering code and its libraries are unchanged.
+* **Figures**: with the bytes, the issuing transaction stores the figures they were rendered from
+  (``billing.exports.figures``: canonical JSON and its SHA-256, migration 0016). Invoices issued
+  before 0016 have none.
 * A usage statement is issued only for a closed period: one that ended at least
   ``CLOSE_GRACE`` ago in the account's time zone, so no batch that started before the end can
   still commit into it.
@@ -27,6 +31,7 @@ import psycopg
 
 from billing.db import Queries, fetch_dicts
 from billing.errors import BillingError
+from billing.exports import figures as fig
 from billing.exports.formats import (
     Format,
     InvoiceHeader,
@@ -61,6 +66,8 @@ class Invoice:
     total: Decimal
     content: bytes
     content_sha256: str
+    figures: str | None  # canonical JSON (billing.exports.figures); None if issued before 0016
+    figures_sha256: str | None
     legal_name: str
     address: str
 
@@ -74,7 +81,12 @@ class Invoice:
 
     @property
     def intact(self) -> bool:
-        return hashlib.sha256(self.content).hexdigest() == self.content_sha256
+        """The stored bytes, and the stored figures if any, match their hashes."""
+        if hashlib.sha256(self.content).hexdigest() != self.content_sha256:
+            return False
+        if self.figures is None or self.figures_sha256 is None:
+            return self.figures is None and self.figures_sha256 is None
+        return hashlib.sha256(self.figures.encode()).hexdigest() == self.figures_sha256
 
 
 def add_issuer(
@@ -161,7 +173,8 @@ def _issue(
             f"{locked[0]['prefix']}{number:06d}",
             _transaction_time(conn),
         )
-        content, total = render(header)
+        content, total, figures = render(header)
+        figures_text = fig.canonical(figures)
         row = conn.execute(
             q["insert_invoice"],
             {
@@ -177,6 +190,8 @@ def _issue(
                 "total": total,
                 "content": content,
                 "content_sha256": hashlib.sha256(content).hexdigest(),
+                "figures": figures_text,
+                "figures_sha256": hashlib.sha256(figures_text.encode()).hexdigest(),
             },
         ).fetchone()
         assert row is not None
@@ -201,7 +216,7 @@ def issue_statement(
     if fmt not in Format.ALL:
         raise BillingError(f"format must be one of {', '.join(Format.ALL)}")
 
-    def render(header: InvoiceHeader) -> tuple[bytes, Decimal]:
+    def render(header: InvoiceHeader) -> tuple[bytes, Decimal, dict[str, Any]]:
         conn.execute(q["account_lock_share"], {"account_id": account_id})  # its zone stays
         st = statement_for(conn, q, account_id, period)
         if now < st.period_end + CLOSE_GRACE:
@@ -209,7 +224,7 @@ def issue_statement(
                 f"period {period} of {account_id} ends {st.period_end.isoformat()} "
                 f"({st.time_zone}); it can be invoiced {CLOSE_GRACE} after it ends"
             )
-        return statement_bytes(st, fmt, header), st.usage_total
+        return statement_bytes(st, fmt, header), st.usage_total, fig.statement_figures(st)
 
     return _issue(
         conn,
@@ -269,7 +284,11 @@ def issue_receipt(
         fmt=Format.HTML,
         actor=actor,
         existing=("find_receipt_invoice", {"topup_id": topup_id}),
-        render=lambda header: (receipt_html(receipt, header), receipt.charged),
+        render=lambda header: (
+            receipt_html(receipt, header),
+            receipt.charged,
+            fig.receipt_figures(receipt),
+        ),
     )
 
 
