@@ -11,8 +11,10 @@
   embedded "now"), so ``render_again`` rebuilds identical bytes from the ledger, as long as the
   rendering code and its libraries are unchanged.
 * **Figures**: with the bytes, the issuing transaction stores the figures they were rendered from
-  (``billing.exports.figures``: canonical JSON and its SHA-256, migration 0016). Invoices issued
-  before 0016 have none.
+  (``billing.exports.figures``: canonical JSON and its SHA-256, migration 0016). ``verify``
+  recomputes them from the ledger: that an issued invoice still follows from the books does not
+  depend on how it is rendered today. Invoices issued before 0016 have no figures; for them
+  ``verify`` can only compare bytes.
 * A usage statement is issued only for a closed period: one that ended at least
   ``CLOSE_GRACE`` ago in the account's time zone, so no batch that started before the end can
   still commit into it.
@@ -292,11 +294,63 @@ def issue_receipt(
     )
 
 
-def render_again(conn: psycopg.Connection[Any], q: Queries, invoice: Invoice) -> bytes:
-    """Rebuild an issued invoice's bytes from the database (they must equal ``content``)."""
+def rebuild(
+    conn: psycopg.Connection[Any], q: Queries, invoice: Invoice
+) -> tuple[bytes, dict[str, Any]]:
+    """An issued invoice's bytes and figures as the database gives them now (one snapshot)."""
     if invoice.kind is InvoiceKind.TOPUP_RECEIPT:
         assert invoice.topup_id is not None
-        return receipt_html(load_receipt(conn, q, invoice.topup_id), invoice.header)
+        receipt = load_receipt(conn, q, invoice.topup_id)
+        return receipt_html(receipt, invoice.header), fig.receipt_figures(receipt)
     assert invoice.period is not None
     st = statement_for(conn, q, invoice.account_id, Period.parse(invoice.period))
-    return statement_bytes(st, invoice.format, invoice.header)
+    return statement_bytes(st, invoice.format, invoice.header), fig.statement_figures(st)
+
+
+def render_again(conn: psycopg.Connection[Any], q: Queries, invoice: Invoice) -> bytes:
+    """Rebuild an issued invoice's bytes from the database (equal to ``content`` while the
+    rendering code and its libraries are those it was issued with)."""
+    return rebuild(conn, q, invoice)[0]
+
+
+class FiguresCheck(StrEnum):
+    MATCH = "match"
+    DIFFERENT = "different"
+    NOT_STORED = "not_stored"  # issued before migration 0016: only the bytes can be compared
+
+
+@dataclass(frozen=True)
+class Verification:
+    """Does an issued invoice still follow from the ledger?
+
+    ``figures`` answers it when the invoice has stored figures; ``same_bytes`` only tells whether
+    today's rendering is byte-identical (it is not when the rendering code or a library changed).
+    """
+
+    intact: bool  # the stored bytes and figures match their hashes
+    figures: FiguresCheck
+    difference: str | None  # the first figure that differs, when DIFFERENT
+    same_bytes: bool
+
+    @property
+    def ok(self) -> bool:
+        if not self.intact:
+            return False
+        if self.figures is FiguresCheck.NOT_STORED:
+            return self.same_bytes  # a rendering change and a ledger change look alike
+        return self.figures is FiguresCheck.MATCH
+
+
+def verify(conn: psycopg.Connection[Any], q: Queries, invoice: Invoice) -> Verification:
+    """Recompute an issued invoice from the ledger; compare its figures, and its bytes."""
+    content, now = rebuild(conn, q, invoice)
+    same_bytes = content == invoice.content
+    if invoice.figures is None:
+        return Verification(invoice.intact, FiguresCheck.NOT_STORED, None, same_bytes)
+    difference = fig.first_difference(fig.parse(invoice.figures), now)
+    return Verification(
+        invoice.intact,
+        FiguresCheck.MATCH if difference is None else FiguresCheck.DIFFERENT,
+        difference,
+        same_bytes,
+    )
