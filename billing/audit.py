@@ -35,7 +35,7 @@ CHECKS = (
     ("fee revenue and Stripe clearing match the top-ups", "audit_topup_totals"),
     ("a wallet is frozen exactly while a dispute is open", "audit_frozen_wallets"),
     ("usage is recorded at its posting's time (statements)", "audit_event_recorded_at"),
-    ("every invoice's content matches its hash", "audit_invoice_hashes"),
+    ("every invoice's content and figures match their hashes", "audit_invoice_hashes"),
     ("invoice numbers run 1..N per issuer without gaps", "audit_invoice_numbers"),
     # spend controls (issue 9; queries in sql/queries/holds.sql)
     ("held + available = balance for every wallet", "audit_hold_availability"),

@@ -8,7 +8,13 @@
   (unique indexes). Issuing again returns the invoice already issued, unchanged.
 * **Immutable**: the rendered bytes are stored with their SHA-256 (checked by a constraint and by
   ``billing audit``); the table is append-only (trigger). Rendering is deterministic (no
-  embedded "now"), so ``render_again`` rebuilds identical bytes from the ledger.
+  embedded "now"), so ``render_again`` rebuilds identical bytes from the ledger, as long as the
+  rendering code and its libraries are unchanged.
+* **Figures**: with the bytes, the issuing transaction stores the figures they were rendered from
+  (``billing.exports.figures``: canonical JSON and its SHA-256, migration 0016). ``verify``
+  recomputes them from the ledger: that an issued invoice still follows from the books does not
+  depend on how it is rendered today. Invoices issued before 0016 have no figures; for them
+  ``verify`` can only compare bytes.
 * A usage statement is issued only for a closed period: one that ended at least
   ``CLOSE_GRACE`` ago in the account's time zone, so no batch that started before the end can
   still commit into it.
@@ -27,6 +33,7 @@ import psycopg
 
 from billing.db import Queries, fetch_dicts
 from billing.errors import BillingError
+from billing.exports import figures as fig
 from billing.exports.formats import (
     Format,
     InvoiceHeader,
@@ -61,6 +68,8 @@ class Invoice:
     total: Decimal
     content: bytes
     content_sha256: str
+    figures: str | None  # canonical JSON (billing.exports.figures); None if issued before 0016
+    figures_sha256: str | None
     legal_name: str
     address: str
 
@@ -74,7 +83,12 @@ class Invoice:
 
     @property
     def intact(self) -> bool:
-        return hashlib.sha256(self.content).hexdigest() == self.content_sha256
+        """The stored bytes, and the stored figures if any, match their hashes."""
+        if hashlib.sha256(self.content).hexdigest() != self.content_sha256:
+            return False
+        if self.figures is None or self.figures_sha256 is None:
+            return self.figures is None and self.figures_sha256 is None
+        return hashlib.sha256(self.figures.encode()).hexdigest() == self.figures_sha256
 
 
 def add_issuer(
@@ -161,7 +175,8 @@ def _issue(
             f"{locked[0]['prefix']}{number:06d}",
             _transaction_time(conn),
         )
-        content, total = render(header)
+        content, total, figures = render(header)
+        figures_text = fig.canonical(figures)
         row = conn.execute(
             q["insert_invoice"],
             {
@@ -177,6 +192,8 @@ def _issue(
                 "total": total,
                 "content": content,
                 "content_sha256": hashlib.sha256(content).hexdigest(),
+                "figures": figures_text,
+                "figures_sha256": hashlib.sha256(figures_text.encode()).hexdigest(),
             },
         ).fetchone()
         assert row is not None
@@ -201,7 +218,7 @@ def issue_statement(
     if fmt not in Format.ALL:
         raise BillingError(f"format must be one of {', '.join(Format.ALL)}")
 
-    def render(header: InvoiceHeader) -> tuple[bytes, Decimal]:
+    def render(header: InvoiceHeader) -> tuple[bytes, Decimal, dict[str, Any]]:
         conn.execute(q["account_lock_share"], {"account_id": account_id})  # its zone stays
         st = statement_for(conn, q, account_id, period)
         if now < st.period_end + CLOSE_GRACE:
@@ -209,7 +226,7 @@ def issue_statement(
                 f"period {period} of {account_id} ends {st.period_end.isoformat()} "
                 f"({st.time_zone}); it can be invoiced {CLOSE_GRACE} after it ends"
             )
-        return statement_bytes(st, fmt, header), st.usage_total
+        return statement_bytes(st, fmt, header), st.usage_total, fig.statement_figures(st)
 
     return _issue(
         conn,
@@ -269,15 +286,71 @@ def issue_receipt(
         fmt=Format.HTML,
         actor=actor,
         existing=("find_receipt_invoice", {"topup_id": topup_id}),
-        render=lambda header: (receipt_html(receipt, header), receipt.charged),
+        render=lambda header: (
+            receipt_html(receipt, header),
+            receipt.charged,
+            fig.receipt_figures(receipt),
+        ),
     )
 
 
-def render_again(conn: psycopg.Connection[Any], q: Queries, invoice: Invoice) -> bytes:
-    """Rebuild an issued invoice's bytes from the database (they must equal ``content``)."""
+def rebuild(
+    conn: psycopg.Connection[Any], q: Queries, invoice: Invoice
+) -> tuple[bytes, dict[str, Any]]:
+    """An issued invoice's bytes and figures as the database gives them now (one snapshot)."""
     if invoice.kind is InvoiceKind.TOPUP_RECEIPT:
         assert invoice.topup_id is not None
-        return receipt_html(load_receipt(conn, q, invoice.topup_id), invoice.header)
+        receipt = load_receipt(conn, q, invoice.topup_id)
+        return receipt_html(receipt, invoice.header), fig.receipt_figures(receipt)
     assert invoice.period is not None
     st = statement_for(conn, q, invoice.account_id, Period.parse(invoice.period))
-    return statement_bytes(st, invoice.format, invoice.header)
+    return statement_bytes(st, invoice.format, invoice.header), fig.statement_figures(st)
+
+
+def render_again(conn: psycopg.Connection[Any], q: Queries, invoice: Invoice) -> bytes:
+    """Rebuild an issued invoice's bytes from the database (equal to ``content`` while the
+    rendering code and its libraries are those it was issued with)."""
+    return rebuild(conn, q, invoice)[0]
+
+
+class FiguresCheck(StrEnum):
+    MATCH = "match"
+    DIFFERENT = "different"
+    NOT_STORED = "not_stored"  # issued before migration 0016: only the bytes can be compared
+
+
+@dataclass(frozen=True)
+class Verification:
+    """Does an issued invoice still follow from the ledger?
+
+    ``figures`` answers it when the invoice has stored figures; ``same_bytes`` only tells whether
+    today's rendering is byte-identical (it is not when the rendering code or a library changed).
+    """
+
+    intact: bool  # the stored bytes and figures match their hashes
+    figures: FiguresCheck
+    difference: str | None  # the first figure that differs, when DIFFERENT
+    same_bytes: bool
+
+    @property
+    def ok(self) -> bool:
+        if not self.intact:
+            return False
+        if self.figures is FiguresCheck.NOT_STORED:
+            return self.same_bytes  # a rendering change and a ledger change look alike
+        return self.figures is FiguresCheck.MATCH
+
+
+def verify(conn: psycopg.Connection[Any], q: Queries, invoice: Invoice) -> Verification:
+    """Recompute an issued invoice from the ledger; compare its figures, and its bytes."""
+    content, now = rebuild(conn, q, invoice)
+    same_bytes = content == invoice.content
+    if invoice.figures is None:
+        return Verification(invoice.intact, FiguresCheck.NOT_STORED, None, same_bytes)
+    difference = fig.first_difference(fig.parse(invoice.figures), now)
+    return Verification(
+        invoice.intact,
+        FiguresCheck.MATCH if difference is None else FiguresCheck.DIFFERENT,
+        difference,
+        same_bytes,
+    )

@@ -182,9 +182,12 @@ ORDER BY u.event_id
 LIMIT 1000
 
 -- name: audit_invoice_hashes
+-- The stored bytes and, since migration 0016, the stored figures, each against its SHA-256.
 SELECT invoice_id, issuer, number
 FROM invoices
 WHERE content_sha256 <> encode(sha256(content), 'hex')
+   OR (figures IS NULL) <> (figures_sha256 IS NULL)
+   OR figures_sha256 <> encode(sha256(convert_to(figures::text, 'UTF8')), 'hex')
 ORDER BY invoice_id
 
 -- name: audit_invoice_numbers

@@ -201,16 +201,19 @@ WHERE kind = 'usage_statement' AND account_id = %(account_id)s AND period = %(pe
 SELECT invoice_id FROM invoices WHERE kind = 'topup_receipt' AND topup_id = %(topup_id)s
 
 -- name: insert_invoice
+-- figures: the canonical JSON text of billing/exports/figures.py, stored as written (migration 0016)
 INSERT INTO invoices (issuer, number, kind, account_id, period, topup_id, issued_at, issued_by,
-                      format, total, content, content_sha256)
+                      format, total, content, content_sha256, figures, figures_sha256)
 VALUES (%(issuer)s, %(number)s, %(kind)s, %(account_id)s, %(period)s, %(topup_id)s,
-        %(issued_at)s, %(issued_by)s, %(format)s, %(total)s, %(content)s, %(content_sha256)s)
+        %(issued_at)s, %(issued_by)s, %(format)s, %(total)s, %(content)s, %(content_sha256)s,
+        %(figures)s::text::json, %(figures_sha256)s)
 RETURNING invoice_id
 
 -- name: invoice_by_id
+-- figures as text, exactly as stored (NULL: issued before migration 0016)
 SELECT i.invoice_id, i.issuer, i.number, s.prefix, i.kind, i.account_id, i.period, i.topup_id,
        i.issued_at, i.issued_by, i.format, i.total, i.content, i.content_sha256,
-       s.legal_name, s.address
+       i.figures::text AS figures, i.figures_sha256, s.legal_name, s.address
 FROM invoices i JOIN invoice_issuers s USING (issuer)
 WHERE i.invoice_id = %(invoice_id)s
 
