@@ -469,9 +469,10 @@ class FastPublisher:
     measured, yet it shares the 2 cores, so by default (``framing="frames"``) each message is one
     socket write of its three AMQP frames, built from encodings made once: the ``basic.publish``
     method per routing key (py-amqp's ``dumps``) and the content properties (py-amqp's
-    ``Message``). That costs a few us per message where py-amqp's ``basic_publish``, which
-    re-encodes both every time (``framing="pyamqp"``, the simulated gateway before the tenth
-    session), costs about 30, and kombu's ``Producer.publish`` more (``bench.amqp_client``).
+    ``Message``). In a loop that costs 3-4 us of CPU per message, where py-amqp's
+    ``basic_publish``, which re-encodes both every time (``framing="pyamqp"``, the simulated
+    gateway before the tenth session), costs 15 and kombu's ``Producer.publish`` 25
+    (``bench.amqp_client``).
     """
 
     def __init__(self, settings: Settings, framing: GatewayFraming = "frames") -> None:
@@ -1076,7 +1077,7 @@ def main(argv: list[str] | None = None) -> int:
         default="frames",
         help="how the simulated gateway writes a message: one socket write of frames encoded "
         "once (default), or py-amqp's basic_publish (the gateway of runs before the tenth "
-        "session; it costs the shared cores ~30 us of CPU per message)",
+        "session; in a loop it costs about 15 us of CPU per message against 3-4)",
     )
     parser.add_argument("--batch-events", type=int, default=5_000)
     parser.add_argument("--latency-seconds", type=float, default=8.0)
