@@ -41,6 +41,7 @@ import orjson
 from amqp.exceptions import MessageNacked
 from kombu import Connection, Exchange, Producer, Queue
 from kombu.exceptions import OperationalError
+from kombu.utils.url import url_to_parts
 
 from billing.errors import BillingError, ConfigError, QueueFull
 from billing.events import UsageEvent, encode_envelope, encode_event
@@ -660,25 +661,25 @@ def import_definitions(
 
 
 def broker_login(broker_url: str, admin: str | None = None) -> tuple[str, str, str]:
-    """(user, password, vhost) of an ``amqp://user:password@host:port/vhost`` URL, decoded as
-    kombu decodes them (no path: the vhost ``/``). Errors name the variable, never the URL. With
+    """(user, password, vhost) of an ``amqp://user:password@host:port/vhost`` URL, as kombu logs
+    in with it: its own parser, and of a failover list (``url1;url2``) the first URL, which kombu
+    and Celery try first (no path: the vhost ``/``). Errors name the variable, never the URL. With
     ``admin``: the billing processes must not log in as that RabbitMQ administrator."""
     try:
-        parts = urllib.parse.urlsplit(broker_url)
+        parts = url_to_parts(broker_url.split(";")[0])
     except ValueError:  # a broken IPv6 host
-        parts = urllib.parse.urlsplit("")
+        parts = url_to_parts("")
     if not parts.scheme.startswith(("amqp", "pyamqp")) or not parts.username or not parts.password:
         raise ConfigError(
             "BILLING_BROKER_URL must be amqp://USER:PASSWORD@HOST:PORT/VHOST with a user and a "
             "password (not repeated here)"
         )
-    user, vhost = urllib.parse.unquote(parts.username), urllib.parse.unquote(parts.path[1:]) or "/"
-    if user == admin:
+    if parts.username == admin:
         raise ConfigError(
             f"BILLING_BROKER_URL logs in as the RabbitMQ administrator {admin!r}: give the billing "
             "processes a user of their own"
         )
-    return user, urllib.parse.unquote(parts.password), vhost
+    return parts.username, parts.password, parts.path or "/"
 
 
 def ensure_user(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
+from kombu import Connection
 
 from billing import broker
 from billing.errors import ConfigError
@@ -156,6 +157,28 @@ def test_broker_login_decodes_the_url_as_kombu_does() -> None:
     assert broker.broker_login("amqps://u:p@mq:5671//")[2] == "/"
     assert broker.broker_login("amqp://u:p@mq:5672")[2] == "/"
     assert broker.broker_login("amqp://u:p@mq/a%2Fb")[2] == "a/b"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "amqp://billing:p%40ss%2Fw%3Ard@mq.internal:5672/billing",
+        "amqps://u:p@mq:5671//",
+        "amqp://u:p@mq:5672",
+        "amqp://u:p@mq/",
+        "amqp://u:p@mq/%2F",
+        "amqp://u:p@mq/a%2Fb",
+        "amqp://u:p%3Bw@mq/billing",
+        # a failover list (kombu and Celery log in with the first URL, then the others in turn)
+        "amqp://u:S3cret@mq-0.internal:5672/billing;amqp://u:S3cret@mq-1.internal:5672/billing",
+        "amqp://u:p@mq/a;b",
+    ],
+)
+def test_broker_login_is_the_login_kombu_uses(url: str) -> None:
+    """The user --create-broker-user creates is the one the billing processes log in as."""
+    conn = Connection(url)
+    assert broker.broker_login(url) == (conn.userid, conn.password, conn.virtual_host)
+    assert "S3cret" not in broker.broker_login(url)[2]  # the vhost, quoted in errors
 
 
 @pytest.mark.parametrize(
