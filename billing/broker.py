@@ -27,6 +27,7 @@ the consumer's memory, so a SIGKILLed consumer loses what it held. RabbitMQ rede
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import threading
 import time
@@ -41,6 +42,7 @@ import orjson
 from amqp.exceptions import MessageNacked
 from kombu import Connection, Exchange, Producer, Queue
 from kombu.exceptions import OperationalError
+from kombu.utils.url import url_to_parts
 
 from billing.errors import BillingError, ConfigError, QueueFull
 from billing.events import UsageEvent, encode_envelope, encode_event
@@ -660,25 +662,25 @@ def import_definitions(
 
 
 def broker_login(broker_url: str, admin: str | None = None) -> tuple[str, str, str]:
-    """(user, password, vhost) of an ``amqp://user:password@host:port/vhost`` URL, decoded as
-    kombu decodes them (no path: the vhost ``/``). Errors name the variable, never the URL. With
+    """(user, password, vhost) of an ``amqp://user:password@host:port/vhost`` URL, as kombu logs
+    in with it: its own parser, and of a failover list (``url1;url2``) the first URL, which kombu
+    and Celery try first (no path: the vhost ``/``). Errors name the variable, never the URL. With
     ``admin``: the billing processes must not log in as that RabbitMQ administrator."""
     try:
-        parts = urllib.parse.urlsplit(broker_url)
+        parts = url_to_parts(broker_url.split(";")[0])
     except ValueError:  # a broken IPv6 host
-        parts = urllib.parse.urlsplit("")
+        parts = url_to_parts("")
     if not parts.scheme.startswith(("amqp", "pyamqp")) or not parts.username or not parts.password:
         raise ConfigError(
             "BILLING_BROKER_URL must be amqp://USER:PASSWORD@HOST:PORT/VHOST with a user and a "
             "password (not repeated here)"
         )
-    user, vhost = urllib.parse.unquote(parts.username), urllib.parse.unquote(parts.path[1:]) or "/"
-    if user == admin:
+    if parts.username == admin:
         raise ConfigError(
             f"BILLING_BROKER_URL logs in as the RabbitMQ administrator {admin!r}: give the billing "
             "processes a user of their own"
         )
-    return user, urllib.parse.unquote(parts.password), vhost
+    return parts.username, parts.password, parts.path or "/"
 
 
 def ensure_user(
@@ -698,7 +700,7 @@ def ensure_user(
     _management(*login, "PUT", users_path, orjson.dumps(body), wait_s, f"user {user!r}", password)
     permissions_path = f"/api/permissions/{urllib.parse.quote(vhost, safe='')}/{quoted}"
     what = f"permissions of {user!r} on vhost {vhost!r}"
-    _management(*login, "PUT", permissions_path, orjson.dumps(grant), wait_s, what)
+    _management(*login, "PUT", permissions_path, orjson.dumps(grant), wait_s, what, password)
     return user
 
 
@@ -730,14 +732,30 @@ def _management(
             with urllib.request.urlopen(request, timeout=30):  # noqa: S310 (scheme checked)
                 return
         except urllib.error.HTTPError as exc:
-            detail = exc.read()[:500].decode(errors="replace")
-            if secret:
-                detail = detail.replace(secret, "***")
-            raise BillingError(f"RabbitMQ refused the {what} ({exc.code}): {detail}") from None
+            # masked before the cut: a cut through the secret would leave its start in the message
+            detail = _masked(exc.read(65536).decode(errors="replace"), secret)[:500]
+            message = f"RabbitMQ refused the {what} ({exc.code}): {detail}"
+            raise BillingError(_masked(message, secret)) from None
         except OSError as exc:
             if time.monotonic() > deadline:
                 raise BillingError(f"RabbitMQ management API unreachable at {url}: {exc}") from None
             time.sleep(2)
+
+
+def _masked(text: str, secret: str) -> str:
+    """``text`` with ``secret`` replaced by ``***``: as written, as JSON escapes it (once or more:
+    an answer may quote a JSON body in a JSON string) and as a URL encodes it."""
+    if not secret:
+        return text
+    forms = {secret, urllib.parse.quote(secret, safe=""), urllib.parse.quote(secret)}
+    for ascii_only in (False, True):
+        escaped = secret
+        for _ in range(3):
+            escaped = json.dumps(escaped, ensure_ascii=ascii_only)[1:-1]
+            forms |= {escaped, escaped.replace("/", "\\/")}
+    for form in sorted(forms, key=len, reverse=True):
+        text = text.replace(form, "***")
+    return text
 
 
 def wait_for_broker(settings: Settings, timeout: float = 30) -> None:

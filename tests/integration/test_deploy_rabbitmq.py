@@ -136,6 +136,38 @@ def test_the_definitions_job_creates_the_user_the_billing_processes_log_in_as(
             _api("DELETE", f"/api/users/{quote(user, safe='')}")
 
 
+def test_a_failover_broker_url_creates_the_first_urls_user_and_never_shows_its_password(
+    vhost: str, tmp_path: Path
+) -> None:
+    """BILLING_BROKER_URL may list brokers for failover (kombu and Celery split it at ";" and log
+    in with the first URL): the Job creates that URL's user on that URL's vhost, and no answer of
+    RabbitMQ's quotes the rest of the list, passwords included."""
+    user = f"test-user-{uuid.uuid4().hex[:10]}"
+    password = f"S3cret{uuid.uuid4().hex}"
+    one = f"amqp://{user}:{password}@127.0.0.1:5672/{vhost}"
+    url = f"{one};{one.replace('127.0.0.1', 'localhost')}"
+    text = (ROOT / "deploy" / "rabbitmq" / "definitions.json").read_text()
+    defs = json.loads(text.replace('"vhost": "billing"', f'"vhost": "{vhost}"'))
+    defs["vhosts"] = [{"name": vhost}]
+    (tmp_path / "definitions.json").write_text(json.dumps(defs))
+    args = [
+        "broker", "import-definitions", str(tmp_path / "definitions.json"),
+        "--url", MANAGEMENT, "--create-broker-user", "--wait", "5",
+    ]  # fmt: skip
+    env = {"RABBITMQ_DEFAULT_USER": "guest", "RABBITMQ_DEFAULT_PASS": "guest"}
+    try:
+        result = CliRunner(env={**env, "BILLING_BROKER_URL": url}).invoke(main, args)
+        output = " ".join(result.output.split())
+        assert "S3cret" not in output, output
+        assert result.exit_code == 0, output
+        settings = example_settings(url)
+        with broker.connect(settings) as conn:
+            broker.declare_topology(conn, settings)  # logged in as the user created
+    finally:
+        with contextlib.suppress(urllib.error.HTTPError):
+            _api("DELETE", f"/api/users/{quote(user, safe='')}")
+
+
 def test_refused_definitions_are_a_clear_error(management: None) -> None:
     with pytest.raises(BillingError, match="RabbitMQ refused the definitions"):
         broker.import_definitions(MANAGEMENT, "guest", "wrong", b"{}", wait_s=5)

@@ -9,6 +9,7 @@ Invoices issued before migration 0016 have no stored figures and are checked by 
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -208,6 +209,34 @@ def test_the_figures_are_stored_with_their_invoice_and_never_change(
     conn.execute(copy.format("figures, figures_sha256"))  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"figures": 1},
+        {"figures": 1, "kind": "usage_statement", "account_id": "acme"},
+        {"figures": 1, "kind": "usage_statement", "total": "0.000000000000"},
+        {"figures": 1, "account_id": "acme", "total": "0.000000000000"},
+    ],
+)
+def test_a_record_missing_the_kind_account_or_total_is_refused(
+    conn: psycopg.Connection[Any], q: Queries, record: dict[str, Any]
+) -> None:
+    """The CHECK ties the record's kind, account and total to the row: a field the record lacks
+    is NULL in the comparison, and a CHECK that is NULL passes, so each one must be required."""
+    period, _ = account_with_closed_month(conn, q)
+    inv.issue_statement(conn, q, "acme", period, now=datetime.now(UTC))
+    conn.execute("INSERT INTO invoice_issuers (issuer, legal_name, prefix) VALUES ('o', 'O', 'O-')")
+    text = json.dumps(record, sort_keys=True, separators=(",", ":"))
+    with pytest.raises(psycopg.errors.CheckViolation, match="invoices_figures_of_this_invoice"):
+        conn.execute(
+            "INSERT INTO invoices (issuer, number, kind, account_id, period, format, total, "
+            "content, content_sha256, figures, figures_sha256) SELECT 'o', 1, kind, account_id, "
+            "'2000-01', format, total, content, content_sha256, %(text)s::text::json, "
+            "encode(sha256(convert_to(%(text)s, 'UTF8')), 'hex') FROM invoices",
+            {"text": text},
+        )
+
+
 def test_an_invoice_issued_before_figures_were_stored_is_checked_by_its_bytes(
     settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -233,7 +262,10 @@ def test_an_invoice_issued_before_figures_were_stored_is_checked_by_its_bytes(
                 (str(period), issued_at, content, content),
             )
             conn.execute("UPDATE invoice_issuers SET last_number = 1 WHERE issuer = 'default'")
-        assert db.migrate(conn, settings.sql_dir) == ["0016_invoice_figures"]
+        assert db.migrate(conn, settings.sql_dir) == [
+            "0016_invoice_figures",
+            "0017_invoice_figures_required_fields",
+        ]
         assert conn.execute(q["audit_invoice_hashes"]).fetchall() == []
 
         run = cli(settings)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import threading
 from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from urllib.parse import quote
 
 import pytest
+from kombu import Connection
 
 from billing import broker
-from billing.errors import ConfigError
+from billing.errors import BillingError, ConfigError
 from billing.events import Usage, UsageEvent
 from billing.settings import Settings
 
@@ -161,6 +166,28 @@ def test_broker_login_decodes_the_url_as_kombu_does() -> None:
 @pytest.mark.parametrize(
     "url",
     [
+        "amqp://billing:p%40ss%2Fw%3Ard@mq.internal:5672/billing",
+        "amqps://u:p@mq:5671//",
+        "amqp://u:p@mq:5672",
+        "amqp://u:p@mq/",
+        "amqp://u:p@mq/%2F",
+        "amqp://u:p@mq/a%2Fb",
+        "amqp://u:p%3Bw@mq/billing",
+        # a failover list (kombu and Celery log in with the first URL, then the others in turn)
+        "amqp://u:S3cret@mq-0.internal:5672/billing;amqp://u:S3cret@mq-1.internal:5672/billing",
+        "amqp://u:p@mq/a;b",
+    ],
+)
+def test_broker_login_is_the_login_kombu_uses(url: str) -> None:
+    """The user --create-broker-user creates is the one the billing processes log in as."""
+    conn = Connection(url)
+    assert broker.broker_login(url) == (conn.userid, conn.password, conn.virtual_host)
+    assert "S3cret" not in broker.broker_login(url)[2]  # the vhost, quoted in errors
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
         "amqp://S3cret@rabbit.internal:5672/billing",  # no password
         "amqp://rabbit.internal:5672/billing",
         "S3cret",
@@ -176,3 +203,39 @@ def test_broker_login_needs_a_user_and_password_and_never_repeats_the_url(url: s
 def test_ensure_user_refuses_the_administrator_before_calling_the_api() -> None:
     with pytest.raises(ConfigError, match="administrator 'billing'"):
         broker.ensure_user("http://127.0.0.1:1", "billing", "x", "amqp://billing:pw@mq/billing")
+
+
+class _Quoting(BaseHTTPRequestHandler):
+    """A management API (or a proxy in front of it) whose refusal quotes the request, its JSON
+    escaped, after ``pad`` characters of its own."""
+
+    pad = 0
+
+    def do_PUT(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"])).decode()
+        answer = json.dumps({"error": "bad_request", "reason": "x" * self.pad + body}).encode()
+        self.send_response(400)
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("pad", [0, 440, 460, 480])
+@pytest.mark.parametrize("password", ["S3cretPassw0rdS3cretPassw0rd", 'S3cret"Pa\\ss/w0rd'])
+def test_a_refusal_never_repeats_the_password_not_even_in_part(pad: int, password: str) -> None:
+    """The refusal is cut to 500 characters: masked before the cut, or a cut through the
+    password leaves its start in the message; and masked as JSON quotes it too."""
+    handler = type("Quoting", (_Quoting,), {"pad": pad})
+    server = HTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"amqp://billing:{quote(password, safe='')}@mq/billing"
+    try:
+        with pytest.raises(BillingError, match="RabbitMQ refused the user 'billing'") as error:
+            broker.ensure_user(f"http://127.0.0.1:{server.server_port}", "admin", "x", url, 1)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "S3cret" not in str(error.value)
