@@ -18,11 +18,14 @@ ALTER TABLE invoices
     ADD CONSTRAINT invoices_figures_hash CHECK (
         (figures IS NULL) = (figures_sha256 IS NULL)
         AND figures_sha256 = encode(sha256(convert_to(figures::text, 'UTF8')), 'hex')),
+    -- a record lacking the kind, the account or the total would make the comparison NULL, and
+    -- a CHECK that is NULL passes: coalesce it to false
     ADD CONSTRAINT invoices_figures_of_this_invoice CHECK (
-        json_typeof(figures) = 'object'
-        AND figures->>'kind' = kind
-        AND figures->>'account_id' = account_id
-        AND (figures->>'total')::numeric = total);
+        figures IS NULL
+        OR coalesce(json_typeof(figures) = 'object'
+                    AND figures->>'kind' = kind
+                    AND figures->>'account_id' = account_id
+                    AND (figures->>'total')::numeric = total, false));
 
 ALTER TABLE invoices
     ADD CONSTRAINT invoices_figures_recorded CHECK (figures IS NOT NULL) NOT VALID;
