@@ -167,7 +167,8 @@ def invoices_show(
     """Show an invoice; --out writes its exact stored bytes.
 
     --verify answers whether the invoice still follows from the ledger: its stored figures are
-    recomputed and compared (exit 1 if one differs, or a stored hash is broken). Whether today's
+    recomputed and compared (exit 1 if one differs, if the ledger no longer gives the invoice, or
+    if a stored hash is broken). Whether today's
     rendering gives the same bytes is shown too, but a changed rendering alone is no failure.
     Invoices issued before figures were stored (migration 0016) can only be compared by bytes.
     """
@@ -201,6 +202,12 @@ def invoices_show(
 
 
 def _verification_lines(checked: inv.Verification) -> list[tuple[str, str]]:
+    if checked.figures is inv.FiguresCheck.UNRECOMPUTABLE:
+        reason = (checked.difference or "").removesuffix(" (run `billing audit`)")
+        return [
+            ("figures", f"cannot be recomputed from the ledger: {reason} (run billing audit)"),
+            ("rendering", "not compared (the invoice cannot be rebuilt)"),
+        ]
     if checked.figures is inv.FiguresCheck.NOT_STORED:
         return [
             ("figures", "not stored (issued before migration 0016): comparing bytes instead"),

@@ -41,7 +41,7 @@ from billing.exports.formats import (
     receipt_html,
     statement_bytes,
 )
-from billing.exports.statements import Period, statement_for
+from billing.exports.statements import Period, Statement, statement_for
 
 CLOSE_GRACE = timedelta(hours=1)
 DEFAULT_ISSUER = "default"
@@ -294,17 +294,28 @@ def issue_receipt(
     )
 
 
+def _subject(conn: psycopg.Connection[Any], q: Queries, invoice: Invoice) -> Receipt | Statement:
+    """What an issued invoice shows, read from the database now (one snapshot). Raises a
+    ``BillingError`` when the books no longer give it (``ReconciliationError``: the statement
+    does not add up)."""
+    if invoice.kind is InvoiceKind.TOPUP_RECEIPT:
+        assert invoice.topup_id is not None
+        return load_receipt(conn, q, invoice.topup_id)
+    assert invoice.period is not None
+    return statement_for(conn, q, invoice.account_id, Period.parse(invoice.period))
+
+
+def _render(invoice: Invoice, subject: Receipt | Statement) -> tuple[bytes, dict[str, Any]]:
+    if isinstance(subject, Receipt):
+        return receipt_html(subject, invoice.header), fig.receipt_figures(subject)
+    return statement_bytes(subject, invoice.format, invoice.header), fig.statement_figures(subject)
+
+
 def rebuild(
     conn: psycopg.Connection[Any], q: Queries, invoice: Invoice
 ) -> tuple[bytes, dict[str, Any]]:
     """An issued invoice's bytes and figures as the database gives them now (one snapshot)."""
-    if invoice.kind is InvoiceKind.TOPUP_RECEIPT:
-        assert invoice.topup_id is not None
-        receipt = load_receipt(conn, q, invoice.topup_id)
-        return receipt_html(receipt, invoice.header), fig.receipt_figures(receipt)
-    assert invoice.period is not None
-    st = statement_for(conn, q, invoice.account_id, Period.parse(invoice.period))
-    return statement_bytes(st, invoice.format, invoice.header), fig.statement_figures(st)
+    return _render(invoice, _subject(conn, q, invoice))
 
 
 def render_again(conn: psycopg.Connection[Any], q: Queries, invoice: Invoice) -> bytes:
@@ -316,6 +327,7 @@ def render_again(conn: psycopg.Connection[Any], q: Queries, invoice: Invoice) ->
 class FiguresCheck(StrEnum):
     MATCH = "match"
     DIFFERENT = "different"
+    UNRECOMPUTABLE = "unrecomputable"  # the books no longer give the invoice (see ``difference``)
     NOT_STORED = "not_stored"  # issued before migration 0016: only the bytes can be compared
 
 
@@ -329,12 +341,12 @@ class Verification:
 
     intact: bool  # the stored bytes and figures match their hashes
     figures: FiguresCheck
-    difference: str | None  # the first figure that differs, when DIFFERENT
+    difference: str | None  # the first figure that differs (DIFFERENT), or why UNRECOMPUTABLE
     same_bytes: bool
 
     @property
     def ok(self) -> bool:
-        if not self.intact:
+        if not self.intact or self.figures is FiguresCheck.UNRECOMPUTABLE:
             return False
         if self.figures is FiguresCheck.NOT_STORED:
             return self.same_bytes  # a rendering change and a ledger change look alike
@@ -342,8 +354,17 @@ class Verification:
 
 
 def verify(conn: psycopg.Connection[Any], q: Queries, invoice: Invoice) -> Verification:
-    """Recompute an issued invoice from the ledger; compare its figures, and its bytes."""
-    content, now = rebuild(conn, q, invoice)
+    """Recompute an issued invoice from the ledger; compare its figures, and its bytes.
+
+    When the ledger no longer gives the invoice (its statement does not reconcile, its top-up is
+    no longer a paid one) that is a failed verification (UNRECOMPUTABLE), not an error: the
+    books changed under an issued invoice. Other exceptions propagate.
+    """
+    try:
+        subject = _subject(conn, q, invoice)
+    except BillingError as exc:
+        return Verification(invoice.intact, FiguresCheck.UNRECOMPUTABLE, str(exc), False)
+    content, now = _render(invoice, subject)
     same_bytes = content == invoice.content
     if invoice.figures is None:
         return Verification(invoice.intact, FiguresCheck.NOT_STORED, None, same_bytes)

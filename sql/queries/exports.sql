@@ -1,6 +1,9 @@
 -- Statements, invoices and reports (issue 6). Period bounds are computed per account in its
 -- time zone (NULL = UTC); every statement query repeats the same `b` (bounds) CTE and orders by
 -- account_id COLLATE "C", so the fleet export can merge the streams account by account.
+-- Every text sort key is COLLATE "C" (code point order): an issued invoice's figures are compared
+-- line by line and its cents allocated in line order, so the order must not change with the
+-- database's default collation (a restore onto another cluster, a glibc or ICU upgrade).
 
 -- name: statement_count
 SELECT count(*) FROM accounts a JOIN wallets w USING (account_id)
@@ -150,8 +153,9 @@ LEFT JOIN prices pr ON pr.model = g.model AND pr.provider = g.provider
                    AND pr.billable_class = l.billable_class
 WHERE l.amount <> 0 OR (l.ord = 10 AND pr.unit_price IS NOT NULL)
    OR (l.ord < 10 AND l.quantity > 0)
-ORDER BY g.account_id COLLATE "C", g.byok, g.member COLLATE "C" NULLS FIRST, g.model, g.provider,
-         g.price_effective_from, g.service_tier <> 'standard', g.service_tier, l.ord
+ORDER BY g.account_id COLLATE "C", g.byok, g.member COLLATE "C" NULLS FIRST, g.model COLLATE "C",
+         g.provider COLLATE "C", g.price_effective_from, g.service_tier <> 'standard',
+         g.service_tier COLLATE "C", l.ord
 
 -- name: account_time_zone_for_update
 -- The zone periods are cut in now. The row lock keeps a concurrent change, and an issue of a
@@ -226,7 +230,7 @@ SELECT i.invoice_id, i.issuer, i.number, s.prefix, i.kind, i.account_id, i.perio
 FROM invoices i JOIN invoice_issuers s USING (issuer)
 WHERE (%(account)s::text IS NULL OR i.account_id = %(account)s)
   AND (%(issuer)s::text IS NULL OR i.issuer = %(issuer)s)
-ORDER BY i.issuer, i.number
+ORDER BY i.issuer COLLATE "C", i.number
 LIMIT %(limit)s
 
 -- name: receipt_topup
@@ -265,7 +269,7 @@ SELECT (u.recorded_at AT TIME ZONE u.time_zone)::date AS day, u.model, u.byok,
        sum(u.amount) AS priced
 FROM ev u
 GROUP BY 1, 2, 3
-ORDER BY 1, 2, 3
+ORDER BY 1, u.model COLLATE "C", 3
 
 -- name: report_latency
 -- Latency per model and provider: p50/p95 time to first token, p50 total latency, and p50
@@ -298,4 +302,4 @@ SELECT u.model, u.provider, count(*) AS events,
        ) AS throughput_p50_tps
 FROM ev u
 GROUP BY u.model, u.provider
-ORDER BY u.model, u.provider
+ORDER BY u.model COLLATE "C", u.provider COLLATE "C"

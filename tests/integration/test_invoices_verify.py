@@ -156,6 +156,43 @@ def test_an_edited_entry_is_a_difference_even_where_the_bytes_do_not_show_it(
     assert shown["rendering"] == "identical bytes"
 
 
+def test_a_statement_the_ledger_no_longer_reconciles_is_a_failed_verification(
+    conn: psycopg.Connection[Any], q: Queries, settings: Settings
+) -> None:
+    """A usage entry's amount edited with the append-only trigger off: the statement cannot be
+    rebuilt (its usage lines no longer sum to the usage debited). That is a verification that
+    failed (exit 1), not a usage error (exit 2, which an unknown number still is)."""
+    scenario = build_scenario(conn, q, settings)
+    closed = statement_for(conn, q, "acme", scenario.period).period_end + inv.CLOSE_GRACE
+    statement = inv.issue_statement(conn, q, "acme", scenario.period, now=closed)
+    receipt = inv.issue_receipt(conn, q, "tu_acme_1")
+    run = cli(settings)
+    assert run("invoices", "show", str(statement.number), "--verify")[0] == 0
+
+    with conn.transaction():
+        conn.execute("SET LOCAL session_replication_role = replica")  # the append-only trigger off
+        edited = conn.execute(
+            "UPDATE ledger_entries SET amount = amount - 1 WHERE entry_id = ("
+            " SELECT min(e.entry_id) FROM ledger_entries e JOIN postings p USING (posting_id)"
+            " JOIN wallets w USING (ledger_account_id)"
+            " WHERE p.kind = 'usage' AND w.account_id = 'acme')"
+        )
+        assert edited.rowcount == 1
+    code, shown = run("invoices", "show", str(statement.number), "--verify")
+    assert code == 1, shown
+    assert shown["figures"].startswith("cannot be recomputed from the ledger: acme ")
+    assert "usage lines total" in shown["figures"]
+    assert shown["figures"].endswith("for usage in the period (run billing audit)")
+    assert shown["rendering"] == "not compared (the invoice cannot be rebuilt)"
+    assert shown["hash ok"] == "True"
+    checked = inv.verify(conn, q, statement)
+    assert (checked.figures, checked.ok) == (inv.FiguresCheck.UNRECOMPUTABLE, False)
+
+    # the receipt does not depend on that entry; an unknown number is still a usage error
+    assert run("invoices", "show", str(receipt.number), "--verify")[0] == 0
+    assert run("invoices", "show", "99", "--verify")[0] == 2
+
+
 def test_a_changed_top_up_is_a_difference_on_its_receipt(
     conn: psycopg.Connection[Any], q: Queries, settings: Settings
 ) -> None:
