@@ -5,6 +5,10 @@ one transaction per chunk, so it is exactly-once too: an event recorded meanwhil
 and its dead letter is resolved. Items whose stored payload can never decode (malformed JSON, a
 message over the size limit, kept only as its first 4 KiB) are not replayable: discard them once
 the sender is fixed.
+
+The cap on one event's charge is this process's ``Settings.max_event_charge``: a
+``charge_over_cap`` event found genuine is recorded by a replay under a higher cap, or none
+(``BILLING_MAX_EVENT_CHARGE=0 billing dead-letters replay --reason charge_over_cap``).
 """
 
 from __future__ import annotations
@@ -77,7 +81,14 @@ def replay(
                 for r in rejected
                 if r.reason_code not in NOT_REPLAYABLE or r.event_id is not None
             ]
-            result = record_batch(conn, q, priced, rejected, resolution="replayed")
+            result = record_batch(
+                conn,
+                q,
+                priced,
+                rejected,
+                resolution="replayed",
+                max_charge=settings.max_event_charge,
+            )
         total = total.merge(result)
 
 

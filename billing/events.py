@@ -62,6 +62,7 @@ class Reason(StrEnum):
     DATABASE_REJECTED = "database_rejected"
     PROVIDER_USAGE_CONFLICT = "provider_usage_conflict"
     CONFLICTING_DUPLICATE = "conflicting_duplicate"
+    CHARGE_OVER_CAP = "charge_over_cap"  # priced over BILLING_MAX_EVENT_CHARGE
 
 
 class Usage(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -63,6 +63,20 @@ def _rate(env: Mapping[str, str], name: str, default: Decimal) -> Decimal:
     return value
 
 
+def _charge_cap(env: Mapping[str, str], name: str, default: Decimal | None) -> Decimal | None:
+    """A per-event charge cap in USD: a non-negative decimal; ``0`` turns the cap off (None)."""
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = Decimal(raw.strip())
+    except InvalidOperation:
+        raise ConfigError(f"{name} must be an amount in USD such as 1000, got {raw!r}") from None
+    if not value.is_finite() or value < 0:
+        raise ConfigError(f"{name} must be an amount in USD >= 0 (0 = no cap), got {raw!r}")
+    return value if value > 0 else None
+
+
 def _choice(env: Mapping[str, str], name: str, default: str, allowed: tuple[str, ...]) -> str:
     raw = env.get(name) or default
     if raw not in allowed:
@@ -164,6 +178,10 @@ class Settings:
     prefetch: int = 4000
     max_message_bytes: int = 1_048_576
     max_clock_skew: timedelta = timedelta(minutes=5)
+    # The most one usage event may be priced at (USD); None = no cap. An event over it is parked
+    # as ``charge_over_cap`` instead of recorded: counts go up to 10**12 tokens, so one event of
+    # a buggy or compromised gateway could otherwise take millions from a wallet at once.
+    max_event_charge: Decimal | None = Decimal(1000)
     usage_consumer_enabled: bool = True
     # the usage consumer reads its AMQP socket 64 KiB at a time (workers/amqp_reads.py)
     amqp_read_ahead: bool = True
@@ -226,6 +244,7 @@ class Settings:
             prefetch=_int(env, "BILLING_PREFETCH", base.prefetch),
             max_message_bytes=_int(env, "BILLING_MAX_MESSAGE_BYTES", base.max_message_bytes),
             max_clock_skew=timedelta(seconds=_int(env, "BILLING_MAX_CLOCK_SKEW_S", 300, minimum=0)),
+            max_event_charge=_charge_cap(env, "BILLING_MAX_EVENT_CHARGE", base.max_event_charge),
             usage_consumer_enabled=env.get("BILLING_USAGE_CONSUMER", "1") not in ("0", "false"),
             amqp_read_ahead=env.get("BILLING_AMQP_READ_AHEAD", "1") not in ("0", "false"),
             metrics_port=_int(env, "BILLING_METRICS_PORT", base.metrics_port, minimum=0),

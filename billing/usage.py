@@ -11,8 +11,9 @@ when it happened, and records everything in one transaction:
    differs from the recorded one is not a retry: it is parked as ``conflicting_duplicate``;
 2. COPY the claimed events straight into ``usage_events`` (partitioned by month); its insert
    trigger finds each row's key already claimed at the same ``recorded_at``;
-3. park rejected items (bad input, unknown account, no price) as dead letters, and resolve parked
-   ones whose event is now recorded;
+3. park rejected items (bad input, unknown account, no price, a charge over the per-event cap
+   ``BILLING_MAX_EVENT_CHARGE``) as dead letters, and resolve parked ones whose event is now
+   recorded;
 4. write the balanced ledger entries (wallets against usage revenue) as one posting that every
    new event references, then debit each wallet once by the sum of its new events, locking
    wallets in account order (no deadlock between workers). Last, because those row locks are
@@ -38,7 +39,7 @@ from typing import Any, NamedTuple
 import msgspec
 import psycopg
 
-from billing.catalog import Catalog, PriceVersion
+from billing.catalog import CLASS_ORDER, BillableClass, Catalog, PriceVersion
 from billing.db import Queries, map_error, text_array
 from billing.errors import BillingError, DatabaseRejected, Transient, Unpriced
 from billing.events import (
@@ -268,8 +269,12 @@ def record_batch(
     rejected: Sequence[Rejected],
     *,
     resolution: str = "recorded",
+    max_charge: Decimal | None = None,
 ) -> BatchResult:
-    """Record one batch. Call inside a transaction; see the module docstring for the steps."""
+    """Record one batch. Call inside a transaction; see the module docstring for the steps.
+
+    ``max_charge`` is the per-event cap (``Settings.max_event_charge``; None = none): an event
+    priced over it is parked as ``charge_over_cap`` (``over_cap``), BYOK ones too."""
     result = BatchResult(items=len(priced) + len(rejected))
     rejected = list(rejected)
 
@@ -280,6 +285,7 @@ def record_batch(
     known = controls.payers
     unique: dict[str, PricedEvent] = {}
     repeats: list[PricedEvent] = []
+    over: list[PricedEvent] = []
     for p in priced:
         if p.event.account_id not in known:
             rejected.append(
@@ -290,10 +296,15 @@ def record_batch(
                     f"no account {p.event.account_id!r}",
                 )
             )
+        elif max_charge is not None and p.charge.total > max_charge:  # the one Decimal comparison
+            over.append(p)
         elif p.event.event_id in unique:
             repeats.append(p)  # the same event_id twice in one batch
         else:
             unique[p.event.event_id] = p
+    if over:
+        assert max_charge is not None
+        rejected += over_cap(conn, q, over, max_charge, result)
 
     if unique:
         posting_id = next_posting_id(conn, q)
@@ -345,6 +356,49 @@ def record_batch(
         # holds, grants, member attribution; low-balance alerts are relayed like crossings
         result.crossings += after_debit(conn, q, plan, changes)[2]
     return result
+
+
+def over_cap(
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    over: Sequence[PricedEvent],
+    cap: Decimal,
+    result: BatchResult,
+) -> list[Rejected]:
+    """The dead letters of events priced over the cap. BYOK events too: they debit nothing, but
+    a price that high says the counts are wrong (a gateway bug), and recorded they would reach
+    statements, exports and key spend all the same; an operator reviews and replays them.
+
+    Unlike an unknown account or a missing price, the cap is a setting: an event recorded under
+    a higher cap (a replay with ``BILLING_MAX_EVENT_CHARGE=0``) may be sent again. A copy of the
+    same billed content is then a duplicate, not a dead letter; one that differs is a
+    ``conflicting_duplicate``. Only batches with events over the cap pay for this query."""
+    ids = sorted({p.event.event_id for p in over})
+    recorded = {row[0] for row in conn.execute(q["recorded_event_ids"], {"event_ids": ids})}
+    items = [charge_over_cap(p, cap) for p in over if p.event.event_id not in recorded]
+    copies = [p for p in over if p.event.event_id in recorded]
+    if copies:
+        conflicts = resend_conflicts(conn, q, copies, {}, set())
+        result.duplicates += len(copies) - len(conflicts)
+        items += conflicts
+    return items
+
+
+def charge_over_cap(p: PricedEvent, cap: Decimal) -> Rejected:
+    """The dead letter of ``p``, priced over ``cap``: the amount, the cap and its largest class."""
+    amount, quantity, billable = max(
+        zip(p.charge.amounts, p.charge.quantities, CLASS_ORDER, strict=True),
+        key=lambda line: line[0],
+    )
+    field_path = "$" if billable is BillableClass.REQUEST else f"$.usage.{billable.value}"
+    return rejection_of(
+        p.event,
+        Reason.CHARGE_OVER_CAP,
+        field_path,
+        f"priced at {p.charge.total} USD, over the cap of {cap} USD per event "
+        f"(BILLING_MAX_EVENT_CHARGE); largest class: {billable.value} {quantity} = {amount} USD. "
+        "If it is genuine, replay it with a higher cap (0 = none)",
+    )
 
 
 def resend_conflicts(
@@ -490,13 +544,16 @@ def record_isolating(
     rejected: Sequence[Rejected],
     *,
     resolution: str = "recorded",
+    max_charge: Decimal | None = None,
 ) -> BatchResult:
     """``record_batch`` in its own transaction; isolate and park items the database refuses."""
     try:
         with conn.transaction():
-            return record_batch(conn, q, priced, rejected, resolution=resolution)
+            return record_batch(
+                conn, q, priced, rejected, resolution=resolution, max_charge=max_charge
+            )
     except psycopg.Error as exc:
-        return _split_or_raise(conn, q, priced, rejected, resolution, exc)
+        return _split_or_raise(conn, q, priced, rejected, resolution, max_charge, exc)
 
 
 def _split_or_raise(
@@ -505,6 +562,7 @@ def _split_or_raise(
     priced: Sequence[PricedEvent],
     rejected: Sequence[Rejected],
     resolution: str,
+    max_charge: Decimal | None,
     exc: psycopg.Error,
 ) -> BatchResult:
     """A failed batch: raise if transient, else split it until the refused item is parked."""
@@ -513,25 +571,39 @@ def _split_or_raise(
         raise mapped from exc
     assert isinstance(mapped, DatabaseRejected)
     if priced and rejected:  # the dead letters on their own first: the refusal may be theirs
-        first = record_isolating(conn, q, [], rejected, resolution=resolution)
-        return first.merge(record_isolating(conn, q, priced, [], resolution=resolution))
+        first = record_isolating(
+            conn, q, [], rejected, resolution=resolution, max_charge=max_charge
+        )
+        return first.merge(
+            record_isolating(conn, q, priced, [], resolution=resolution, max_charge=max_charge)
+        )
     if len(priced) <= 1:
         if not priced:  # dead letters alone were refused: find which, and park it bare
             if len(rejected) > 1:
                 half = len(rejected) // 2
-                first = record_isolating(conn, q, [], rejected[:half], resolution=resolution)
+                first = record_isolating(
+                    conn, q, [], rejected[:half], resolution=resolution, max_charge=max_charge
+                )
                 return first.merge(
-                    record_isolating(conn, q, [], rejected[half:], resolution=resolution)
+                    record_isolating(
+                        conn, q, [], rejected[half:], resolution=resolution, max_charge=max_charge
+                    )
                 )
             if rejected[0].reason.startswith(_BARE):
                 raise mapped from exc  # refused even so: retried as the batch's error
             bare = [_bare(rejected[0], mapped)]
-            return record_isolating(conn, q, [], bare, resolution=resolution)
+            return record_isolating(conn, q, [], bare, resolution=resolution, max_charge=max_charge)
         bad = rejection_of(priced[0].event, Reason.DATABASE_REJECTED, "$", str(mapped)[:1000])
-        return record_isolating(conn, q, [], [*rejected, bad], resolution=resolution)
+        return record_isolating(
+            conn, q, [], [*rejected, bad], resolution=resolution, max_charge=max_charge
+        )
     half = len(priced) // 2
-    first = record_isolating(conn, q, priced[:half], rejected, resolution=resolution)
-    return first.merge(record_isolating(conn, q, priced[half:], [], resolution=resolution))
+    first = record_isolating(
+        conn, q, priced[:half], rejected, resolution=resolution, max_charge=max_charge
+    )
+    return first.merge(
+        record_isolating(conn, q, priced[half:], [], resolution=resolution, max_charge=max_charge)
+    )
 
 
 def process_batch(
@@ -544,12 +616,18 @@ def process_batch(
 ) -> BatchResult:
     """Decode, price and record one batch of queue message bodies."""
     priced, rejected = decode_and_price(bodies, catalog, settings, now)
-    return record_isolating(conn, q, priced, rejected)
+    return record_isolating(conn, q, priced, rejected, max_charge=settings.max_event_charge)
 
 
 def process_decoded(
-    conn: psycopg.Connection[Any], q: Queries, catalog: Catalog, batch: DecodedBatch
+    conn: psycopg.Connection[Any],
+    q: Queries,
+    catalog: Catalog,
+    batch: DecodedBatch,
+    *,
+    max_charge: Decimal | None,
 ) -> BatchResult:
-    """Price and record a batch decoded as its messages arrived (the worker's one call)."""
+    """Price and record a batch decoded as its messages arrived (the worker's one call);
+    ``max_charge``: ``Settings.max_event_charge``."""
     priced, unpriced = price_events(batch.events, catalog)
-    return record_isolating(conn, q, priced, batch.rejected + unpriced)
+    return record_isolating(conn, q, priced, batch.rejected + unpriced, max_charge=max_charge)

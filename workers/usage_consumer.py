@@ -269,7 +269,9 @@ class UsageConsumer(ConsumerMixin):
         try:
             with self.pool.connection() as conn:
                 catalog = self.cache.current(conn)
-                return process_decoded(conn, self.q, catalog, batch)
+                return process_decoded(
+                    conn, self.q, catalog, batch, max_charge=self.settings.max_event_charge
+                )
         except psycopg.Error as exc:
             raise map_error(exc) from exc
         except TimeoutError as exc:  # no pool connection in time: the database is away

@@ -32,6 +32,20 @@ def test_bad_numbers_name_the_variable() -> None:
         Settings.from_env({"BILLING_PREFETCH": "0"})
 
 
+def test_max_event_charge() -> None:
+    from decimal import Decimal
+
+    assert Settings.from_env({}).max_event_charge == Decimal(1000)
+    assert Settings().max_event_charge == Decimal(1000)
+    cap = Settings.from_env({"BILLING_MAX_EVENT_CHARGE": "2500.50"}).max_event_charge
+    assert cap == Decimal("2500.50") and isinstance(cap, Decimal)
+    for off in ("0", "0.00"):
+        assert Settings.from_env({"BILLING_MAX_EVENT_CHARGE": off}).max_event_charge is None
+    for bad in ("lots", "-1", "NaN", "Infinity", "1e"):
+        with pytest.raises(ConfigError, match="BILLING_MAX_EVENT_CHARGE"):
+            Settings.from_env({"BILLING_MAX_EVENT_CHARGE": bad})
+
+
 def test_spend_control_settings() -> None:
     from datetime import timedelta
 
