@@ -4,7 +4,9 @@ A code change to the worker or its SQL cannot be compared with a ``--variant`` s
 ``bench.throughput``'s ``envelope100`` scenario (the same events, 2 workers, one queue) with the
 workers of another checkout (``billing worker`` started in that folder, so it imports that
 folder's ``billing`` and reads its ``sql/``) and with this one's, alternating ``--rounds`` times,
-so that neither always runs in the faster minutes of the VM.
+so that neither always runs in the faster minutes of the VM; which of the two runs first
+alternates too (round 1 before/after, round 2 after/before), since the first of a pair ran faster
+in both orders (docs/performance.md, run AM).
 
     git worktree add /tmp/before HEAD~1
     .venv/bin/python -m bench.compare_checkouts /tmp/before [--rounds 2] [--accounts 10000]
@@ -39,8 +41,10 @@ def main() -> None:
     latency = list(generate(snap, shape, 50_000, seed=42, now=now, prefix="elat"))
     this = throughput.ROOT
     results = []
-    for _ in range(args.rounds):
-        for label, root in (("before", args.before.resolve()), ("after", this)):
+    pair = [("before", args.before.resolve()), ("after", this)]
+    for round_ in range(args.rounds):
+        # which runs first alternates: the first of a pair ran faster in both orders (run AM)
+        for label, root in pair if round_ % 2 == 0 else pair[::-1]:
             throughput.ROOT = root  # where the workers start, hence which billing they import
             env = {"BILLING_BATCH_EVENTS": "5000"}
             result = throughput.run_fleet(
