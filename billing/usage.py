@@ -373,8 +373,7 @@ def over_cap(
     a higher cap (a replay with ``BILLING_MAX_EVENT_CHARGE=0``) may be sent again. A copy of the
     same billed content is then a duplicate, not a dead letter; one that differs is a
     ``conflicting_duplicate``. Only batches with events over the cap pay for this query."""
-    ids = sorted({p.event.event_id for p in over})
-    recorded = {row[0] for row in conn.execute(q["recorded_event_ids"], {"event_ids": ids})}
+    recorded = recorded_event_ids(conn, q, {p.event.event_id for p in over})
     items = [charge_over_cap(p, cap) for p in over if p.event.event_id not in recorded]
     copies = [p for p in over if p.event.event_id in recorded]
     if copies:
@@ -450,6 +449,13 @@ def refused_copy(item: Rejected, event_id: str) -> Rejected:
     )
 
 
+def recorded_event_ids(conn: psycopg.Connection[Any], q: Queries, ids: set[str]) -> set[str]:
+    """Which of ``ids`` are recorded events (no query for none)."""
+    if not ids:
+        return set()
+    return {row[0] for row in conn.execute(q["recorded_event_ids"], {"event_ids": sorted(ids)})}
+
+
 def claim_event_keys(conn: psycopg.Connection[Any], q: Queries, event_ids: list[str]) -> set[str]:
     """Claim the idempotency keys of ``event_ids`` (sorted); the ids of those never claimed."""
     cursor = conn.execute(q["claim_event_keys"], {"event_ids": text_array(event_ids)})
@@ -463,12 +469,7 @@ def park(
     recorded copy passed every check this one failed (accounts are never deleted, price versions
     never backdated), so it is parked as ``conflicting_duplicate``, never counted a duplicate."""
     rejected = [_storable(r) for r in rejected]
-    ids = sorted({r.event_id for r in rejected if r.event_id is not None})
-    recorded = (
-        {row[0] for row in conn.execute(q["recorded_event_ids"], {"event_ids": ids})}
-        if ids
-        else set()
-    )
+    recorded = recorded_event_ids(conn, q, {r.event_id for r in rejected if r.event_id is not None})
     by_key: dict[str, Rejected] = {}
     for item in rejected:
         event_id = item.event_id
